@@ -1,0 +1,1 @@
+"""rigfm: controllers package."""

@@ -1,0 +1,1 @@
+"""rigfm: export package."""

@@ -1,0 +1,1 @@
+"""rigfm: fm_core package."""

@@ -1,0 +1,1 @@
+"""rigfm: hardware package."""
