@@ -13,6 +13,11 @@ _LAZY = {
     "load_trajectories": "fm_core.trajfile",
     "save_trajectories": "fm_core.trajfile",
     "TrajectoryFileError": "fm_core.trajfile",
+    "write_corpus": "fm_core.rkhs",
+    "read_corpus": "fm_core.rkhs",
+    "SyntheticBatch": "fm_core.rkhs",
+    "TrajectorySet": "fm_core.trajfile",
+    "split_by_source": "fm_core.trajfile",
 }
 
 __all__ = sorted(_LAZY)

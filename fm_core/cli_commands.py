@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("fm_core.train_commands")
+_MODULES = ("fm_core.train_commands",)
 
 
 def register(subparsers) -> None:

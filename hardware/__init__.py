@@ -12,6 +12,10 @@ _LAZY = {
     "StateSample": "hardware.driver",
     "CommandRejected": "hardware.driver",
     "RunLogger": "hardware.logger",
+    "VirtualRigProcess": "hardware.virtual_rig",
+    "RigEnv": "hardware.gym_env",
+    "LogFileError": "hardware.log_reader",
+    "DatasetBuildError": "hardware.dataset_build",
 }
 
 __all__ = sorted(_LAZY)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("hardware.rig_commands", "hardware.log_commands")
+_MODULES = ("hardware.rig_commands", "hardware.log_commands",)
 
 
 def register(subparsers) -> None:

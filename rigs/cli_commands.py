@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("rigs.rig_commands")
+_MODULES = ("rigs.rig_commands",)
 
 
 def register(subparsers) -> None:

@@ -1,0 +1,272 @@
+"""Predictor latency: ZeroMQ round trip vs in-process onnxruntime vs torch eager, on the same model.
+
+    python bench/bench_predictor.py                      # default checkpoint (or random default-config model)
+    python bench/bench_predictor.py --windows 64 16 --iters 1000
+    python bench/bench_predictor.py --compare-exporters  # dynamo vs torchscript: export time, nodes, latency
+
+Everything runs on one thread (torch.set_num_threads(1), ORT intra_op_num_threads=1, one server thread).
+Prints p50/p99 in ms and the ratios against the targets in docs/predictor.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CKPT = ROOT / "fm_core" / "weights" / "default.pt"
+
+
+def timeit(fn: Callable[[], object], iters: int, warmup: int = 20) -> np.ndarray:
+    """Per-call wall times in ms."""
+    for _ in range(warmup):
+        fn()
+    out = np.empty(iters)
+    for i in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out[i] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def timeit_interleaved(fns: list[Callable[[], object]], iters: int, warmup: int = 10) -> list[np.ndarray]:
+    """Call the functions alternately (A B C A B C ...) so machine-load drift hits all of them equally."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    out = [np.empty(iters) for _ in fns]
+    for i in range(iters):
+        for fn, ts in zip(fns, out, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts[i] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def pct(ts: np.ndarray) -> tuple[float, float]:
+    return float(np.percentile(ts, 50)), float(np.percentile(ts, 99))
+
+
+def row(name: str, ts: np.ndarray) -> tuple[str, float, float]:
+    p50, p99 = pct(ts)
+    print(f"  {name:<34s} p50 {p50:8.3f} ms   p99 {p99:8.3f} ms")
+    return name, p50, p99
+
+
+def get_checkpoint(arg: str | None, tmp: Path) -> tuple[Path, str]:
+    from export.onnx_export import save_random_checkpoint
+
+    if arg:
+        return Path(arg), arg
+    if DEFAULT_CKPT.is_file():
+        return DEFAULT_CKPT, str(DEFAULT_CKPT.relative_to(ROOT))
+    return save_random_checkpoint(
+        tmp / "random_default.pt"
+    ), "random default-config model (no default.pt yet)"
+
+
+def system_overrides(ckpt: Path) -> dict[str, float | int]:
+    """n/m/dt for a synthetic pretraining checkpoint (meta n = m = dt = None): the cart-pole sizes."""
+    from fm_core.checkpoint import read_checkpoint
+
+    meta = read_checkpoint(ckpt)["meta"]
+    if meta.get("n") is None or meta.get("m") is None or meta.get("dt") is None:
+        return {"n": 4, "m": 1, "dt": 0.01}
+    return {}
+
+
+def bench_latency(
+    ckpt: Path, tmp: Path, windows: list[int], iters: int, big_iters: int, server_args: list[str]
+) -> None:
+    from export.client import PredictorProcess
+    from export.onnx_export import export_checkpoint, load_checkpoint
+    from export.onnx_runtime import OnnxPredictor
+
+    over = system_overrides(ckpt)
+    res = export_checkpoint(ckpt, tmp / "model.onnx", streaming=tmp / "model_step.onnx", **over)
+    system = load_checkpoint(ckpt, **over).system
+    local = OnnxPredictor(res.full_path, res.step_path)
+    me = local.meta
+    rng = np.random.default_rng(0)
+    with (
+        PredictorProcess(res.full_path, f"ipc://{tmp}/bench.sock", extra_args=server_args) as proc,
+        proc.client(30_000) as client,
+    ):
+        for t in windows:
+            for b, n_it in ((1, iters), (256, big_iters)):
+                if n_it <= 0:
+                    continue
+                x = rng.normal(size=(b, t, me.n)).astype(np.float32)
+                u = rng.normal(size=(b, t, me.m)).astype(np.float32)
+                obs = np.ones((b, t), np.float32)
+                xt, ut, ot = torch.from_numpy(x), torch.from_numpy(u), torch.from_numpy(obs)
+                print(f"\npredict  batch {b}  window T={t}  ({n_it} calls)")
+
+                def eager(xt=xt, ut=ut, ot=ot) -> None:
+                    with torch.no_grad():
+                        system(xt, ut, ot)
+
+                server_ms: list[float] = []
+
+                def remote(x=x, u=u, o=obs, server_ms=server_ms) -> None:
+                    client.predict(x, u, o)
+                    server_ms.append(client.last_server_us / 1e3)
+
+                t_e, t_o, t_z = timeit_interleaved(
+                    [eager, lambda x=x, u=u, o=obs: local.predict(x, u, o), remote], n_it
+                )
+                _, te, te99 = row("torch eager (1 thread)", t_e)
+                _, to, to99 = row("onnxruntime in-process", t_o)
+                _, tz, tz99 = row("ZeroMQ round trip (ipc)", t_z)
+                over = t_z - np.asarray(server_ms[-n_it:])
+                _, ov, ov99 = row("  transport (round trip - server)", over)
+                print(
+                    f"  ratios: torch/ort p50 {te / to:5.1f}x   ZMQ overhead p50 {ov:6.3f} p99 {ov99:6.3f} ms"
+                    f"   round-trip p99 {tz99:6.3f} ms"
+                )
+        print("\ntransport only: predict B1 T1 back to back (server stays hot)")
+        x1 = np.zeros((1, 1, me.n), np.float32)
+        u1 = np.zeros((1, 1, me.m), np.float32)
+        b2b: list[float] = []
+
+        def hot() -> None:
+            client.predict(x1, u1)
+            b2b.append(client.last_server_us / 1e3)
+
+        t_hot = timeit(hot, iters)
+        row("ZeroMQ round trip", t_hot)
+        row("  transport (round trip - server)", t_hot - np.asarray(b2b[-iters:]))
+        print(f"\nstreaming step  batch 1  (context {me.context}, re-prime every {me.context // 2} steps)")
+        seq_x = rng.normal(size=(iters + 50, me.n)).astype(np.float32)
+        seq_u = rng.normal(size=(iters + 50, me.m)).astype(np.float32)
+        stream = local.stream()
+        it = iter(range(10**9))
+
+        def local_step() -> None:
+            i = next(it) % len(seq_x)
+            stream.step(seq_x[i], seq_u[i])
+
+        client.stream_reset()
+        it2 = iter(range(10**9))
+
+        step_server_ms: list[float] = []
+
+        def zmq_step() -> None:
+            i = next(it2) % len(seq_x)
+            client.stream_step(seq_x[i], seq_u[i])
+            step_server_ms.append(client.last_server_us / 1e3)
+
+        t_so, t_sz = timeit_interleaved([local_step, zmq_step], iters)
+        _, so, so99 = row("onnxruntime step in-process", t_so)
+        _, sz, sz99 = row("ZeroMQ stream_step", t_sz)
+        _, sov, _ = row("  transport (round trip - server)", t_sz - np.asarray(step_server_ms[-iters:]))
+        p = me.patch
+        xw = torch.from_numpy(seq_x[None, :p])
+        uw = torch.from_numpy(seq_u[None, :p])
+        ow = torch.ones(1, p)
+        state = {"cache": None}
+
+        def torch_step() -> None:
+            with torch.no_grad():
+                if state["cache"] is not None and state["cache"].pos >= me.context:
+                    state["cache"] = None
+                _, state["cache"] = system.step(xw, uw, ow, state["cache"])
+
+        _, st, _ = row("torch eager step (KV cache)", timeit(torch_step, max(10, iters // 4), 5))
+        print(f"  ratios: torch/ort step p50 {st / so:5.1f}x   ZMQ overhead p50 {sov:6.3f} ms")
+        h = client.health()
+        print(f"\nserver-side handling latency per method (µs): {h['latency_by_method']}")
+
+
+def ort_optimised_nodes(path: Path, tmp: Path) -> int:
+    """Node count after onnxruntime's graph optimisations (what actually runs)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp / f"{path.stem}.ortopt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return len(onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def compare_exporters(ckpt: Path, tmp: Path, iters: int) -> None:
+    """Export with both exporters, then time the sessions interleaved (A B A B ...) on the same inputs."""
+    from export.onnx_export import export_checkpoint
+    from export.onnx_runtime import OnnxPredictor
+
+    preds, results = {}, {}
+    for exporter in ("torchscript", "dynamo"):
+        res = export_checkpoint(
+            ckpt,
+            tmp / f"{exporter}.onnx",
+            streaming=tmp / f"{exporter}_step.onnx",
+            exporter=exporter,
+            **system_overrides(ckpt),
+        )
+        results[exporter] = res
+        preds[exporter] = OnnxPredictor(res.full_path, res.step_path)
+    me = preds["torchscript"].meta
+    rng = np.random.default_rng(0)
+    names = list(preds)
+    print("\nexporter     export s (full+step)  nodes full/step  full nodes after ORT opt")
+    for name in names:
+        r = results[name]
+        print(
+            f"{name:<12s} {r.export_s['full']:6.2f} + {r.export_s['step']:6.2f}      "
+            f"{r.nodes['full']:5d} / {r.nodes['step']:<5d}   {ort_optimised_nodes(r.full_path, tmp)}"
+        )
+    k = np.zeros((me.n_layers, 1, me.n_heads, me.context - 1, me.d_head), np.float32)
+    xw = rng.normal(size=(1, me.patch, me.n)).astype(np.float32)
+    uw = rng.normal(size=(1, me.patch, me.m)).astype(np.float32)
+    ow = np.ones((1, me.patch), np.float32)
+    print("\ncase (interleaved)       " + "".join(f"{n + ' p50':>18s}" for n in names))
+    for label, b, t, n_it in (
+        (f"full B1 T{me.context}", 1, me.context, iters),
+        ("full B1 T16", 1, 16, iters),
+        ("full B256 T16", 256, 16, max(5, iters // 40)),
+        (f"step B1 S{me.context - 1}", 0, 0, iters),
+    ):
+        if b:
+            x = rng.normal(size=(b, t, me.n)).astype(np.float32)
+            u = rng.normal(size=(b, t, me.m)).astype(np.float32)
+            fns = [lambda p=preds[n], x=x, u=u: p.predict(x, u) for n in names]
+        else:
+            fns = [lambda p=preds[n]: p.step(xw, uw, ow, k, k) for n in names]
+        ts = timeit_interleaved(fns, n_it, warmup=3)
+        print(f"{label:<24s} " + "".join(f"{np.percentile(v, 50):15.3f} ms" for v in ts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=None, help="default: fm_core/weights/default.pt if present")
+    ap.add_argument("--windows", type=int, nargs="+", default=[64], help="window lengths T (default 64)")
+    ap.add_argument("--iters", type=int, default=500, help="calls per batch-1 measurement")
+    ap.add_argument("--big-iters", type=int, default=40, help="calls per batch-256 measurement")
+    ap.add_argument("--spin-us", type=float, default=0.0, help="server --spin-us (busy-poll after requests)")
+    ap.add_argument("--compare-exporters", action="store_true", help="only compare dynamo vs torchscript")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="rigfm-bench-") as d:
+        tmp = Path(d)
+        ckpt, label = get_checkpoint(args.checkpoint, tmp)
+        print(f"model: {label}; torch {torch.__version__}; {sys.platform}; server --spin-us {args.spin_us:g}")
+        if args.compare_exporters:
+            compare_exporters(ckpt, tmp, args.iters)
+        else:
+            bench_latency(
+                ckpt, tmp, args.windows, args.iters, args.big_iters, ["--spin-us", str(args.spin_us)]
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Small shared pieces of the controllers: the controller output record, angle helpers, config access."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass
+class ControlOutput:
+    """What a controller returns each tick: the command (m,), its mode name and optional diagnostics."""
+
+    u: np.ndarray
+    mode: str
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class Controller(Protocol):
+    """Interface every controller implements."""
+
+    name: str
+
+    def reset(self) -> None: ...
+
+    def compute(self, x: np.ndarray, t: float = 0.0) -> ControlOutput: ...
+
+
+def wrap_angle(a: np.ndarray | float) -> np.ndarray | float:
+    """Wrap to [-pi, pi)."""
+    return (np.asarray(a) + np.pi) % (2 * np.pi) - np.pi
+
+
+def angle_error(a: float, ref: float) -> float:
+    """Signed smallest difference ``a - ref`` in [-pi, pi)."""
+    return float(wrap_angle(a - ref))
+
+
+def pendulum_index(model: Any) -> int:
+    """Index of the pendulum angle: the position coordinate where hanging and upright differ by ~pi."""
+    up = np.asarray(model.upright(), dtype=float)
+    down = np.asarray(model.hanging(), dtype=float)
+    npos = model.n // 2
+    diff = np.abs(np.asarray(wrap_angle(down[:npos] - up[:npos])))
+    idx = int(np.argmax(diff))
+    if diff[idx] < 1.0:
+        raise ValueError("rig model's upright() and hanging() states do not differ in a pendulum angle")
+    return idx
+
+
+def base_index(model: Any) -> int:
+    """Index of the actuated base coordinate (cart position / arm angle): the other position coordinate."""
+    pi = pendulum_index(model)
+    npos = model.n // 2
+    others = [i for i in range(npos) if i != pi]
+    return others[0]
+
+
+def cfg_get(obj: Any, *path: str, default: Any = None) -> Any:
+    """Nested lookup through attributes or mapping keys; ``default`` when any step is missing."""
+    cur = obj
+    for key in path:
+        if cur is None:
+            return default
+        if isinstance(cur, Mapping):
+            cur = cur.get(key)
+        else:
+            cur = getattr(cur, key, None)
+    return default if cur is None else cur
+
+
+def voltage_limit(cfg: Any) -> float:
+    """``cfg.limits.voltage_max`` (V)."""
+    v = cfg_get(cfg, "limits", "voltage_max")
+    if v is None:
+        raise ValueError(f"rig config {cfg_get(cfg, 'name', default='?')!r} has no limits.voltage_max")
+    return float(v)

@@ -1,0 +1,135 @@
+"""``rigfm run`` (closed-loop control of a rig or a virtual rig) and ``rigfm demo``.  Cheap to import."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _param(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: value {value!r} is not a number") from None
+
+
+def register(subparsers: Any) -> None:
+    """Add ``run`` and ``demo``."""
+    p = subparsers.add_parser("run", help="run a controller on a rig (serial port) or a virtual rig",
+                              description="Closed-loop control at a fixed rate with safety limits, "
+                                          "optional learned-model prediction/MPC and MCAP logging.")
+    p.add_argument("rig", help="cartpole, furuta or a rig TOML file")
+    p.add_argument("--controller", choices=("lqr", "swingup", "mpc"), default="swingup")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", help="serial port of the rig (e.g. /dev/ttyUSB0 or a pty)")
+    where.add_argument("--virtual", action="store_true", help="start a virtual rig on a pty and use it")
+    p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds "
+                                                                            "(default: until Ctrl-C)")
+    p.add_argument("--rate", type=float, default=500.0, help="control rate in Hz (default 500)")
+    p.add_argument("--model", default=None, help="learned model (.onnx): starts a predictor process")
+    p.add_argument("--endpoint", default=None, help="use a running predictor (e.g. ipc:///tmp/pred.sock)")
+    p.add_argument("--log", default=None, metavar="DIR", help="write an MCAP run log into DIR")
+    p.add_argument("--dry-run", action="store_true", help="compute and log, never actuate")
+    p.add_argument("--init", choices=("hanging", "upright"), default="hanging",
+                   help="initial state of the virtual rig")
+    p.add_argument("--virtual-param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                   help="plant override of the virtual rig, e.g. pole_mass_scale=1.5 (repeatable)")
+    p.add_argument("--model-param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                   help="override of the controller's physics model (repeatable)")
+    p.add_argument("--tuning", default=None,
+                   help="controller tuning TOML (overrides controllers/tuning.toml)")
+    p.add_argument("--latency-comp-ms", type=float, default=0.0,
+                   help="forecast the state this far ahead with the physics model (0 = off)")
+    p.add_argument("--predictor-timeout-ms", type=float, default=None,
+                   help="deadline of one-step predictions (default: 0.8 model steps)")
+    p.add_argument("--stale-ms", type=float, default=50.0, help="e-stop when no new state for this long")
+    p.add_argument("--realtime", action="store_true", help="SCHED_FIFO priority for the loop (if permitted)")
+    p.add_argument("--seed", type=int, default=0, help="virtual rig seed")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+    p.add_argument("--summary-json", default=None, metavar="FILE", help="also write the summary as JSON")
+    p.set_defaults(func=run_handler)
+
+    d = subparsers.add_parser("demo",
+                              help="virtual rig + predictor + swing-up/balance + logger, then a report")
+    d.add_argument("rig", nargs="?", default="cartpole")
+    d.add_argument("--duration", type=float, default=20.0)
+    d.add_argument("--model", default=None, help=".onnx model (default: export fm_core/weights/default.pt)")
+    d.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>)")
+    d.add_argument("--controller", choices=("lqr", "swingup", "mpc"), default="swingup")
+    d.add_argument("--no-plots", action="store_true")
+    d.set_defaults(func=demo_handler)
+
+
+def summary_table(result: Any) -> str:
+    """Human-readable summary of a run."""
+    s = result.stats
+    rows = [("ticks", s["ticks"]), ("rate (Hz)", f"{s['rate_hz']:.1f}"),
+            ("period error p50 / p99 / max (us)",
+             f"{s['period_err_p50_us']:.1f} / {s['period_err_p99_us']:.1f} / {s['period_err_max_us']:.1f}"),
+            ("jitter (us)", f"{s['jitter_us']:.1f}"),
+            ("overruns", f"{s['overruns']} ({s['overrun_pct']:.3f} %)"),
+            ("tick busy p50 / p99 (us)", f"{s['busy_p50_us']:.1f} / {s['busy_p99_us']:.1f}"),
+            ("fault", result.fault or "none"),
+            ("mode changes", ", ".join(f"{b}@{t:.2f}s" for t, _, b in result.mode_changes[:8]) or "none")]
+    m = result.monitor
+    if m:
+        rows += [("pred err 1-step EWMA / window", f"{m.get('err1_ewma', float('nan')):.4f} / "
+                                                   f"{m.get('err1_win', float('nan')):.4f}"),
+                 ("pred err 10-step EWMA", f"{m.get('err10_ewma', float('nan')):.4f}"),
+                 ("drift flag", m.get("drift"))]
+    p = result.predictor
+    if p:
+        rows += [("predictor requests / late / failures",
+                  f"{p.get('pred_requests')} / {p.get('pred_late')} / {p.get('pred_failures')}"),
+                 ("predictor latency p50 (us)", f"{p.get('pred_latency_p50_us', float('nan')):.0f}")]
+        if "mpc_plans" in p:
+            rows += [("MPC plans / fallback ticks", f"{p['mpc_plans']} / {p['mpc_fallback_ticks']}")]
+    if result.logger:
+        lg = result.logger
+        rows += [("frames logged / dropped", f"{lg.get('written')} / {lg.get('dropped')}")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _jsonable(result: Any) -> dict[str, Any]:
+    return {"stats": result.stats, "fault": result.fault, "mode_changes": result.mode_changes,
+            "monitor": result.monitor, "predictor": result.predictor, "logger": result.logger,
+            "first_fallback_after_kill_s": result.first_fallback_after_kill_s, "log_files": result.log_files,
+            "rig_stats": result.rig_stats,
+            "final_state": result.trajectory[-1, 2:].tolist() if len(result.trajectory) else None}
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """``rigfm run``: returns 0 on a clean run, 1 on a fault, 2 on bad arguments."""
+    from controllers.session import RunOptions, run_session
+
+    opts = RunOptions(rig=args.rig, controller=args.controller, port=args.port, virtual=args.virtual,
+                      duration_s=args.duration, rate_hz=args.rate, model=args.model, endpoint=args.endpoint,
+                      log_dir=args.log, dry_run=args.dry_run, init=args.init,
+                      virtual_params=dict(args.virtual_param), model_params=dict(args.model_param),
+                      tuning=args.tuning, latency_ms=args.latency_comp_ms,
+                      predictor_timeout_ms=args.predictor_timeout_ms, stale_ms=args.stale_ms,
+                      status=not args.quiet, seed=args.seed, realtime=args.realtime)
+    try:
+        result = run_session(opts)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"rigfm run: {exc}", file=sys.stderr)
+        return 2
+    print(summary_table(result))
+    if args.summary_json:
+        with open(args.summary_json, "w") as fh:
+            json.dump(_jsonable(result), fh, indent=1, default=float)
+    return 0 if result.ok else 1
+
+
+def demo_handler(args: argparse.Namespace) -> int:
+    """``rigfm demo``."""
+    from controllers.demo import run_demo
+
+    return run_demo(args.rig, duration_s=args.duration, model=args.model, out=args.out,
+                    controller=args.controller, plots=not args.no_plots)

@@ -1,0 +1,130 @@
+"""``rigfm export`` (checkpoint -> ONNX, needs torch) and ``rigfm serve`` (onnxruntime predictor, torch-free).
+
+Cheap to import: torch / onnxruntime / zmq load inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _export(args: argparse.Namespace) -> int:
+    from export.onnx_export import ExportError, export_checkpoint, quantize_int8
+
+    try:
+        res = export_checkpoint(
+            args.checkpoint,
+            args.output,
+            context=args.context,
+            streaming=args.streaming,
+            exporter=args.exporter,
+            opset=args.opset,
+            n=args.n,
+            m=args.m,
+            dt=args.dt,
+        )
+    except (ExportError, ValueError) as exc:
+        print(f"rigfm export: {exc}", file=sys.stderr)
+        return 2
+    for graph, path in (("full", res.full_path), ("step", res.step_path)):
+        if path is not None:
+            print(f"{graph}: {path} ({res.nodes[graph]} nodes, {res.export_s[graph]:.2f} s, {args.exporter})")
+    if args.quantize:
+        for path in (res.full_path, res.step_path):
+            if path is None:
+                continue
+            q = Path(path).with_name(Path(path).stem + ".int8.onnx")
+            quantize_int8(path, q)
+            print(f"int8: {q}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from export.server import run
+
+    return run(args)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``rigfm serve`` (shared with ``python -m export.server``)."""
+    p.add_argument("model", nargs="?", help="full-window ONNX file written by `rigfm export`")
+    p.add_argument(
+        "--bind",
+        default="ipc:///tmp/rigfm-pred.sock",
+        help="ZeroMQ endpoint: ipc:///path or tcp://127.0.0.1:PORT (PORT may be * for any free port)",
+    )
+    p.add_argument(
+        "--streaming",
+        default=None,
+        help="step graph for stream_step (default: the file named in the model's metadata, if present)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--parallel", action="store_true", help="ORT_PARALLEL execution mode (default sequential)")
+    p.add_argument("--curve-secret-key", default=None, help="zmq certificate (.key_secret) enabling CURVE")
+    p.add_argument(
+        "--reload-dir",
+        default=None,
+        help="reload requests may only load files under this folder (default: the model's folder)",
+    )
+    p.add_argument(
+        "--spin-us",
+        type=float,
+        default=0.0,
+        help="busy-poll this long after each request before sleeping (lower latency on a dedicated core)",
+    )
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
+    p.add_argument(
+        "--gen-curve-keys",
+        metavar="DIR",
+        default=None,
+        help="write server.key / server.key_secret into DIR and exit",
+    )
+
+
+def register(subparsers) -> None:
+    """Add ``export`` and ``serve`` to the umbrella parser."""
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (full-window and streaming graphs)",
+        description="Export a rigfm checkpoint to ONNX (see docs/predictor.md).",
+    )
+    p.add_argument("checkpoint", help="rigfm-ckpt-v1 checkpoint (.pt)")
+    p.add_argument("-o", "--output", required=True, help="full-window ONNX file to write")
+    p.add_argument("--context", type=int, default=64, help="predictor window in steps (default 64)")
+    p.add_argument(
+        "--streaming", default=None, metavar="STEP.onnx", help="also write the KV-cache step graph"
+    )
+    p.add_argument("--quantize", action="store_true", help="also write *.int8.onnx (dynamic int8 weights)")
+    p.add_argument(
+        "--exporter",
+        choices=("torchscript", "dynamo"),
+        default="torchscript",
+        help="torch.onnx exporter (default torchscript: see docs/predictor.md for the measurement)",
+    )
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17 torchscript / 18 dynamo)")
+    p.add_argument("--n", type=int, default=None, help="states (if the checkpoint's meta has none)")
+    p.add_argument("--m", type=int, default=None, help="inputs (if the checkpoint's meta has none)")
+    p.add_argument("--dt", type=float, default=None, help="model time step in s (if the meta has none)")
+    p.set_defaults(func=_export)
+
+    s = subparsers.add_parser(
+        "serve",
+        help="serve an ONNX model over ZeroMQ (onnxruntime, torch-free)",
+        description="Run the rigfm predictor process (prints READY <endpoint>).",
+    )
+    add_serve_arguments(s)
+    s.set_defaults(func=_serve)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: ``python -m export.export_commands export|serve ...``."""
+    parser = argparse.ArgumentParser(prog="python -m export.export_commands")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""Export a rigfm checkpoint to ONNX: the full-window graph and the streaming KV-cache step graph.
+
+The only torch user of the ``export`` package. Graph contracts (input/output names, shapes, metadata keys) are
+documented in docs/predictor.md and read back by the torch-free :mod:`export.onnx_runtime`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from export.onnx_runtime import (
+    FORMAT,
+    FULL_INPUTS,
+    FULL_OUTPUTS,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+)
+
+DEFAULT_CONTEXT = 64
+MAX_BATCH = 4096
+
+
+class ExportError(RuntimeError):
+    """Export failed: bad checkpoint, bad option or a graph that does not validate."""
+
+
+# -------------------------------------------------------------------------------------------- wrappers
+class FullWindowGraph(nn.Module):
+    """x (B,T,n), u (B,T,m), obs (B,T) -> pred (B,T,n), present_k, present_v (L,B,H,T,dh) (raw units).
+
+    The cache outputs let the predictor prime a stream from a window in one call; callers that do not fetch
+    them only pay for pred (onnxruntime prunes unused outputs' tails).
+    """
+
+    def __init__(self, system: nn.Module) -> None:
+        super().__init__()
+        self.system = system
+
+    def forward(self, x: Tensor, u: Tensor, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s = self.system
+        xn, un = s._norm(x, u)
+        obs = obs.to(xn.dtype)
+        xn = torch.where(obs.unsqueeze(-1) > 0.5, xn, torch.zeros_like(xn))
+        pred, cache = s.core.forward_with_cache(xn, un, obs, s.state_mask, s.input_mask)
+        return s._denorm(pred), cache.k, cache.v
+
+
+class StepGraph(nn.Module):
+    """x_win (B,p,n), u_win (B,p,m), obs_win (B,p), past_k/v (L,B,H,S,dh) -> pred (B,n), present_k/v (S+1)."""
+
+    def __init__(self, system: nn.Module) -> None:
+        super().__init__()
+        self.system = system
+
+    def forward(
+        self, x_win: Tensor, u_win: Tensor, obs_win: Tensor, past_k: Tensor, past_v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        pred, k, v = self.system.step_tensors(x_win, u_win, obs_win, past_k, past_v)
+        return pred[:, 0, :], k, v
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint ready to export: the fixed-system module plus what goes into the ONNX metadata."""
+
+    system: nn.Module
+    config: dict[str, int]
+    meta: dict[str, Any]
+    sha256: str
+    path: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_checkpoint(
+    path: str | Path, *, n: int | None = None, m: int | None = None, dt: float | None = None
+) -> LoadedCheckpoint:
+    """Load a ``rigfm-ckpt-v1`` checkpoint (fm_core.checkpoint, weights_only) as an eval-mode ``SystemModel``.
+
+    ``n``, ``m``, ``dt`` override (or supply, for a synthetic pretraining checkpoint) the meta values.
+    Raises ExportError naming the file and the missing/invalid field.
+    """
+    from fm_core.checkpoint import CheckpointError
+    from fm_core.checkpoint import load_checkpoint as load_fm
+
+    path = str(path)
+    try:
+        core, meta = load_fm(path)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    meta = dict(meta)
+    for key, val in (("n", n), ("m", m), ("dt", dt)):
+        if val is not None:
+            meta[key] = val
+    for key in ("n", "m"):
+        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool):
+            raise ExportError(f"{path}: meta.{key} must be an int, got {meta.get(key)!r} (pass --{key})")
+    n, m = meta["n"], meta["m"]
+    try:
+        system = core.for_system(n, m).eval()
+    except ValueError as exc:
+        raise ExportError(f"{path}: {exc}") from None
+    dtv = meta.get("dt")
+    if not isinstance(dtv, (int, float)) or isinstance(dtv, bool) or not np.isfinite(dtv) or dtv <= 0:
+        raise ExportError(f"{path}: meta.dt must be a positive number, got {dtv!r} (pass --dt)")
+    names_x = list(meta.get("state_names") or [f"x{i}" for i in range(n)])
+    names_u = list(meta.get("input_names") or [f"u{i}" for i in range(m)])
+    if len(names_x) != n or len(names_u) != m:
+        raise ExportError(
+            f"{path}: meta.state_names/input_names must have n={n}/m={m} entries, got {names_x} / {names_u}"
+        )
+    clean = {
+        "n": n,
+        "m": m,
+        "dt": float(dtv),
+        "rig": str(meta.get("rig") or ""),
+        "state_names": [str(v) for v in names_x],
+        "input_names": [str(v) for v in names_u],
+        "x_mean": core.x_mean[:n].tolist(),
+        "x_std": core.x_std[:n].tolist(),
+        "u_mean": core.u_mean[:m].tolist(),
+        "u_std": core.u_std[:m].tolist(),
+    }
+    return LoadedCheckpoint(system, core.cfg.to_dict(), clean, file_sha256(path), path)
+
+
+def save_random_checkpoint(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    n: int = 4,
+    m: int = 1,
+    dt: float = 0.01,
+    rig: str = "synthetic",
+    config: dict[str, int] | None = None,
+    normalization: bool = True,
+) -> Path:
+    """Write a randomly initialised ``rigfm-ckpt-v1`` checkpoint (tests, benches, before weights exist).
+
+    ``config`` overrides ModelConfig fields (e.g. a tiny model for fast tests). With ``normalization`` the
+    checkpoint carries non-trivial normalisation statistics so the raw-unit path is exercised.
+    """
+    from fm_core.model import DynamicsFM, ModelConfig
+
+    torch.manual_seed(seed)
+    core = DynamicsFM(ModelConfig(**(config or {})))
+    rng = np.random.default_rng(seed)
+    if normalization:
+        core.set_normalization(
+            rng.normal(0, 0.5, n), rng.uniform(0.5, 2.0, n), rng.normal(0, 0.5, m), rng.uniform(0.5, 2.0, m)
+        )
+    from fm_core.checkpoint import save_checkpoint
+
+    meta = {
+        "n": n,
+        "m": m,
+        "dt": dt,
+        "rig": rig,
+        "state_names": [f"x{i}" for i in range(n)],
+        "input_names": [f"u{i}" for i in range(m)],
+        "train": {"random_init": True, "seed": seed},
+    }
+    return save_checkpoint(path, core, meta)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("rigfm")
+    except Exception:  # noqa: BLE001 - not installed: fall back
+        return "0+unknown"
+
+
+def _metadata(ck: LoadedCheckpoint, graph: str, context: int, exporter: str, opset: int) -> dict[str, str]:
+    c = ck.config
+    m = ck.meta
+    return {
+        "rigfm.format": FORMAT,
+        "rigfm.graph": graph,
+        "rigfm.n": str(m["n"]),
+        "rigfm.m": str(m["m"]),
+        "rigfm.state_names": json.dumps(m["state_names"]),
+        "rigfm.input_names": json.dumps(m["input_names"]),
+        "rigfm.dt": repr(m["dt"]),
+        "rigfm.rig": m["rig"],
+        "rigfm.x_mean": json.dumps(m["x_mean"]),
+        "rigfm.x_std": json.dumps(m["x_std"]),
+        "rigfm.u_mean": json.dumps(m["u_mean"]),
+        "rigfm.u_std": json.dumps(m["u_std"]),
+        "rigfm.patch": str(c["patch"]),
+        "rigfm.context": str(context),
+        "rigfm.max_len": str(c["max_len"]),
+        "rigfm.max_batch": str(MAX_BATCH),
+        "rigfm.n_layers": str(c["n_layers"]),
+        "rigfm.n_heads": str(c["n_heads"]),
+        "rigfm.d_head": str(c["d_model"] // c["n_heads"]),
+        "rigfm.model_config": json.dumps(c, sort_keys=True),
+        "rigfm.model_version": _package_version(),
+        "rigfm.checkpoint_sha256": ck.sha256,
+        "rigfm.exporter": exporter,
+        "rigfm.opset": str(opset),
+    }
+
+
+def _dummy_full(ck: LoadedCheckpoint, b: int = 2, t: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    n, m = ck.meta["n"], ck.meta["m"]
+    return torch.randn(b, t, n, generator=g), torch.randn(b, t, m, generator=g), torch.ones(b, t)
+
+
+def _dummy_step(ck: LoadedCheckpoint, b: int = 2, s: int = 5) -> tuple[Tensor, ...]:
+    c = ck.config
+    g = torch.Generator().manual_seed(1)
+    n, m, p = ck.meta["n"], ck.meta["m"], c["patch"]
+    cache = (c["n_layers"], b, c["n_heads"], s, c["d_model"] // c["n_heads"])
+    return (
+        torch.randn(b, p, n, generator=g),
+        torch.randn(b, p, m, generator=g),
+        torch.ones(b, p),
+        torch.randn(*cache, generator=g),
+        torch.randn(*cache, generator=g),
+    )
+
+
+def _export_graph(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    axes: dict[str, dict[int, str]],
+    max_sizes: dict[str, int],
+    exporter: str,
+    opset: int,
+) -> None:
+    """Run torch.onnx.export with either exporter and the given dynamic axes."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            from torch.export import Dim
+
+            dims = {name: Dim(name, min=1 if name != "S" else 0, max=mx) for name, mx in max_sizes.items()}
+            shapes = {name: {ax: dims[d] for ax, d in axes.get(name, {}).items()} or None for name in inputs}
+            prog = torch.onnx.export(
+                module,
+                args,
+                None,
+                input_names=list(inputs),
+                output_names=list(outputs),
+                dynamic_shapes=shapes,
+                dynamo=True,
+                opset_version=opset,
+                verbose=False,
+            )
+            prog.save(str(path))
+        elif exporter == "torchscript":
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=list(inputs),
+                output_names=list(outputs),
+                dynamic_axes={k: v for k, v in axes.items()},
+                dynamo=False,
+                opset_version=opset,
+            )
+        else:
+            raise ExportError(f"unknown exporter {exporter!r}; use 'dynamo' or 'torchscript'")
+
+
+def _finalise(path: Path, metadata: dict[str, str]) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in metadata.items():
+        model.metadata_props.add(key=k, value=v)
+    model.doc_string = "rigfm dynamics model (docs/predictor.md)"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    data = path.with_name(path.name + ".data")  # the dynamo exporter may leave external data behind
+    if data.exists():
+        data.unlink()
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_checkpoint` wrote, with timings and node counts."""
+
+    full_path: Path
+    step_path: Path | None
+    export_s: dict[str, float]
+    nodes: dict[str, int]
+    metadata: dict[str, str]
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    context: int = DEFAULT_CONTEXT,
+    streaming: str | Path | None = None,
+    exporter: str = "torchscript",
+    opset: int | None = None,
+    n: int | None = None,
+    m: int | None = None,
+    dt: float | None = None,
+) -> ExportResult:
+    """Export CHECKPOINT to the full-window graph at OUTPUT (and the step graph at STREAMING).
+
+    ``context``: predictor window (rollout history, stream re-priming); patch <= context <= max_len.
+    """
+    ck = load_checkpoint(checkpoint, n=n, m=m, dt=dt)
+    return export_loaded(ck, output, context=context, streaming=streaming, exporter=exporter, opset=opset)
+
+
+def export_loaded(
+    ck: LoadedCheckpoint,
+    output: str | Path,
+    *,
+    context: int = DEFAULT_CONTEXT,
+    streaming: str | Path | None = None,
+    exporter: str = "torchscript",
+    opset: int | None = None,
+) -> ExportResult:
+    """Export an already loaded checkpoint (see :func:`export_checkpoint`)."""
+    c = ck.config
+    if not (c["patch"] <= context <= c["max_len"]):
+        raise ExportError(f"--context {context} must be in [patch={c['patch']}, max_len={c['max_len']}]")
+    opset = opset or (18 if exporter == "dynamo" else 17)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    nodes: dict[str, int] = {}
+    full_axes = {
+        "x": {0: "B", 1: "T"},
+        "u": {0: "B", 1: "T"},
+        "obs": {0: "B", 1: "T"},
+        "pred": {0: "B", 1: "T"},
+        "present_k": {1: "B", 3: "T"},
+        "present_v": {1: "B", 3: "T"},
+    }
+    step_path = None
+    if streaming is not None:
+        step_path = Path(streaming)
+        step_path.parent.mkdir(parents=True, exist_ok=True)
+        step_axes = {
+            "x_win": {0: "B"},
+            "u_win": {0: "B"},
+            "obs_win": {0: "B"},
+            "past_k": {1: "B", 3: "S"},
+            "past_v": {1: "B", 3: "S"},
+            "pred": {0: "B"},
+            "present_k": {1: "B", 3: "S1"},
+            "present_v": {1: "B", 3: "S1"},
+        }
+        t0 = time.perf_counter()
+        _export_graph(
+            StepGraph(ck.system).eval(),
+            _dummy_step(ck),
+            step_path,
+            STEP_INPUTS,
+            STEP_OUTPUTS,
+            step_axes,
+            {"B": MAX_BATCH, "S": c["max_len"] - 1},
+            exporter,
+            opset,
+        )
+        _finalise(step_path, _metadata(ck, "step", context, exporter, opset))
+        times["step"] = time.perf_counter() - t0
+        nodes["step"] = len(onnx.load(str(step_path)).graph.node)
+    t0 = time.perf_counter()
+    _export_graph(
+        FullWindowGraph(ck.system).eval(),
+        _dummy_full(ck),
+        out,
+        FULL_INPUTS,
+        FULL_OUTPUTS,
+        full_axes,
+        {"B": MAX_BATCH, "T": c["max_len"]},
+        exporter,
+        opset,
+    )
+    meta = _metadata(ck, "full", context, exporter, opset)
+    if step_path is not None:
+        meta["rigfm.step_file"] = step_path.name
+    _finalise(out, meta)
+    times["full"] = time.perf_counter() - t0
+    nodes["full"] = len(onnx.load(str(out)).graph.node)
+    return ExportResult(out, step_path, times, nodes, meta)
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """Dynamic int8 quantisation of the MatMul weights (onnxruntime.quantization), metadata kept."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src), Path(dst)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(
+            str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
+    model = onnx.load(str(dst))
+    props = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    props["rigfm.quantized"] = "int8-dynamic"
+    del model.metadata_props[:]
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return dst

@@ -1,0 +1,422 @@
+"""Torch-free onnxruntime wrapper for rigfm ONNX graphs: metadata, predict, rollout and streaming.
+
+Graph contracts (names and shapes) are in docs/predictor.md; :mod:`export.onnx_export` writes them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "rigfm-onnx-v1"
+FULL_INPUTS = ("x", "u", "obs")
+FULL_OUTPUTS = ("pred", "present_k", "present_v")
+STEP_INPUTS = ("x_win", "u_win", "obs_win", "past_k", "past_v")
+STEP_OUTPUTS = ("pred", "present_k", "present_v")
+
+
+class ModelFileError(ValueError):
+    """An ONNX file is missing, unreadable, or its metadata/graph does not match the rigfm contract."""
+
+
+class InputError(ValueError):
+    """Arrays passed to the predictor have the wrong shape or contain NaN/Inf (message names the array).
+
+    ``kind`` is ``"shape"`` or ``"value"``.
+    """
+
+    def __init__(self, message: str, kind: str = "shape") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Metadata embedded in a rigfm ONNX file (``metadata_props``, keys ``rigfm.*``)."""
+
+    graph: str
+    n: int
+    m: int
+    state_names: tuple[str, ...]
+    input_names: tuple[str, ...]
+    dt: float
+    rig: str
+    patch: int
+    context: int
+    max_len: int
+    max_batch: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    x_mean: tuple[float, ...]
+    x_std: tuple[float, ...]
+    u_mean: tuple[float, ...]
+    u_std: tuple[float, ...]
+    model_version: str
+    checkpoint_sha256: str
+    exporter: str
+    quantized: str
+    step_file: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (for the ``info`` reply)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+def _get(props: dict[str, str], key: str, path: str) -> str:
+    full = f"rigfm.{key}"
+    if full not in props:
+        raise ModelFileError(f"{path}: metadata key {full!r} missing (not a rigfm export?)")
+    return props[full]
+
+
+def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
+    """Validate and parse ``rigfm.*`` metadata props; raises ModelFileError naming the file and key."""
+    fmt = props.get("rigfm.format")
+    if fmt != FORMAT:
+        raise ModelFileError(f"{path}: metadata 'rigfm.format' is {fmt!r}, expected {FORMAT!r}")
+
+    def integer(key: str, lo: int = 1) -> int:
+        raw = _get(props, key, path)
+        try:
+            val = int(raw)
+        except ValueError:
+            raise ModelFileError(f"{path}: metadata 'rigfm.{key}' must be an int, got {raw!r}") from None
+        if val < lo:
+            raise ModelFileError(f"{path}: metadata 'rigfm.{key}' must be >= {lo}, got {val}")
+        return val
+
+    def js(key: str, length: int, kind: type) -> tuple:
+        raw = _get(props, key, path)
+        try:
+            val = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ModelFileError(f"{path}: metadata 'rigfm.{key}' is not JSON: {raw!r}") from None
+        if not isinstance(val, list) or len(val) != length:
+            raise ModelFileError(f"{path}: metadata 'rigfm.{key}' must be a list of {length}, got {raw!r}")
+        try:
+            out = tuple(kind(v) for v in val)
+        except (TypeError, ValueError):
+            raise ModelFileError(f"{path}: metadata 'rigfm.{key}' has invalid entries: {raw!r}") from None
+        if kind is float and not all(np.isfinite(out)):
+            raise ModelFileError(f"{path}: metadata 'rigfm.{key}' has NaN/Inf: {raw!r}")
+        return out
+
+    n, m = integer("n"), integer("m")
+    try:
+        dt = float(_get(props, "dt", path))
+    except ValueError:
+        raise ModelFileError(f"{path}: metadata 'rigfm.dt' is not a number") from None
+    if not (np.isfinite(dt) and dt > 0):
+        raise ModelFileError(f"{path}: metadata 'rigfm.dt' must be > 0, got {dt}")
+    meta = ModelMeta(
+        graph=_get(props, "graph", path),
+        n=n,
+        m=m,
+        state_names=js("state_names", n, str),
+        input_names=js("input_names", m, str),
+        dt=dt,
+        rig=props.get("rigfm.rig", ""),
+        patch=integer("patch"),
+        context=integer("context"),
+        max_len=integer("max_len"),
+        max_batch=integer("max_batch"),
+        n_layers=integer("n_layers"),
+        n_heads=integer("n_heads"),
+        d_head=integer("d_head"),
+        x_mean=js("x_mean", n, float),
+        x_std=js("x_std", n, float),
+        u_mean=js("u_mean", m, float),
+        u_std=js("u_std", m, float),
+        model_version=props.get("rigfm.model_version", ""),
+        checkpoint_sha256=props.get("rigfm.checkpoint_sha256", ""),
+        exporter=props.get("rigfm.exporter", ""),
+        quantized=props.get("rigfm.quantized", ""),
+        step_file=props.get("rigfm.step_file", ""),
+    )
+    if meta.graph not in ("full", "step"):
+        raise ModelFileError(f"{path}: metadata 'rigfm.graph' must be 'full' or 'step', got {meta.graph!r}")
+    if not (meta.patch <= meta.context <= meta.max_len):
+        raise ModelFileError(
+            f"{path}: metadata context={meta.context} outside [patch, max_len={meta.max_len}]"
+        )
+    return meta
+
+
+def make_session(path: str | Path, threads: int = 1, sequential: bool = True) -> Any:
+    """An onnxruntime CPU InferenceSession (1 intra-op thread and sequential execution by default)."""
+    import onnxruntime as ort
+
+    path = str(path)
+    if not Path(path).is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if sequential else ort.ExecutionMode.ORT_PARALLEL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ModelFileError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_io(sess: Any, path: str, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    got_in = [i.name for i in sess.get_inputs()]
+    got_out = [o.name for o in sess.get_outputs()]
+    if got_in != list(inputs):
+        raise ModelFileError(f"{path}: graph inputs {got_in}, expected {list(inputs)}")
+    if got_out != list(outputs):
+        raise ModelFileError(f"{path}: graph outputs {got_out}, expected {list(outputs)}")
+
+
+def _f32(name: str, a: Any, shape: tuple[int | None, ...]) -> np.ndarray:
+    """float32 C-contiguous view/copy of ``a`` with the given shape pattern (None = any); finite."""
+    arr = np.ascontiguousarray(a, dtype=np.float32)
+    if arr.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, arr.shape, strict=True)):
+        want = "(" + ",".join("*" if s is None else str(s) for s in shape) + ")"
+        raise InputError(f"{name} must have shape {want}, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} contains NaN or Inf", kind="value")
+    return arr
+
+
+class OnnxPredictor:
+    """The full-window graph (and optionally the step graph) with validated numpy entry points."""
+
+    def __init__(
+        self,
+        full_path: str | Path,
+        step_path: str | Path | None = None,
+        threads: int = 1,
+        sequential: bool = True,
+        self_test: bool = True,
+        find_step: bool = False,
+    ) -> None:
+        """Load ``full_path`` (and ``step_path``; with ``find_step`` the step graph named in the full graph's
+        ``rigfm.step_file`` metadata, next to it, when it exists). Raises ModelFileError naming the file."""
+        self.full_path = str(full_path)
+        self.full = make_session(self.full_path, threads, sequential)
+        self.meta = parse_metadata(self.full.get_modelmeta().custom_metadata_map, self.full_path)
+        if self.meta.graph != "full":
+            raise ModelFileError(
+                f"{self.full_path}: is a {self.meta.graph!r} graph, expected the full-window graph"
+            )
+        _check_io(self.full, self.full_path, FULL_INPUTS, FULL_OUTPUTS)
+        if step_path is None and find_step and self.meta.step_file:
+            cand = Path(self.full_path).parent / Path(self.meta.step_file).name
+            step_path = cand if cand.is_file() else None
+        self.step_path: str | None = None
+        self.step_sess: Any = None
+        if step_path is not None:
+            self.step_path = str(step_path)
+            self.step_sess = make_session(self.step_path, threads, sequential)
+            smeta = parse_metadata(self.step_sess.get_modelmeta().custom_metadata_map, self.step_path)
+            if smeta.graph != "step":
+                raise ModelFileError(f"{self.step_path}: is a {smeta.graph!r} graph, expected the step graph")
+            _check_io(self.step_sess, self.step_path, STEP_INPUTS, STEP_OUTPUTS)
+            if smeta.checkpoint_sha256 != self.meta.checkpoint_sha256 or (smeta.n, smeta.m) != (
+                self.meta.n,
+                self.meta.m,
+            ):
+                raise ModelFileError(
+                    f"{self.step_path}: step graph comes from checkpoint {smeta.checkpoint_sha256[:12]} "
+                    f"but {self.full_path} from {self.meta.checkpoint_sha256[:12]}"
+                )
+        if self_test:
+            self._self_test()
+
+    def _self_test(self) -> None:
+        """One tiny inference per graph: a file that loads but cannot run is rejected here."""
+        n, m = self.meta.n, self.meta.m
+        t = min(4, self.meta.max_len)
+        x = np.zeros((1, t, n), np.float32)
+        u = np.zeros((1, t, m), np.float32)
+        try:
+            pred = self.predict(x, u, np.ones((1, t), np.float32))
+            if self.step_sess is not None:
+                self.stream().step(x[0, 0], u[0, 0])
+        except Exception as exc:  # noqa: BLE001
+            raise ModelFileError(f"{self.full_path}: self-test inference failed: {exc}") from exc
+        if not np.isfinite(pred).all():
+            raise ModelFileError(f"{self.full_path}: self-test produced NaN/Inf")
+
+    @property
+    def has_step(self) -> bool:
+        return self.step_sess is not None
+
+    # ---------------------------------------------------------------------------------------- full window
+    def check_window(self, x: Any, u: Any, obs: Any | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validate x (B,T,n), u (B,T,m), obs (B,T) (ones when None) against the model limits."""
+        me = self.meta
+        x = _f32("x", x, (None, None, me.n))
+        b, t = x.shape[:2]
+        u = _f32("u", u, (b, t, me.m))
+        obs = np.ones((b, t), np.float32) if obs is None else _f32("obs", obs, (b, t))
+        if not 1 <= b <= me.max_batch:
+            raise InputError(f"batch size {b} outside [1, {me.max_batch}]")
+        if not 1 <= t <= me.max_len:
+            raise InputError(f"window length T={t} outside [1, max_len={me.max_len}]")
+        return x, u, obs
+
+    def predict(self, x: Any, u: Any, obs: Any | None = None) -> np.ndarray:
+        """pred (B,T,n): the model's estimate of x[t+1] at every position t (raw units)."""
+        x, u, obs = self.check_window(x, u, obs)
+        return self.full.run(["pred"], {"x": x, "u": u, "obs": obs})[0]
+
+    def prime(
+        self, x: np.ndarray, u: np.ndarray, obs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Full window that also returns the KV cache (L,B,H,T,dh) to continue streaming from."""
+        pred, k, v = self.full.run(list(FULL_OUTPUTS), {"x": x, "u": u, "obs": obs})
+        return pred, k, v
+
+    def rollout(self, x_hist: Any, u_hist: Any, u_plan: Any) -> np.ndarray:
+        """Open-loop rollout, batched over K plans: returns (K,H,n).
+
+        ``x_hist[-1]`` is the current state and ``u_plan[k, 0]`` the input applied at it; ``out[k, j]`` is the
+        predicted state right after applying ``u_plan[k, j]``. ``u_hist`` holds the inputs applied at
+        ``x_hist[0..L-2]``: its last L-1 rows are used (L rows, as logged "input that led to x_hist[i]", are
+        fine: the first row, applied before the window, is ignored). History older than ``context`` (or than
+        what fits into max_len with the horizon) is dropped from the front.
+        """
+        me = self.meta
+        x_hist = _f32("x_hist", x_hist, (None, me.n))
+        u_hist = _f32("u_hist", u_hist, (None, me.m))
+        u_plan = _f32("u_plan", u_plan, (None, None, me.m))
+        lx, lu = x_hist.shape[0], u_hist.shape[0]
+        k, h = u_plan.shape[:2]
+        if lx < 1:
+            raise InputError("x_hist must have at least one row (the current state)")
+        if lu < lx - 1:
+            raise InputError(f"u_hist needs at least len(x_hist)-1 = {lx - 1} rows, got {lu}")
+        if not 1 <= k <= me.max_batch:
+            raise InputError(f"u_plan batch K={k} outside [1, {me.max_batch}]")
+        if not 1 <= h <= me.max_len:
+            raise InputError(f"u_plan horizon H={h} outside [1, max_len={me.max_len}]")
+        lx = min(lx, me.context, me.max_len - h + 1)
+        x_hist = x_hist[x_hist.shape[0] - lx :]
+        u_hist = u_hist[lu - (lx - 1) :] if lx > 1 else u_hist[:0]
+        t = lx - 1 + h
+        x = np.zeros((k, t, me.n), np.float32)
+        x[:, :lx] = x_hist
+        u = np.empty((k, t, me.m), np.float32)
+        u[:, : lx - 1] = u_hist
+        u[:, lx - 1 :] = u_plan
+        obs = np.zeros((k, t), np.float32)
+        obs[:, :lx] = 1.0
+        pred = self.full.run(["pred"], {"x": x, "u": u, "obs": obs})[0]
+        return np.ascontiguousarray(pred[:, lx - 1 :])
+
+    # ---------------------------------------------------------------------------------------- streaming
+    def step(
+        self, x_win: np.ndarray, u_win: np.ndarray, obs_win: np.ndarray, k: np.ndarray, v: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One step-graph call: pred (B,n) and the caches grown by one position."""
+        if self.step_sess is None:
+            raise ModelFileError(f"{self.full_path}: no streaming step graph loaded")
+        pred, k2, v2 = self.step_sess.run(
+            list(STEP_OUTPUTS), {"x_win": x_win, "u_win": u_win, "obs_win": obs_win, "past_k": k, "past_v": v}
+        )
+        return pred, k2, v2
+
+    def stream(self) -> StreamState:
+        """A new, empty incremental stream (see :class:`StreamState`)."""
+        return StreamState(self)
+
+
+class StreamState:
+    """Incremental next-state prediction for one stream of (x_t, u_t) steps.
+
+    With the step graph each step is one KV-cache token. When the cache holds ``context`` tokens the stream is
+    re-primed from the last ``context // 2`` steps with one full-window call (which also returns the cache).
+    Without a step graph every step recomputes the full window over the last ``context`` steps.
+    The prediction after a step equals the full-window prediction over ``history[start:]`` (``self.start``).
+    """
+
+    def __init__(self, predictor: OnnxPredictor) -> None:
+        me = predictor.meta
+        self.pred_ = predictor
+        self.keep = max(me.patch, me.context // 2)
+        self.x = np.zeros((me.context, me.n), np.float32)  # the last `context` steps, oldest first
+        self.u = np.zeros((me.context, me.m), np.float32)
+        self.primes = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.t = 0  # steps seen in total
+        self.start = 0  # absolute index of the first step inside the current cache / window
+        self.k: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+
+    def _append(self, x_t: np.ndarray, u_t: np.ndarray) -> None:
+        c = self.x.shape[0]
+        if self.t < c:
+            self.x[self.t], self.u[self.t] = x_t, u_t
+        else:
+            self.x[:-1], self.u[:-1] = self.x[1:], self.u[1:]
+            self.x[-1], self.u[-1] = x_t, u_t
+        self.t += 1
+
+    def _window(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        end = min(self.t, self.x.shape[0])
+        return self.x[end - length : end], self.u[end - length : end]
+
+    def step(self, x_t: Any, u_t: Any) -> np.ndarray:
+        """Feed the measured x_t (n,) and the input u_t (m,) applied at it; returns the x[t+1] estimate."""
+        p = self.pred_
+        me = p.meta
+        x_t = _f32("x_t", x_t, (me.n,))
+        u_t = _f32("u_t", u_t, (me.m,))
+        self._append(x_t, u_t)
+        if not p.has_step:
+            length = min(self.t, me.context)
+            self.start = self.t - length
+            xw, uw = self._window(length)
+            return p.predict(xw[None], uw[None], np.ones((1, length), np.float32))[0, -1]
+        cached = 0 if self.k is None else self.k.shape[3]
+        if self.k is None or cached >= me.context:
+            length = min(self.t, self.keep) if self.k is not None else 1
+            self.start = self.t - length
+            xw, uw = self._window(length)
+            pred, self.k, self.v = p.prime(
+                np.ascontiguousarray(xw[None]),
+                np.ascontiguousarray(uw[None]),
+                np.ones((1, length), np.float32),
+            )
+            if cached:
+                self.primes += 1
+            return pred[0, -1]
+        pw = me.patch
+        avail = min(self.t, self.x.shape[0])
+        xw = np.zeros((1, pw, me.n), np.float32)
+        uw = np.zeros((1, pw, me.m), np.float32)
+        take = min(pw, avail)
+        xs, us = self._window(take)
+        xw[0, pw - take :], uw[0, pw - take :] = xs, us
+        pred, self.k, self.v = p.step(xw, uw, np.ones((1, pw), np.float32), self.k, self.v)
+        return pred[0]
+
+    def prime_history(self, x_hist: Any, u_hist: Any) -> None:
+        """Start the stream from a history (L,n)/(L,m) of steps (each u applied at its x); no output."""
+        me = self.pred_.meta
+        x_hist = _f32("x_hist", x_hist, (None, me.n))
+        u_hist = _f32("u_hist", u_hist, (x_hist.shape[0], me.m))
+        self._clear()
+        for xt, ut in zip(x_hist[-me.context :], u_hist[-me.context :], strict=True):
+            self._append(xt, ut)
+        if self.t and self.pred_.has_step:
+            length = min(self.t, self.keep if self.t > me.context - 1 else self.t)
+            self.start = self.t - length
+            xw, uw = self._window(length)
+            _, self.k, self.v = self.pred_.prime(
+                np.ascontiguousarray(xw[None]),
+                np.ascontiguousarray(uw[None]),
+                np.ones((1, length), np.float32),
+            )

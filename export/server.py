@@ -1,0 +1,520 @@
+"""The rigfm predictor process: one onnxruntime session behind a ZeroMQ ROUTER socket. Torch-free.
+
+Run ``rigfm serve model.onnx --bind ipc:///tmp/rigfm.sock`` (or ``python -m export.server model.onnx ...``).
+Prints ``READY <endpoint>`` on stdout once it answers requests. SIGTERM/SIGINT: graceful stop; SIGHUP: reload
+the model files from disk (atomic swap after a full load + self-test). Wire format: :mod:`export.schema`,
+methods and semantics: docs/predictor.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ipaddress
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import zmq
+
+from export import schema
+from export.onnx_runtime import InputError, ModelFileError, OnnxPredictor, StreamState
+
+MAX_STREAMS = 256
+LATENCY_WINDOW = 10_000
+
+
+class ServerConfigError(ValueError):
+    """Refusal to start: bad bind address, missing CURVE keys on a non-loopback address, bad model file."""
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on a loopback address (127.0.0.0/8, ::1, localhost)."""
+    scheme = endpoint.split("://", 1)[0]
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # '*', interface names, hostnames: treat as exposed
+
+
+def load_curve_secret(path: str) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a zmq.auth certificate file (``*.key_secret``)."""
+    import zmq.auth
+
+    if not Path(path).is_file():
+        raise ServerConfigError(f"--curve-secret-key: file not found: {path}")
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except Exception as exc:  # noqa: BLE001 - zmq.auth raises plain ValueError/OSError
+        raise ServerConfigError(f"--curve-secret-key {path}: not a zmq certificate ({exc})") from exc
+    if not secret:
+        raise ServerConfigError(f"--curve-secret-key {path}: holds no secret key (pass the .key_secret file)")
+    return public, secret
+
+
+def write_curve_keys(directory: str | Path, name: str = "server") -> tuple[Path, Path]:
+    """Create ``name.key`` (public, give it to clients) and ``name.key_secret`` (server) in ``directory``."""
+    import zmq.auth
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pub, sec = zmq.auth.create_certificates(str(directory), name)
+    return Path(pub), Path(sec)
+
+
+class Stats:
+    """Request counters and rolling windows of server-side handling latencies (µs), overall and per method."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.latency_us: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self.by_method: dict[str, collections.deque[float]] = {}
+        self.reloads = 0
+
+    def record(self, method: str, latency_us: float) -> None:
+        self.requests[method] += 1
+        self.latency_us.append(latency_us)
+        dq = self.by_method.get(method)
+        if dq is None:
+            dq = self.by_method[method] = collections.deque(maxlen=LATENCY_WINDOW)
+        dq.append(latency_us)
+
+    @staticmethod
+    def _pct(values: collections.deque[float]) -> dict[str, float | int]:
+        lat = np.asarray(values, dtype=np.float64)
+        out: dict[str, float | int] = {"window": int(lat.size)}
+        if lat.size:
+            for q, v in zip((50, 90, 99), np.percentile(lat, (50, 90, 99)), strict=True):
+                out[f"p{q}_us"] = round(float(v), 1)
+            out["max_us"] = round(float(lat.max()), 1)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uptime_s": round(time.time() - self.started, 3),
+            "requests": dict(self.requests),
+            "requests_total": int(sum(self.requests.values())),
+            "errors": dict(self.errors),
+            "errors_total": int(sum(self.errors.values())),
+            "latency": self._pct(self.latency_us),
+            "latency_by_method": {m: self._pct(v) for m, v in self.by_method.items()},
+            "reloads": self.reloads,
+        }
+
+
+class PredictorServer:
+    """Serve one model on one ROUTER socket; single-threaded request handling (reloads load in a thread)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        bind: str,
+        *,
+        step_path: str | None = None,
+        threads: int = 1,
+        sequential: bool = True,
+        curve_secret_key: str | None = None,
+        insecure: bool = False,
+        reload_dir: str | None = None,
+        spin_us: float = 0.0,
+    ) -> None:
+        if "://" not in bind:
+            raise ServerConfigError(f"--bind {bind!r}: expected ipc:///path or tcp://HOST:PORT")
+        self.curve: tuple[bytes, bytes] | None = (
+            load_curve_secret(curve_secret_key) if curve_secret_key else None
+        )
+        if not is_local_endpoint(bind) and self.curve is None and not insecure:
+            raise ServerConfigError(
+                f"refusing to bind {bind}: a non-loopback address needs CURVE encryption; pass "
+                "--curve-secret-key FILE (see rigfm serve --gen-curve-keys) or --insecure"
+            )
+        self.bind = bind
+        self.threads, self.sequential = threads, sequential
+        self.spin_s = max(0.0, float(spin_us)) / 1e6
+        self.model_path = str(model_path)
+        self.step_path = step_path
+        self.reload_dir = Path(reload_dir or Path(model_path).parent).resolve()
+        self.predictor = self._load(self.model_path, step_path)
+        self.streams: collections.OrderedDict[str, StreamState] = collections.OrderedDict()
+        self.stats = Stats()
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket | None = None
+        self.endpoint = ""
+        self._stop = threading.Event()
+        self._reload_thread: threading.Thread | None = None
+        self._reload_result: tuple[Any, ...] | None = None
+        self._reload_waiters: list[tuple[bytes, bool, str]] = []
+        self._sighup = False
+
+    # ------------------------------------------------------------------------------------------ model
+    def _load(self, model_path: str, step_path: str | None) -> OnnxPredictor:
+        return OnnxPredictor(
+            model_path, step_path, threads=self.threads, sequential=self.sequential, find_step=True
+        )
+
+    def info(self) -> dict[str, Any]:
+        p = self.predictor
+        return {
+            **p.meta.to_dict(),
+            "model_path": p.full_path,
+            "step_path": p.step_path,
+            "streaming_graph": p.has_step,
+            "protocol_version": schema.PROTOCOL_VERSION,
+            "model_sha256": p.meta.checkpoint_sha256,
+            "pid": os.getpid(),
+            "endpoint": self.endpoint,
+        }
+
+    # ------------------------------------------------------------------------------------------ socket
+    def _ipc_in_use(self, timeout_ms: int = 300) -> bool:
+        """True if the ipc socket file exists and a server answers there (bind would silently steal it)."""
+        path = self.bind[len("ipc://") :]
+        if not self.bind.startswith("ipc://") or not Path(path).exists():
+            return False
+        probe = self.ctx.socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        probe.setsockopt(zmq.IMMEDIATE, 1)
+        try:
+            probe.connect(self.bind)
+            if not probe.poll(timeout_ms, zmq.POLLOUT):
+                return False  # stale file: nobody accepts connections
+            probe.send_multipart(schema.encode_request("health", "probe"))
+            return bool(probe.poll(timeout_ms, zmq.POLLIN))
+        finally:
+            probe.close(0)
+
+    def open(self) -> str:
+        """Bind the ROUTER socket; returns the bound endpoint (resolves tcp port ``*``)."""
+        if self._ipc_in_use():
+            raise ServerConfigError(f"cannot bind {self.bind}: another process is serving there")
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * schema.MAX_ARRAY_BYTES)
+        if self.curve is not None:
+            sock.curve_publickey, sock.curve_secretkey = self.curve
+            sock.curve_server = True
+        try:
+            sock.bind(self.bind)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise ServerConfigError(f"cannot bind {self.bind}: {exc}") from exc
+        self.sock = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
+
+    def _send(self, identity: bytes, frames: list[Any]) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send(identity, zmq.SNDMORE)
+            last = len(frames) - 1
+            for i, f in enumerate(frames):
+                big = isinstance(f, np.ndarray) and f.nbytes >= schema.COPY_THRESHOLD
+                self.sock.send(f, zmq.SNDMORE if i < last else 0, copy=not big)
+        except zmq.ZMQError as exc:  # peer gone / HWM: the reply is dropped, the server goes on
+            print(f"rigfm-serve: reply dropped: {exc}", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def serve_forever(self, ready: bool = True) -> None:
+        """Handle requests until stop() / SIGTERM / SIGINT. Prints ``READY <endpoint>`` when ready."""
+        if self.sock is None:
+            self.open()
+        assert self.sock is not None
+        if ready:
+            print(f"READY {self.endpoint}", flush=True)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        spin_until = 0.0
+        try:
+            while not self._stop.is_set():
+                if self._sighup:
+                    self._sighup = False
+                    self._start_reload(self.model_path, self.step_path, None)
+                self._finish_reload()
+                try:
+                    events = dict(poller.poll(0 if time.perf_counter() < spin_until else 50))
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EINTR:  # signal arrived
+                        continue
+                    raise
+                if self.sock not in events:
+                    continue
+                for _ in range(256):  # drain a burst before checking flags again
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle(frames)
+                if self.spin_s > 0:  # stay hot: no scheduler wake-up for the next request of a fast loop
+                    spin_until = time.perf_counter() + self.spin_s
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._reload_thread is not None:
+            self._reload_thread.join(timeout=30)
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+        self.ctx.term()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: stop after the current request; SIGHUP: reload the model files."""
+
+        def _stop(signum: int, _frame: Any) -> None:
+            self._stop.set()
+
+        def _hup(signum: int, _frame: Any) -> None:
+            self._sighup = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, _hup)
+
+    # ------------------------------------------------------------------------------------------ requests
+    def handle(self, frames: list[Any]) -> None:
+        """Answer one ROUTER message; never raises (errors become error replies)."""
+        t0 = time.perf_counter()
+        identity = frames[0].bytes if frames else b""
+        delim, _ = schema.split_envelope(frames[1:])
+        req_id: str | None = None
+        method = "?"
+        try:
+            msg = schema.decode_request(frames[1:])
+            req_id, method = msg.id, msg.method or "?"
+            out = self._dispatch(identity, msg)
+            if out is None:
+                reply = None
+            else:
+                server_us = round((time.perf_counter() - t0) * 1e6, 1)
+                reply = schema.encode_reply(req_id, method, out[1], out[0], delim, server_us=server_us)
+        except schema.SchemaError as exc:
+            req_id = req_id or exc.req_id
+            reply = self._error(req_id, exc.code, str(exc), delim)
+        except InputError as exc:
+            code = schema.E_VALUE if exc.kind == "value" else schema.E_ARRAYS
+            reply = self._error(req_id, code, str(exc), delim)
+        except Exception as exc:  # noqa: BLE001 - the server must survive anything a request triggers
+            traceback.print_exc(file=sys.stderr)
+            reply = self._error(req_id, schema.E_INTERNAL, f"{type(exc).__name__}: {exc}", delim)
+        if reply is not None:
+            self._send(identity, reply)
+        self.stats.record(method if method in schema.METHODS else "invalid", (time.perf_counter() - t0) * 1e6)
+
+    def _error(self, req_id: str | None, code: str, message: str, delim: bool) -> list[Any]:
+        self.stats.errors[code] += 1
+        return schema.encode_error(req_id, code, message, delim)
+
+    def _stream_key(self, identity: bytes, msg: schema.Message) -> str:
+        key = msg.params.get("stream")
+        if key is None:
+            return "id:" + identity.hex()
+        if not isinstance(key, str) or not 0 < len(key) <= 128:
+            raise schema.SchemaError(
+                schema.E_PARAMS, "params.stream must be a string of 1..128 chars", msg.id
+            )
+        return "key:" + key
+
+    def _dispatch(
+        self, identity: bytes, msg: schema.Message
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None] | None:
+        """(result, arrays) of a successful request, None when answered later (reload)."""
+        m, rid, d = msg.method, msg.id, msg.delimiter
+        p = self.predictor
+        if m == "info":
+            schema.require(msg, ())
+            return self.info(), None
+        if m in ("health", "stats"):
+            schema.require(msg, ())
+            res = {
+                "status": "ok",
+                "model_sha256": p.meta.checkpoint_sha256,
+                "streams": len(self.streams),
+                "reload_in_progress": self._reload_thread is not None,
+                **self.stats.to_dict(),
+            }
+            return res, None
+        if m == "predict":
+            a = schema.require(msg, ("x", "u"), optional=("obs",))
+            pred = p.predict(a["x"], a["u"], a.get("obs"))
+            return None, {"pred": pred}
+        if m == "rollout":
+            a = schema.require(msg, ("x_hist", "u_hist", "u_plan"))
+            pred = p.rollout(a["x_hist"], a["u_hist"], a["u_plan"])
+            return None, {"pred": pred}
+        if m == "stream_reset":
+            a = schema.require(msg, (), optional=("x_hist", "u_hist"))
+            key = self._stream_key(identity, msg)
+            st = p.stream()
+            if a:
+                if set(a) != {"x_hist", "u_hist"}:
+                    raise schema.SchemaError(
+                        schema.E_ARRAYS, "stream_reset takes both x_hist and u_hist or none", rid
+                    )
+                st.prime_history(a["x_hist"], a["u_hist"])
+            self.streams[key] = st
+            self.streams.move_to_end(key)
+            while len(self.streams) > MAX_STREAMS:
+                self.streams.popitem(last=False)
+            return {"t": st.t, "context": p.meta.context}, None
+        if m == "stream_step":
+            a = schema.require(msg, ("x_t", "u_t"))
+            key = self._stream_key(identity, msg)
+            st = self.streams.get(key)
+            if st is None:
+                raise schema.SchemaError(
+                    schema.E_STREAM,
+                    "no stream state for this client (server restarted, "
+                    "model reloaded or evicted): call stream_reset",
+                    rid,
+                )
+            self.streams.move_to_end(key)
+            pred = st.step(a["x_t"], a["u_t"])
+            return {"t": st.t, "start": st.start}, {"pred": pred}
+        if m == "reload":
+            schema.require(msg, ())
+            model = msg.params.get("model", self.model_path)
+            step = msg.params.get("streaming")
+            if not isinstance(model, str) or (step is not None and not isinstance(step, str)):
+                raise schema.SchemaError(
+                    schema.E_PARAMS, "params.model / params.streaming must be strings", rid
+                )
+            for path in (model, step):
+                try:
+                    inside = path is None or Path(path).resolve().is_relative_to(self.reload_dir)
+                except (OSError, ValueError):  # e.g. an embedded NUL byte
+                    inside = False
+                if not inside:
+                    raise schema.SchemaError(
+                        schema.E_PARAMS,
+                        f"reload path {path!r} is outside the reload directory {self.reload_dir}",
+                        rid,
+                    )
+            if self._reload_thread is not None:
+                raise schema.SchemaError(schema.E_BUSY, "a reload is already in progress", rid)
+            self._start_reload(model, step, (identity, d, rid))
+            return None  # answered when the new model is in place (or failed)
+        raise schema.SchemaError(schema.E_METHOD, f"method {m!r} not implemented", rid)
+
+    # ------------------------------------------------------------------------------------------ reload
+    def _start_reload(self, model: str, step: str | None, waiter: tuple[bytes, bool, str] | None) -> None:
+        if waiter is not None:
+            self._reload_waiters.append(waiter)
+        if self._reload_thread is not None:
+            return
+
+        def work() -> None:
+            try:
+                self._reload_result = ("ok", self._load(model, step), model, step)
+            except (ModelFileError, OSError, ValueError) as exc:
+                self._reload_result = ("error", str(exc))
+            except Exception as exc:  # noqa: BLE001
+                self._reload_result = ("error", f"{type(exc).__name__}: {exc}")
+
+        self._reload_thread = threading.Thread(target=work, name="rigfm-reload", daemon=True)
+        self._reload_thread.start()
+
+    def _finish_reload(self) -> None:
+        """Swap in a finished reload (between requests: no request sees a half-loaded model)."""
+        th = self._reload_thread
+        if th is None or th.is_alive():
+            return
+        th.join()
+        self._reload_thread = None
+        res, self._reload_result = self._reload_result, None
+        waiters, self._reload_waiters = self._reload_waiters, []
+        if res is not None and res[0] == "ok":
+            old_sha = self.predictor.meta.checkpoint_sha256
+            self.predictor, self.model_path = res[1], res[2]
+            self.step_path = res[3]
+            self.streams.clear()  # caches belong to the old model
+            self.stats.reloads += 1
+            result = {
+                "reloaded": True,
+                "model_path": self.model_path,
+                "model_sha256": self.predictor.meta.checkpoint_sha256,
+                "previous_sha256": old_sha,
+                "streaming_graph": self.predictor.has_step,
+            }
+            print(f"rigfm-serve: reloaded {self.model_path}", file=sys.stderr, flush=True)
+            for identity, d, rid in waiters:
+                self._send(identity, schema.encode_reply(rid, "reload", result=result, delimiter=d))
+        else:
+            why = res[1] if res else "reload thread ended without a result"
+            print(f"rigfm-serve: reload failed, keeping the old model: {why}", file=sys.stderr, flush=True)
+            for identity, d, rid in waiters:
+                self._send(
+                    identity, self._error(rid, schema.E_RELOAD, f"reload failed, old model kept: {why}", d)
+                )
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``rigfm serve``: returns the exit code (2 on configuration errors)."""
+    if args.gen_curve_keys:
+        pub, sec = write_curve_keys(args.gen_curve_keys)
+        print(f"public key (clients): {pub}\nsecret key (server): {sec}")
+        return 0
+    if not args.model:
+        print("rigfm serve: the MODEL argument is required", file=sys.stderr)
+        return 2
+    if args.threads < 1:
+        print("rigfm serve: --threads must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        server = PredictorServer(
+            args.model,
+            args.bind,
+            step_path=args.streaming,
+            threads=args.threads,
+            sequential=not args.parallel,
+            curve_secret_key=args.curve_secret_key,
+            insecure=args.insecure,
+            reload_dir=args.reload_dir,
+            spin_us=args.spin_us,
+        )
+        server.install_signal_handlers()
+        server.open()
+    except (ServerConfigError, ModelFileError) as exc:
+        print(f"rigfm serve: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"rigfm-serve: model {server.predictor.full_path} (streaming graph: {server.predictor.has_step})",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.serve_forever()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.export_commands import add_serve_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m export.server", description=__doc__.splitlines()[0])
+    add_serve_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""Fine-tuning (or training from scratch) on trajectory files, rollouts and MSE evaluation.
+
+Python API (used by the evaluation engineer)::
+
+    model, history = finetune(init, train_set, val_set, FinetuneConfig(...))  # init: ckpt path/model/None
+    pred = rollout(model, x_ctx (B,L,n), u_ctx (B,L-1,m), u_future (B,H,m))   # -> (B,H,n), physical units
+    scores = evaluate_mse(model, test_set, context=32, horizon=32)            # normalised-unit MSEs
+
+``train_set`` / ``val_set``: anything with ``x (K,T,n)`` and ``u (K,T,m)`` arrays (e.g. a
+``fm_core.trajfile.TrajectorySet`` or :class:`TrajData`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fm_core.checkpoint import load_checkpoint, save_checkpoint
+from fm_core.data import BatchSpec, masked_huber_loss, windows_to_batch
+from fm_core.model import DynamicsFM, ModelConfig, SystemModel
+
+
+@dataclass
+class TrajData:
+    """Plain trajectory arrays: x (K,T,n), u (K,T,m) and descriptive fields."""
+
+    x: np.ndarray
+    u: np.ndarray
+    dt: float | None = None
+    state_names: list[str] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)
+    rig: str = ""
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters of :func:`finetune`. ``model`` is only used when training from scratch."""
+
+    mode: str = "full"             # "full" | "head" (embedding + output head only)
+    steps: int = 2000              # maximum optimiser steps
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    batch_size: int = 32
+    seq_len: int = 64              # tokens per training window (clipped to the trajectory length)
+    noise_std: float = 0.01
+    mask_prob: float = 0.5
+    hidden_weight: float = 1.0
+    huber_delta: float = 1.0
+    grad_clip: float = 1.0
+    fraction: float = 1.0          # share of training trajectories used (seeded subsample, at least 1)
+    seed: int = 0
+    val_every: int = 50
+    patience: int = 10             # validations without improvement before early stopping
+    val_windows: int = 64          # fixed validation windows
+    threads: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "head"):
+            raise ValueError(f"FinetuneConfig.mode must be 'full' or 'head', got {self.mode!r}")
+        if not (0.0 < self.fraction <= 1.0):
+            raise ValueError(f"FinetuneConfig.fraction must be in (0, 1], got {self.fraction}")
+        for name in ("steps", "batch_size", "seq_len", "val_every", "patience", "val_windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"FinetuneConfig.lr must be > 0, got {self.lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"FinetuneConfig: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------- data helpers
+def as_trajdata(ts: Any, name: str = "set") -> TrajData:
+    """Validate an object with x (K,T,n), u (K,T,m) into TrajData (float32); errors name the field."""
+    if isinstance(ts, TrajData):
+        return ts
+    try:
+        x = np.asarray(ts.x, dtype=np.float32)
+        u = np.asarray(ts.u, dtype=np.float32)
+    except AttributeError as exc:
+        raise ValueError(f"{name}: needs fields 'x' and 'u' ({exc})") from None
+    if x.ndim != 3 or u.ndim != 3 or x.shape[:2] != u.shape[:2]:
+        raise ValueError(f"{name}: field 'x' must be (K,T,n) and 'u' (K,T,m) with equal K,T; "
+                         f"got {x.shape} and {u.shape}")
+    for fname, arr in (("x", x), ("u", u)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name}: field {fname!r} contains NaN/Inf")
+    names = getattr(ts, "state_names", None)
+    if names is None:
+        names = getattr(ts, "names", [])
+    return TrajData(x=x, u=u, dt=_f(getattr(ts, "dt", None)), state_names=[str(s) for s in list(names)],
+                    input_names=[str(s) for s in list(getattr(ts, "input_names", []))],
+                    rig=str(getattr(ts, "rig", "") or ""))
+
+
+def _f(v: Any) -> float | None:
+    return None if v is None else float(np.asarray(v))
+
+
+def split_trajectories(ts: Any, split: str) -> TrajData:
+    """Trajectories of ``ts`` whose ``split`` entry equals ``split`` ("train" / "val" / "test")."""
+    td = as_trajdata(ts)
+    sp = np.asarray(ts.split, dtype=str)
+    sel = sp == split
+    if not sel.any():
+        raise ValueError(f"no trajectories with split == {split!r} (have {sorted(set(sp.tolist()))})")
+    return TrajData(td.x[sel], td.u[sel], td.dt, td.state_names, td.input_names, td.rig)
+
+
+def subsample(td: TrajData, fraction: float, seed: int) -> TrajData:
+    """Seeded random subset of ceil(fraction*K) (at least 1) trajectories."""
+    k = td.x.shape[0]
+    keep = max(1, int(math.ceil(fraction * k - 1e-9)))
+    if keep >= k:
+        return td
+    idx = np.sort(np.random.default_rng([seed, 7]).choice(k, size=keep, replace=False))
+    return TrajData(td.x[idx], td.u[idx], td.dt, td.state_names, td.input_names, td.rig)
+
+
+def normalisation_stats(td: TrajData) -> dict[str, list[float]]:
+    """Per-channel mean / std over all steps (std floored at 1e-3 * max(1, |mean|) to stay finite)."""
+    out = {}
+    for key, arr in (("x", td.x), ("u", td.u)):
+        flat = arr.reshape(-1, arr.shape[-1]).astype(np.float64)
+        mean = flat.mean(0)
+        std = np.maximum(flat.std(0), 1e-3 * np.maximum(1.0, np.abs(mean)))
+        out[f"{key}_mean"], out[f"{key}_std"] = mean.tolist(), std.tolist()
+    return out
+
+
+def _normalised_padded(model: DynamicsFM, td: TrajData) -> tuple[np.ndarray, np.ndarray]:
+    c = model.cfg
+    n, m = td.x.shape[-1], td.u.shape[-1]
+    xm, xs = model.x_mean[:n].cpu().numpy(), model.x_std[:n].cpu().numpy()
+    um, us = model.u_mean[:m].cpu().numpy(), model.u_std[:m].cpu().numpy()
+    x = np.zeros(td.x.shape[:2] + (c.n_max,), np.float32)
+    u = np.zeros(td.u.shape[:2] + (c.m_max,), np.float32)
+    x[..., :n] = (td.x - xm) / xs
+    u[..., :m] = (td.u - um) / us
+    return x, u
+
+
+def _sample_windows(rng: np.random.Generator, x: np.ndarray, u: np.ndarray, b: int, length: int):
+    k, t = x.shape[:2]
+    ti = rng.integers(0, k, size=b)
+    si = rng.integers(0, t - length + 1, size=b)
+    idx = si[:, None] + np.arange(length)[None, :]
+    return x[ti[:, None], idx], u[ti[:, None], idx]
+
+
+def _masks(model: DynamicsFM, n: int, m: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    c = model.cfg
+    sm = np.zeros((b, c.n_max), np.float32)
+    im = np.zeros((b, c.m_max), np.float32)
+    sm[:, :n], im[:, :m] = 1.0, 1.0
+    return sm, im
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _init_model(init: Any, cfg: FinetuneConfig) -> tuple[DynamicsFM, dict[str, Any]]:
+    if init is None:
+        torch.manual_seed(cfg.seed)
+        return DynamicsFM(ModelConfig.from_dict(cfg.model)), {"init": None}
+    if isinstance(init, DynamicsFM):
+        return copy.deepcopy(init), {"init": "<model>"}
+    model, meta = load_checkpoint(init)
+    return model, {"init": str(init), "init_train": meta.get("train", {})}
+
+
+def finetune(
+    init: str | Path | DynamicsFM | None, train_set: Any, val_set: Any | None,
+    cfg: FinetuneConfig | None = None, progress: bool = False,
+) -> tuple[DynamicsFM, list[dict[str, Any]]]:
+    """Fine-tune ``init`` (checkpoint path / model) or train from scratch (``None``) on trajectories.
+
+    Normalisation buffers are set from the (subsampled) training trajectories. Early stopping on the
+    validation loss (fixed seeded windows); the best model (by val loss) is returned in eval mode.
+    Returns (model, history) where history rows are {"step", "train_loss", "val_loss", "elapsed_s"}.
+    """
+    cfg = cfg or FinetuneConfig()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    tr = subsample(as_trajdata(train_set, "train_set"), cfg.fraction, cfg.seed)
+    va = as_trajdata(val_set, "val_set") if val_set is not None else None
+    model, _ = _init_model(init, cfg)
+    c = model.cfg
+    n, m = tr.x.shape[-1], tr.u.shape[-1]
+    if n > c.n_max or m > c.m_max:
+        raise ValueError(f"train_set has n={n}, m={m}; the model allows n_max={c.n_max}, m_max={c.m_max}")
+    if va is not None and (va.x.shape[-1] != n or va.u.shape[-1] != m):
+        raise ValueError(f"val_set has n={va.x.shape[-1]}, m={va.u.shape[-1]}; train_set has n={n}, m={m}")
+    model.set_normalization(**normalisation_stats(tr))
+    p = c.patch
+    t_len = tr.x.shape[1]
+    if t_len < p + 2:
+        raise ValueError(f"train_set trajectories have T={t_len} steps; need at least {p + 2}")
+    seq = max(1, min(cfg.seq_len, t_len - p, c.max_len))
+    spec = BatchSpec(batch_size=cfg.batch_size, seq_len=seq, patch=p, n_max=c.n_max, m_max=c.m_max,
+                     noise_std=cfg.noise_std, mask_prob=cfg.mask_prob, min_context=1, context_mask=True)
+    xtr, utr = _normalised_padded(model, tr)
+    sm, im = _masks(model, n, m, cfg.batch_size)
+
+    val_batches = []
+    if va is not None:
+        xva, uva = _normalised_padded(model, va)
+        vseq = max(1, min(seq, va.x.shape[1] - p))
+        vspec = BatchSpec(**{**asdict(spec), "seq_len": vseq, "batch_size": cfg.val_windows,
+                             "noise_std": 0.0})
+        vrng = np.random.default_rng([cfg.seed, 99])
+        wx, wu = _sample_windows(vrng, xva, uva, cfg.val_windows, vseq + p)
+        vsm, vim = _masks(model, n, m, cfg.val_windows)
+        val_batches.append(windows_to_batch(vrng, wx, wu, vsm, vim, vspec))
+
+    if cfg.mode == "head":
+        for name, prm in model.named_parameters():
+            prm.requires_grad = name.startswith(("embed.", "head."))
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    def lr_factor(s: int) -> float:
+        return min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * (0.5 + 0.5 * math.cos(math.pi * s / cfg.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    rng = np.random.default_rng([cfg.seed, 1])
+
+    def val_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            tot = 0.0
+            for b in val_batches:
+                pred = model(b["x"], b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=p - 1)
+                tot += float(masked_huber_loss(pred, b["target"], b["state_mask"], b["hidden"],
+                                               cfg.huber_delta, cfg.hidden_weight))
+        model.train()
+        return tot / len(val_batches)
+
+    history: list[dict[str, Any]] = []
+    best = (val_loss() if val_batches else float("inf"), copy.deepcopy(model.state_dict()), 0)
+    history.append({"step": 0, "train_loss": None, "val_loss": best[0] if val_batches else None,
+                    "elapsed_s": 0.0})
+    bad, run, run_n = 0, 0.0, 0
+    t0 = time.time()
+    model.train()
+    pbar = None
+    if progress:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=cfg.steps, desc=f"finetune[{cfg.mode}]", dynamic_ncols=True)
+    try:
+        for step in range(1, cfg.steps + 1):
+            wx, wu = _sample_windows(rng, xtr, utr, cfg.batch_size, seq + p)
+            b = windows_to_batch(rng, wx, wu, sm, im, spec)
+            pred = model(b["x"], b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=p - 1)
+            loss = masked_huber_loss(pred, b["target"], b["state_mask"], b["hidden"], cfg.huber_delta,
+                                     cfg.hidden_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite fine-tuning loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            run += float(loss.detach())
+            run_n += 1
+            if pbar is not None:
+                pbar.update(1)
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                row = {"step": step, "train_loss": run / run_n, "val_loss": None,
+                       "elapsed_s": round(time.time() - t0, 3)}
+                run, run_n = 0.0, 0
+                if val_batches:
+                    row["val_loss"] = v = val_loss()
+                    if v < best[0] - 1e-6:
+                        best, bad = (v, copy.deepcopy(model.state_dict()), step), 0
+                    else:
+                        bad += 1
+                history.append(row)
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{row['train_loss']:.4g}", val=f"{row['val_loss']}")
+                if bad >= cfg.patience:
+                    break
+    finally:
+        if pbar is not None:
+            pbar.close()
+    if val_batches:
+        model.load_state_dict(best[1])
+    for prm in model.parameters():
+        prm.requires_grad = True
+    model.eval()
+    model.finetune_info = {  # type: ignore[attr-defined]
+        "best_step": best[2] if val_batches else history[-1]["step"], "best_val_loss": best[0] if val_batches
+        else None, "steps_run": history[-1]["step"], "n_train_trajectories": int(tr.x.shape[0]),
+        "n": n, "m": m,
+    }
+    return model, history
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def _system(model: DynamicsFM | SystemModel, n: int, m: int) -> SystemModel:
+    if isinstance(model, SystemModel):
+        if (model.n, model.m) != (n, m):
+            raise ValueError(f"model is fixed to n={model.n}, m={model.m}; data has n={n}, m={m}")
+        return model
+    return model.for_system(n, m)
+
+
+def _t(a: Any) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(a, dtype=np.float32))
+    return t
+
+
+@torch.no_grad()
+def rollout(model: DynamicsFM | SystemModel, x_ctx: Any, u_ctx: Any, u_future: Any) -> torch.Tensor:
+    """Masked open-loop rollout in ONE forward pass (physical units).
+
+    x_ctx (B,L,n): observed states x[0..L-1]; u_ctx (B,L-1,m): inputs u[0..L-2] between them;
+    u_future (B,H,m): planned inputs u[L-1..L+H-2] (u_future[j] is applied before x[L+j]).
+    Returns (B,H,n): predictions of x[L..L+H-1]. Unbatched (L,n)/(L-1,m)/(H,m) inputs give (H,n).
+    """
+    x_ctx, u_ctx, u_future = _t(x_ctx), _t(u_ctx), _t(u_future)
+    squeeze = x_ctx.dim() == 2
+    if squeeze:
+        x_ctx, u_ctx, u_future = x_ctx[None], u_ctx[None], u_future[None]
+    if x_ctx.dim() != 3 or u_ctx.dim() != 3 or u_future.dim() != 3:
+        raise ValueError("rollout: x_ctx, u_ctx, u_future must all be batched (B,·,·) or all unbatched")
+    b, L, n = x_ctx.shape
+    m = u_future.shape[-1]
+    h = u_future.shape[1]
+    if L < 1 or h < 1:
+        raise ValueError(f"rollout: need L >= 1 context steps and H >= 1 planned inputs, got L={L}, H={h}")
+    if tuple(u_ctx.shape) != (b, L - 1, m):
+        raise ValueError(f"rollout: u_ctx must be (B,L-1,m)=({b},{L - 1},{m}), got {tuple(u_ctx.shape)}")
+    if u_future.shape[0] != b:
+        raise ValueError(f"rollout: u_future batch {u_future.shape[0]} != x_ctx batch {b}")
+    sys = _system(model, n, m)
+    total = L + h - 1
+    x = torch.cat([x_ctx, torch.zeros(b, h - 1, n)], 1)
+    u = torch.cat([u_ctx, u_future], 1)
+    obs = torch.zeros(b, total)
+    obs[:, :L] = 1.0
+    pred = sys(x, u, obs)[:, L - 1 :]
+    return pred[0] if squeeze else pred
+
+
+@torch.no_grad()
+def evaluate_mse(
+    model: DynamicsFM | SystemModel, data: Any, context: int = 32, horizon: int = 32, max_windows: int = 4096,
+) -> dict[str, Any]:
+    """One-step and multi-step MSE in normalised units (the model's normalisation) over windows of ``data``.
+
+    Windows of ``context + horizon`` steps (non-overlapping, every trajectory). ``one_step_mse``:
+    teacher-forced prediction of x[t+1] over the whole window; ``multi_step_mse``: open-loop rollout of
+    ``horizon`` steps from ``context`` observed steps; ``per_step_mse``: the rollout MSE at each horizon step.
+    """
+    td = as_trajdata(data, "data")
+    core = model.core if isinstance(model, SystemModel) else model
+    n, m = td.x.shape[-1], td.u.shape[-1]
+    sys = _system(model, n, m)
+    length = context + horizon
+    if context < 1 or horizon < 1:
+        raise ValueError(f"context and horizon must be >= 1, got {context}, {horizon}")
+    if td.x.shape[1] < length:
+        raise ValueError(f"trajectories have T={td.x.shape[1]} steps; context+horizon={length} needed")
+    if length > core.cfg.max_len:
+        raise ValueError(f"context+horizon={length} exceeds model max_len={core.cfg.max_len}")
+    starts = np.arange(0, td.x.shape[1] - length + 1, length)
+    xs = np.concatenate([td.x[:, s : s + length] for s in starts])[:max_windows]
+    us = np.concatenate([td.u[:, s : s + length] for s in starts])[:max_windows]
+    x, u = _t(xs), _t(us)
+    std, mean = core.x_std[:n], core.x_mean[:n]
+    norm = lambda a: (a - mean) / std  # noqa: E731
+    one = sys(x[:, :-1], u[:, :-1], torch.ones(x.shape[0], length - 1))
+    one_mse = float(((norm(one) - norm(x[:, 1:])) ** 2).mean())
+    roll = rollout(sys, x[:, :context], u[:, : context - 1], u[:, context - 1 : length - 1])
+    se = (norm(roll) - norm(x[:, context:])) ** 2
+    return {"one_step_mse": one_mse, "multi_step_mse": float(se.mean()),
+            "per_step_mse": se.mean(dim=(0, 2)).tolist(), "windows": int(x.shape[0]),
+            "context": context, "horizon": horizon}
+
+
+def save_finetuned(
+    path: str | Path, model: DynamicsFM, train: TrajData, history: list[dict[str, Any]], cfg: FinetuneConfig,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save a fine-tuned model with meta (n, m, names, dt, rig, normalisation, training summary)."""
+    n, m = train.x.shape[-1], train.u.shape[-1]
+    meta = {"n": n, "m": m, "state_names": train.state_names, "input_names": train.input_names,
+            "dt": train.dt, "rig": train.rig or "unknown",
+            "train": {"kind": "finetune", "config": asdict(cfg), "history": history,
+                      **getattr(model, "finetune_info", {}), **(extra or {})}}
+    return save_checkpoint(path, model, meta)

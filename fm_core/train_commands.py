@@ -1,0 +1,145 @@
+"""`rigfm pretrain`, `rigfm finetune`, `rigfm generate` (torch is imported inside the handlers only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
+
+
+def register(subparsers) -> None:
+    """Add pretrain / finetune / generate to the umbrella parser."""
+    p = subparsers.add_parser("pretrain", help="pretrain the foundation model on synthetic RKHS dynamics")
+    p.add_argument("--config", default=None, help="TOML config, e.g. fm_core/configs/pretrain_default.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.steps=200")
+    p.add_argument("--out", default="runs/pretrain", help="output directory (checkpoints, metrics, plot)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt after a kill")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="DDP processes (relaunches itself under torchrun; gloo on CPU, nccl on GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.set_defaults(func=_pretrain)
+
+    f = subparsers.add_parser("finetune", help="fine-tune (or train from scratch) on a trajectory .npz file")
+    f.add_argument("--init", default=str(DEFAULT_WEIGHTS),
+                   help="initial checkpoint (default: the shipped fm_core/weights/default.pt), or 'none' to "
+                        "train a specialist from scratch")
+    f.add_argument("--data", required=True, help="trajectory .npz (fm_core.trajfile; splits train/val)")
+    f.add_argument("--fraction", type=float, default=1.0, help="share of training trajectories (seeded)")
+    f.add_argument("--mode", choices=("full", "head"), default="full", help="train everything or head+embed")
+    f.add_argument("--steps", type=int, default=None, help="maximum steps (default from FinetuneConfig)")
+    f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="FinetuneConfig field override (repeatable), e.g. --set batch_size=16")
+    f.add_argument("--out", default="runs/ft", help="output dir (finetuned.pt, history.json)")
+    f.add_argument("--context", type=int, default=32, help="context steps for the test evaluation")
+    f.add_argument("--horizon", type=int, default=32, help="rollout horizon for the test evaluation")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=_finetune)
+
+    g = subparsers.add_parser("generate", help="write a sharded synthetic RKHS corpus")
+    g.add_argument("--out", required=True, help="output directory for the shards")
+    g.add_argument("--trajectories", type=int, default=10000, help="number of trajectories")
+    g.add_argument("--shard-size", type=int, default=1000, help="trajectories per shard")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="RKHSConfig field override (repeatable), e.g. --set T=512")
+    g.set_defaults(func=_generate)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from fm_core.config import ConfigError, load_config
+
+    try:
+        load_config(args.config, args.overrides)  # validate before spawning anything
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    fwd = ["--out", args.out] + (["--config", args.config] if args.config else [])
+    for o in args.overrides:
+        fwd += ["--set", o]
+    if args.resume:
+        fwd.append("--resume")
+    if args.no_progress:
+        fwd.append("--no-progress")
+    if args.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc}", "-m", "fm_core.train", *fwd]
+        return subprocess.call(cmd)
+    from fm_core.train import main
+
+    return main(fwd)
+
+
+def _parse_kv(items: list[str]) -> dict:
+    import tomllib
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = tomllib.loads(f"v = {v.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from fm_core.checkpoint import CheckpointError
+    from fm_core.finetune import FinetuneConfig, evaluate_mse, finetune, save_finetuned, split_trajectories
+    from fm_core.train_report import plot_loss_curve
+    from fm_core.trajfile import TrajectoryFileError, load_trajectories
+
+    try:
+        kv = _parse_kv(args.overrides)
+        kv.update({"mode": args.mode, "fraction": args.fraction, "seed": args.seed})
+        if args.steps is not None:
+            kv["steps"] = args.steps
+        if args.lr is not None:
+            kv["lr"] = args.lr
+        cfg = FinetuneConfig.from_dict(kv)
+        ts = load_trajectories(args.data)
+        train = split_trajectories(ts, "train")
+        val = split_trajectories(ts, "val")
+        init = None if str(args.init).lower() == "none" else args.init
+        model, history = finetune(init, train, val, cfg, progress=not args.no_progress)
+    except (ValueError, TrajectoryFileError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = save_finetuned(out / "finetuned.pt", model, train, history, cfg,
+                          extra={"init": str(init), "data": str(args.data)})
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    title = f"fine-tuning ({args.mode}, fraction {args.fraction})"
+    plot_loss_curve(history, out / "loss_curve.png", title=title)
+    report = {"checkpoint": str(ckpt), **getattr(model, "finetune_info", {})}
+    try:
+        test = split_trajectories(ts, "test")
+        report["test"] = evaluate_mse(model, test, args.context, args.horizon)
+        report["test"].pop("per_step_mse", None)
+    except ValueError as exc:
+        report["test"] = f"skipped: {exc}"
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fm_core.rkhs import RKHSConfig, write_corpus
+
+    try:
+        cfg = RKHSConfig.from_dict(_parse_kv(args.overrides))
+        paths = write_corpus(args.out, args.trajectories, shard_size=args.shard_size, seed=args.seed, cfg=cfg)
+    except (TypeError, ValueError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.trajectories} trajectories (T={cfg.T}) in {len(paths)} shard(s) to {args.out}")
+    return 0

@@ -1,0 +1,322 @@
+"""Trajectory dataset files (``.npz``, numpy only): rig data collection, datasets from logs, fine-tuning.
+
+Fields of a file (format_version 1):
+
+=================  =================  ==============================================================
+``x``              float32 (K,T,n)    states, K trajectories of T samples
+``u``              float32 (K,T,m)    inputs (``u[:, t]`` is applied from sample t to t+1); m may be 0
+``dt``             float64 ()         sample period in seconds (> 0)
+``state_names``    str (n,)           one name per state channel
+``input_names``    str (m,)           one name per input channel
+``split``          str (K,)           "train" | "val" | "test" per trajectory
+``source``         str (K,)           run / log id per trajectory (never split across train/val/test)
+``rig``            str ()             rig name, e.g. "cartpole"
+``format_version`` int64 ()           ``FORMAT_VERSION``
+=================  =================  ==============================================================
+
+Every problem raises ``TrajectoryFileError`` whose message names the file and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+FIELDS = ("x", "u", "dt", "state_names", "input_names", "split", "source", "rig", "format_version")
+
+
+class TrajectoryFileError(ValueError):
+    """A trajectory file (or the arrays to be saved) is invalid; the message names the file and the field."""
+
+
+@dataclass
+class Normalisation:
+    """Per-channel statistics of the train split (std floored: constant channels get std 1)."""
+
+    x_mean: np.ndarray
+    x_std: np.ndarray
+    u_mean: np.ndarray
+    u_std: np.ndarray
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """Plain lists (for checkpoint ``meta`` / JSON)."""
+        return {k: [float(v) for v in getattr(self, k)] for k in ("x_mean", "x_std", "u_mean", "u_std")}
+
+
+@dataclass
+class TrajectorySet:
+    """Trajectories loaded from one or more files (see module docstring for the fields)."""
+
+    x: np.ndarray
+    u: np.ndarray
+    dt: float
+    state_names: list[str]
+    input_names: list[str]
+    split: np.ndarray
+    source: np.ndarray
+    rig: str
+    paths: tuple[Path, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[2])
+
+    @property
+    def m(self) -> int:
+        return int(self.u.shape[2])
+
+    @property
+    def T(self) -> int:
+        return int(self.x.shape[1])
+
+    def _take(self, idx: np.ndarray) -> TrajectorySet:
+        return TrajectorySet(self.x[idx], self.u[idx], self.dt, list(self.state_names),
+                             list(self.input_names), self.split[idx], self.source[idx], self.rig, self.paths)
+
+    def subset(self, split: str | Iterable[str]) -> TrajectorySet:
+        """The trajectories of one or more splits: ``ts.subset("train")``, ``ts.subset(["val", "test"])``."""
+        wanted = {split} if isinstance(split, str) else set(split)
+        unknown = sorted(wanted - set(SPLITS))
+        if unknown:
+            raise ValueError(f"TrajectorySet.subset: unknown split(s) {unknown}; known: {list(SPLITS)}")
+        return self._take(np.isin(self.split, sorted(wanted)))
+
+    def normalisation(self) -> Normalisation:
+        """Mean/std per state and input channel over all samples of the train split."""
+        tr = self.split == "train"
+        if not tr.any():
+            raise ValueError(f"{self._name()}: no 'train' trajectories to compute the normalisation from")
+
+        def stats(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            flat = a[tr].reshape(-1, a.shape[2]).astype(np.float64)
+            mean, std = flat.mean(0), flat.std(0)
+            std = np.where(std > 1e-8 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+            return mean.astype(np.float32), std.astype(np.float32)
+
+        xm, xs = stats(self.x)
+        um, us = stats(self.u)
+        return Normalisation(xm, xs, um, us)
+
+    def fraction(self, frac: float, seed: int = 0) -> TrajectorySet:
+        """A random ``frac`` of the trajectories (at least one, order kept), reproducible by ``seed``."""
+        if not 0.0 < frac <= 1.0:
+            raise ValueError(f"TrajectorySet.fraction: frac must be in (0, 1], got {frac}")
+        k = len(self)
+        if k == 0:
+            return self._take(np.zeros(0, dtype=np.int64))
+        keep = max(1, round(frac * k))
+        idx = np.sort(np.random.default_rng(seed).choice(k, size=keep, replace=False))
+        return self._take(idx)
+
+    def save(self, path: str | Path) -> Path:
+        """Write this set with ``save_trajectories``."""
+        return save_trajectories(path, self.x, self.u, self.dt, self.state_names, self.input_names,
+                                 self.split, self.source, self.rig)
+
+    def _name(self) -> str:
+        return ", ".join(str(p) for p in self.paths) or "<TrajectorySet>"
+
+
+def _err(where: str, field: str, why: str) -> TrajectoryFileError:
+    return TrajectoryFileError(f"{where}: field '{field}' {why}")
+
+
+def _str_array(where: str, field: str, value: object, ndim: int) -> np.ndarray:
+    a = np.asarray(value)
+    if a.ndim != ndim:
+        raise _err(where, field, f"must be a {ndim}-d string array, got shape {a.shape}")
+    if a.size and a.dtype.kind not in "US":
+        raise _err(where, field, f"must hold strings, got dtype {a.dtype}")
+    return a.astype(str) if a.size else a.astype("U1")
+
+
+def _mixed_source(source: np.ndarray, split: np.ndarray) -> tuple[str, list[str]] | None:
+    """The first source that appears in more than one split (one source must never span splits)."""
+    seen: dict[str, set[str]] = {}
+    for src, lab in zip(source.tolist(), split.tolist(), strict=True):
+        seen.setdefault(src, set()).add(lab)
+    for src, labs in seen.items():
+        if len(labs) > 1:
+            return src, sorted(labs)
+    return None
+
+
+def _validate(where: str, data: dict[str, object]) -> TrajectorySet:
+    """Check all fields (``where`` names the file) and build the TrajectorySet."""
+    for f in FIELDS:
+        if f not in data:
+            raise _err(where, f, "is missing")
+    version = np.asarray(data["format_version"])
+    if version.ndim != 0 or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
+        raise _err(where, "format_version",
+                   f"is {data['format_version']!r}, this reader supports {FORMAT_VERSION}")
+    x = np.asarray(data["x"])
+    u = np.asarray(data["u"])
+    for name, a in (("x", x), ("u", u)):
+        if a.ndim != 3:
+            raise _err(where, name, f"must be 3-d (K,T,channels), got ndim {a.ndim} shape {a.shape}")
+        if a.dtype.kind not in "fiu":
+            raise _err(where, name, f"must be numeric, got dtype {a.dtype}")
+    if u.shape[:2] != x.shape[:2]:
+        raise _err(where, "u", f"shape {u.shape} does not match x {x.shape} in (K,T)")
+    state_names = _str_array(where, "state_names", data["state_names"], 1)
+    input_names = _str_array(where, "input_names", data["input_names"], 1)
+    if state_names.shape[0] != x.shape[2]:
+        raise _err(where, "state_names",
+                   f"has {state_names.shape[0]} names but x has n={x.shape[2]} channels")
+    if input_names.shape[0] != u.shape[2]:
+        raise _err(where, "input_names",
+                   f"has {input_names.shape[0]} names but u has m={u.shape[2]} channels")
+    if x.shape[2] < 1:
+        raise _err(where, "x", "must have at least one state channel")
+    try:
+        dt = float(np.asarray(data["dt"]))
+    except (TypeError, ValueError):
+        raise _err(where, "dt", f"must be a number, got {data['dt']!r}") from None
+    if not (math.isfinite(dt) and dt > 0):
+        raise _err(where, "dt", f"must be finite and > 0, got {dt}")
+    k = x.shape[0]
+    split = _str_array(where, "split", data["split"], 1)
+    source = _str_array(where, "source", data["source"], 1)
+    for name, a in (("split", split), ("source", source)):
+        if a.shape[0] != k:
+            raise _err(where, name, f"has {a.shape[0]} entries but there are K={k} trajectories")
+    bad = sorted(set(split.tolist()) - set(SPLITS))
+    if bad:
+        raise _err(where, "split", f"has unknown label(s) {bad}; allowed: {list(SPLITS)}")
+    rig = np.asarray(data["rig"])
+    if rig.ndim != 0 or rig.dtype.kind not in "US":
+        raise _err(where, "rig", f"must be a single string, got {data['rig']!r}")
+    x = x.astype(np.float32, copy=False)
+    u = u.astype(np.float32, copy=False)
+    names = {"x": state_names, "u": input_names}
+    for name, a in (("x", x), ("u", u)):
+        finite = np.isfinite(a)
+        if not finite.all():
+            i, t, c = (int(v) for v in np.argwhere(~finite)[0])
+            raise _err(where, name, f"has NaN/Inf at trajectory {i}, time step {t} (channel {c} "
+                                    f"'{names[name][c]}'; {int((~finite).sum())} bad values in total)")
+    mixed = _mixed_source(source, split)
+    if mixed:
+        raise _err(where, "split", f"mixes source {mixed[0]!r} across splits {mixed[1]}")
+    return TrajectorySet(x, u, dt, state_names.tolist(), input_names.tolist(), split, source, str(rig))
+
+
+def save_trajectories(
+    path: str | Path, x: np.ndarray, u: np.ndarray, dt: float, state_names: Sequence[str],
+    input_names: Sequence[str], split: Sequence[str] | np.ndarray, source: Sequence[str] | np.ndarray,
+    rig: str,
+) -> Path:
+    """Validate and write a trajectory file (atomically: temp file + rename). Returns the path."""
+    p = Path(path)
+    data = {"x": np.asarray(x), "u": np.asarray(u), "dt": dt,
+            "state_names": np.array(list(state_names), dtype=str),
+            "input_names": np.array(list(input_names), dtype=str).reshape(-1),
+            "split": np.asarray(split), "source": np.asarray(source).astype(str), "rig": np.array(str(rig)),
+            "format_version": np.int64(FORMAT_VERSION)}
+    ts = _validate(f"{p} (saving)", data)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, x=ts.x, u=ts.u, dt=np.float64(ts.dt),
+                            state_names=np.array(ts.state_names, str),
+                            input_names=np.array(ts.input_names, str).reshape(-1), split=ts.split,
+                            source=ts.source, rig=np.array(ts.rig), format_version=np.int64(FORMAT_VERSION))
+    os.replace(tmp, p)
+    return p
+
+
+def _load_one(path: Path) -> TrajectorySet:
+    if not path.is_file():
+        raise TrajectoryFileError(f"{path}: trajectory file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001 - any unreadable archive becomes a TrajectoryFileError
+        raise TrajectoryFileError(f"{path}: cannot read trajectory file: {exc}") from None
+    ts = _validate(str(path), data)
+    ts.paths = (path,)
+    return ts
+
+
+def load_trajectories(path: str | Path | Sequence[str | Path]) -> TrajectorySet:
+    """Load and validate one file, or several (concatenated; names, dt, rig and T must agree)."""
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    if not paths:
+        raise TrajectoryFileError("load_trajectories: no files given")
+    sets = [_load_one(p) for p in paths]
+    first = sets[0]
+    for s in sets[1:]:
+        where = s.paths[0]
+        for field in ("state_names", "input_names", "rig"):
+            if getattr(s, field) != getattr(first, field):
+                raise _err(str(where), field, f"{getattr(s, field)!r} differs from {first.paths[0]}'s "
+                                              f"{getattr(first, field)!r}")
+        if not math.isclose(s.dt, first.dt, rel_tol=1e-9):
+            raise _err(str(where), "dt", f"{s.dt} differs from {first.paths[0]}'s {first.dt}")
+        if s.T != first.T:
+            raise _err(str(where), "x", f"has T={s.T} steps but {first.paths[0]} has T={first.T}")
+    if len(sets) == 1:
+        return first
+    out = TrajectorySet(np.concatenate([s.x for s in sets]), np.concatenate([s.u for s in sets]), first.dt,
+                        first.state_names, first.input_names, np.concatenate([s.split for s in sets]),
+                        np.concatenate([s.source for s in sets]), first.rig, tuple(paths))
+    mixed = _mixed_source(out.source, out.split)
+    if mixed:
+        raise _err(out._name(), "split", f"mixes source {mixed[0]!r} across splits {mixed[1]} "
+                                         "(the files disagree)")
+    return out
+
+
+def split_by_source(
+    sources: Sequence[str] | np.ndarray, fractions: Sequence[float] | dict[str, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+) -> np.ndarray:
+    """Assign "train"/"val"/"test" per trajectory so that every source (run) lands in exactly one split.
+
+    Sources are shuffled (``seed``) and cut at the cumulative trajectory-count ``fractions`` (train, val, test
+    or a dict); each split with a positive fraction gets at least one source when there are enough sources.
+    """
+    if isinstance(fractions, dict):
+        unknown = sorted(set(fractions) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"split_by_source: unknown split(s) {unknown}; known: {list(SPLITS)}")
+        fr = np.array([float(fractions.get(s, 0.0)) for s in SPLITS])
+    else:
+        fr = np.asarray(list(fractions), dtype=np.float64)
+        if fr.shape != (3,):
+            raise ValueError(f"split_by_source: fractions must be (train, val, test), got {fractions!r}")
+    if not (np.isfinite(fr).all() and (fr >= 0).all() and abs(fr.sum() - 1.0) < 1e-6):
+        raise ValueError(f"split_by_source: fractions must be >= 0 and sum to 1, got {fr.tolist()}")
+    src = np.asarray(sources).astype(str)
+    if src.ndim != 1:
+        raise ValueError(f"split_by_source: sources must be 1-d, got shape {src.shape}")
+    uniq, inverse, counts = np.unique(src, return_inverse=True, return_counts=True)
+    if uniq.size == 0:
+        return np.zeros(0, dtype="U5")
+    order = np.random.default_rng(seed).permutation(uniq.size)
+    mid = (np.cumsum(counts[order]) - counts[order] / 2.0) / counts.sum()
+    label = np.minimum(np.searchsorted(np.cumsum(fr), mid, side="right"), 2)
+    # give every split with a positive fraction at least one source (taken from the most populated split)
+    for s in np.flatnonzero(fr > 0):
+        if (label == s).any():
+            continue
+        sizes = np.bincount(label, minlength=3)
+        donor = int(np.argmax(np.where(fr > 0, sizes, -1)))
+        if sizes[donor] <= 1:
+            break
+        members = np.flatnonzero(label == donor)
+        label[members[-1] if s > donor else members[0]] = s
+    per_source = np.empty(uniq.size, dtype=np.int64)
+    per_source[order] = label
+    return np.asarray(SPLITS)[per_source[inverse]]

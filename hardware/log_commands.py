@@ -1,0 +1,125 @@
+"""CLI: ``rigfm logs check FILES... [--recover]`` and ``rigfm dataset build RUNS... -o DATASET.npz``.
+
+Cheap to import: the MCAP/numpy work is imported inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    """Add the ``logs`` and ``dataset`` subcommands."""
+    logs = subparsers.add_parser("logs", help="inspect run logs (MCAP)")
+    logs_sub = logs.add_subparsers(dest="logs_cmd", required=True)
+    chk = logs_sub.add_parser(
+        "check",
+        help="verify MCAP run logs: footer/summary, CRCs, readable messages, per-topic counts, seq gaps",
+    )
+    chk.add_argument("files", nargs="+", help="MCAP files (parts of one run are also checked for continuity)")
+    chk.add_argument(
+        "--recover",
+        action="store_true",
+        help="rewrite every damaged/truncated FILE as FILE.recovered.mcap (all readable data kept)",
+    )
+    chk.add_argument("--json", action="store_true", help="print one JSON object per file instead of text")
+    chk.set_defaults(func=_check)
+
+    ds = subparsers.add_parser("dataset", help="build fine-tuning datasets from run logs")
+    ds_sub = ds.add_subparsers(dest="dataset_cmd", required=True)
+    b = ds_sub.add_parser(
+        "build",
+        help="logged runs (MCAP files or directories) -> trajectory dataset (.npz, fm_core.trajfile format)",
+    )
+    b.add_argument("runs", nargs="+", help="MCAP files or directories of them (parts grouped by run id)")
+    b.add_argument("-o", "--output", required=True, help="output dataset path (.npz)")
+    b.add_argument("--window", type=int, default=256, help="window length in model steps (default 256)")
+    b.add_argument("--stride", type=int, default=None, help="window stride (default window/2)")
+    b.add_argument(
+        "--model-dt", type=float, default=None, help="grid step (s); default rig_config.model_dt, else 0.01"
+    )
+    b.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions, by run")
+    b.add_argument("--seed", type=int, default=0, help="seed of the run-to-split assignment")
+    b.add_argument(
+        "--exclude-flags",
+        type=lambda s: int(s, 0),
+        default=None,
+        help="device status bits that invalidate a sample, e.g. 0x50f; -1 = any flag (default: e-stop, "
+        "watchdog, limit, fault, rx error, and clamped with --input command)",
+    )
+    b.add_argument(
+        "--input",
+        choices=["command", "applied"],
+        default="command",
+        help="u = commanded voltage (zero-order hold of /command) or the firmware-applied voltage "
+        "(/state applied_voltage)",
+    )
+    b.add_argument("--max-gap", type=float, default=None, help="largest state gap in s (default 2*dt)")
+    b.add_argument("--max-cmd-age", type=float, default=0.05, help="oldest usable command (s)")
+    b.add_argument("--json", action="store_true", help="print the build report as JSON")
+    b.set_defaults(func=_build)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from hardware.log_check import check_file, check_run_continuity, recover_file
+    from hardware.log_reader import LogFileError
+
+    rc = 0
+    reports = []
+    for path in args.files:
+        try:
+            rep = check_file(path)
+        except LogFileError as exc:
+            print(f"ERROR {exc}", file=sys.stderr)
+            rc = 1
+            continue
+        if not rep.ok and args.recover:
+            rep.recovered_path, rep.recovered_messages = recover_file(path)
+        elif not rep.ok:
+            rc = 1
+        reports.append(rep)
+        if args.json:
+            print(json.dumps(rep.as_dict()))
+        else:
+            print(rep.format())
+    for line in check_run_continuity(reports):
+        print(line)
+    return rc
+
+
+def _build(args: argparse.Namespace) -> int:
+    from hardware.dataset_build import DatasetBuildError, build_dataset
+    from hardware.log_reader import LogFileError
+
+    try:
+        report = build_dataset(
+            args.runs,
+            args.output,
+            window=args.window,
+            stride=args.stride,
+            model_dt=args.model_dt,
+            split=args.split,
+            seed=args.seed,
+            exclude_flags=args.exclude_flags,
+            input_source=args.input,
+            max_gap_s=args.max_gap,
+            max_cmd_age_s=args.max_cmd_age,
+        )
+    except (DatasetBuildError, LogFileError) as exc:
+        print(f"dataset build: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"wrote {report['out']}: x {report['shape_x']}, u {report['shape_u']}, dt {report['dt']} s, "
+          f"rig {report['rig']}")
+    print(f"windows: {report['windows']}  ({report['note']})")
+    for run_id, info in report["runs"].items():
+        pts = info["points"]
+        excluded = ", ".join(f"{k} {v}" for k, v in pts.items() if k not in ("grid", "valid") and v)
+        print(f"  {run_id}: {pts['valid']}/{pts['grid']} grid points valid"
+              f"{' (excluded: ' + excluded + ')' if excluded else ''}; windows {info['split']}")
+        for w in info["warnings"]:
+            print(f"    warning: {w}")
+    return 0

@@ -1,0 +1,101 @@
+"""`rigfm virtual-rig cartpole|furuta`: a simulated rig behind a real pseudo-terminal (cheap to import)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _param(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param expects NAME=VALUE, got {text!r}")
+    try:
+        return key.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--param {key}: value {value!r} is not a number") from None
+
+
+def add_virtual_rig_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `rigfm virtual-rig` and `python -m hardware.virtual_rig`."""
+    p.add_argument("rig", help="rig config name (cartpole, furuta) or path to a rig TOML file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the plant noise and of the fault injection")
+    p.add_argument("--init", choices=("hanging", "upright"), default="hanging", help="initial pendulum state")
+    p.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="physics override passed to rigs.RigSimulator, e.g. pole_mass_scale=1.4 (repeatable)",
+    )
+    p.add_argument(
+        "--link",
+        default=None,
+        metavar="PATH",
+        help="keep a stable symlink PATH -> current pty (reconnect by path after a replug)",
+    )
+    p.add_argument(
+        "--telemetry-divider",
+        type=int,
+        default=None,
+        metavar="K",
+        help="default STATE divider: every K-th loop tick (protocol default 1 = every tick; the driver "
+        "configures loop rate / control rate after connecting)",
+    )
+    p.add_argument("--ber", type=float, default=0.0, help="bit error rate on the device->host byte stream")
+    p.add_argument(
+        "--drop-rate", type=float, default=0.0, help="probability of dropping each transmitted byte"
+    )
+    p.add_argument(
+        "--garbage-rate",
+        type=float,
+        default=0.0,
+        metavar="HZ",
+        help="mean rate of random garbage bursts injected between frames",
+    )
+    p.add_argument("--latency-ms", type=float, default=0.0, help="added device->host latency (ms)")
+    p.add_argument(
+        "--faults-from-start",
+        action="store_true",
+        help="inject faults from the first byte (default: from the first CONFIG, so the handshake is clean)",
+    )
+    p.add_argument(
+        "--disconnect-after",
+        type=float,
+        default=None,
+        metavar="S",
+        help="unplug (close the pty) S seconds after start; SIGUSR1 unplugs at any time",
+    )
+    p.add_argument(
+        "--replug-after",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="after an unplug, open a new pty (and update --link) after S seconds; <0: never",
+    )
+    p.add_argument(
+        "--stats",
+        default=None,
+        metavar="FILE",
+        help="write JSON statistics (incl. injected corruption) here periodically and on exit",
+    )
+    p.add_argument("--duration", type=float, default=None, metavar="S", help="exit after S seconds")
+
+
+def register(subparsers) -> None:
+    """Add `virtual-rig` to the umbrella parser."""
+    p = subparsers.add_parser(
+        "virtual-rig",
+        help="run a simulated rig on a pseudo-terminal (prints 'PORT /dev/pts/N' first)",
+        description="Run a simulated cart-pole or Furuta rig with firmware semantics on a pseudo-terminal. "
+        "The first stdout line is 'PORT <path>'; runs until killed (SIGTERM/SIGINT). SIGUSR1 unplugs the "
+        "virtual USB cable; SIGUSR2 quiesces the output (flush, final clean frame, stop transmitting).",
+    )
+    add_virtual_rig_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from hardware.virtual_rig import run_virtual_rig
+
+    return run_virtual_rig(args)
