@@ -208,6 +208,9 @@ class MPCController:
         self.fault: str | None = None
         self.fault_since: float | None = None       # clock() when the current predictor fault was seen
         self.fallback_delays: list[float] = []      # fault seen -> first fallback tick (s), per fault
+        self.fallback_delay_ticks: list[int] = []   # ... in ticks (1 = the very next tick)
+        self._ticks = 0
+        self._fault_tick = 0
         self._fault_handled = True
         self.fallbacks = 0
         self.plans = 0
@@ -250,6 +253,7 @@ class MPCController:
                 self._plan = None
                 if self.fault is None:
                     self.fault_since = self.clock()
+                    self._fault_tick = self._ticks
                     self._fault_handled = False
                 self.fault = f"{type(exc).__name__}: {exc}"
             return
@@ -273,6 +277,7 @@ class MPCController:
     def compute(self, x: np.ndarray, t: float | None = None) -> ControlOutput:
         """Command for state ``x`` at time ``t`` (s, monotonic clock): the current plan's input, else LQR."""
         now = self.clock() if t is None else float(t)
+        self._ticks += 1
         x = np.asarray(x, dtype=float)
         if self._next_sample_t is None or now >= self._next_sample_t:
             self._xh.append(x.copy())
@@ -300,6 +305,7 @@ class MPCController:
         if u is None:
             if not self._fault_handled and self.fault_since is not None:
                 self.fallback_delays.append(max(0.0, now - self.fault_since))
+                self.fallback_delay_ticks.append(self._ticks - self._fault_tick)
                 self._fault_handled = True
             out = self.fallback.compute(x, now)
             self.fallbacks += 1

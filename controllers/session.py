@@ -300,6 +300,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             pred["mpc_plans"] = controller.plans
             pred["mpc_plan_time_ms"] = controller.plan_time_s * 1e3
             pred["mpc_fallback_delays_ms"] = [d * 1e3 for d in controller.fallback_delays]
+            pred["mpc_fallback_delay_ticks"] = list(controller.fallback_delay_ticks)
         try:
             rig_stats = conn.stats().as_dict()
         except Exception:  # noqa: BLE001 - statistics are informative only

@@ -18,7 +18,6 @@ import pytest
 from controllers.session import RunOptions, run_session
 
 ROOT = Path(__file__).resolve().parents[1]
-PERIOD = 1.0 / 500.0
 
 
 def wrapped(a):
@@ -96,8 +95,8 @@ def test_killing_the_predictor_falls_back_within_one_period(onnx_model):
                                  stale_ms=200.0, kill_predictor_after_s=1.5))
     report("kill predictor", res)
     assert res.fault is None  # the rig stayed within its limits, no e-stop needed
-    delays = res.predictor["mpc_fallback_delays_ms"]
-    assert delays and max(delays) <= PERIOD * 1e3 + 0.5  # fault seen -> LQR command within one period
+    ticks = res.predictor["mpc_fallback_delay_ticks"]
+    assert ticks and max(ticks) <= 1  # fault seen -> LQR command on the very next tick (one period)
     traj_t = res.trajectory[:, 0]
     after_kill = [m for t, m in zip(traj_t, res.modes, strict=True) if t > 1.5 + 0.2]
     assert after_kill and set(after_kill) == {"fallback"}

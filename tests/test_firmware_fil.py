@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import serial
 from cobs.cobs import encode as cobs_encode
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hardware import protocol as p
 
@@ -355,3 +357,74 @@ def test_sigterm_stops_cleanly(host_fw: Path) -> None:
     link.collect(0.05, command=1.0)
     assert link.close() == 0
     assert "stopped" in link.stderr and "rx ok" in link.stderr
+
+
+def expected_config_reply(cfg: p.Config, max_voltage: float) -> p.NackReason | None:
+    """The validation rules of docs/protocol.md (CONFIG table), evaluated in float32 like the device."""
+    (vlimit,) = struct.unpack("<f", struct.pack("<f", cfg.voltage_limit))
+    if not math.isfinite(vlimit):
+        return p.NackReason.NOT_FINITE
+    if not vlimit > 0.0 or vlimit > max_voltage:
+        return p.NackReason.VOLTAGE_LIMIT_RANGE
+    if not p.WATCHDOG_MS_MIN <= cfg.watchdog_ms <= p.WATCHDOG_MS_MAX:
+        return p.NackReason.WATCHDOG_RANGE
+    if cfg.pos_min >= cfg.pos_max:
+        return p.NackReason.POSITION_LIMITS
+    if not 1 <= cfg.state_divider <= p.STATE_DIVIDER_MAX:
+        return p.NackReason.DIVIDER_RANGE
+    return None
+
+
+def test_config_validation_matches_the_spec_property(fw: FirmwareLink) -> None:
+    """Random CONFIGs (hypothesis): the C firmware's ACK/NACK equals the documented rules, field by field."""
+    reply = fw.handshake()
+
+    near = st.sampled_from([0, 1, 4, 5, 6, 999, 1000, 1001, 65535])  # u16 boundary values
+    valid_volts = st.floats(0.0625, reply.max_voltage, width=32)
+    volts = st.one_of(
+        valid_volts, valid_volts, st.floats(width=32), st.sampled_from([0.0, -0.0, 1e-45, 12.000001, 1e30])
+    )
+    u16 = st.one_of(near, st.integers(0, 65535), st.integers(5, 1000), st.integers(1, 1000))
+
+    @st.composite
+    def configs(draw: st.DrawFn) -> p.Config:
+        pmin, pmax = draw(st.integers(-(2**31), 2**31 - 1)), draw(st.integers(-(2**31), 2**31 - 1))
+        if draw(st.integers(0, 3)):  # mostly ordered limits so that the later checks are reached
+            pmin, pmax = min(pmin, pmax), max(pmin, pmax)
+        return p.Config(draw(volts), draw(u16), pmin, pmax, draw(u16))
+
+    @settings(max_examples=120, deadline=None, derandomize=True)
+    @given(cfg=configs())
+    def check(cfg: p.Config) -> None:
+        seq = fw.send(cfg)
+        got = fw.wait_for(lambda m: isinstance(m, p.Ack | p.Nack) and m.acked_seq == seq)
+        want = expected_config_reply(cfg, reply.max_voltage)
+        seen.add(want)
+        assert got == (p.Ack(seq, p.MsgType.CONFIG) if want is None else p.Nack(seq, p.MsgType.CONFIG, want))
+
+    seen: set[p.NackReason | None] = set()
+    check()
+    config_reasons = {
+        p.NackReason.NOT_FINITE,
+        p.NackReason.VOLTAGE_LIMIT_RANGE,
+        p.NackReason.WATCHDOG_RANGE,
+        p.NackReason.POSITION_LIMITS,
+        p.NackReason.DIVIDER_RANGE,
+    }
+    assert seen == config_reasons | {None}, f"outcomes not exercised: {(config_reasons | {None}) - seen}"
+
+
+def test_firmware_resyncs_after_garbage_property(fw: FirmwareLink) -> None:
+    """Random garbage into the C receiver (hypothesis): never wedges; the next flushed frame is answered."""
+    fw.handshake()
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(garbage=st.binary(max_size=300), token=st.integers(0, 2**32 - 1))
+    def check(garbage: bytes, token: int) -> None:
+        fw.send_raw(garbage + b"\x00")
+        fw.send(p.Heartbeat(token))
+        assert fw.wait_for(lambda m: isinstance(m, p.Heartbeat)) == p.Heartbeat(token)
+
+    check()
+    s = fw.wait_for(lambda m: isinstance(m, p.State))
+    assert s.flags & F.CONNECTED and not s.flags & F.ESTOP_LATCHED  # garbage never formed a valid ESTOP

@@ -100,6 +100,7 @@ def test_predictor_failure_falls_back_to_lqr_on_the_next_tick(cart, exc):
     assert modes[:first_fb] and set(modes[:first_fb]) == {"mpc"}
     assert set(modes[first_fb:]) == {"fallback"}  # stays on LQR while the predictor is down
     assert ctl.fallback_delays and max(ctl.fallback_delays) <= 0.002 + 1e-9  # within one period
+    assert ctl.fallback_delay_ticks == [0]  # lock-step: the failing plan ran inside this very tick
     assert loop.fault is None and np.abs(states[-200:, 1]).max() < np.deg2rad(5.0)
 
 

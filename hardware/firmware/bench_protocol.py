@@ -63,6 +63,7 @@ def bench_fil(fw: Path, seconds: float) -> None:
         ser.write(b"\x00" + p.encode(p.Hello(), 0))
         rtts: list[float] = []
         n_state = 0
+        ts: list[int] = []
         seq = 1
         t_end = time.monotonic() + seconds
         t_start = time.monotonic()
@@ -76,6 +77,7 @@ def bench_fil(fw: Path, seconds: float) -> None:
                 for _, msg in dec.feed(ser.read(max(1, ser.in_waiting))):
                     if isinstance(msg, p.State):
                         n_state += 1
+                        ts.append(msg.timestamp_us)
                     elif isinstance(msg, p.Heartbeat) and msg.token == token:
                         rtts.append((time.perf_counter_ns() - t0) / 1e3)
                         got = True
@@ -84,7 +86,10 @@ def bench_fil(fw: Path, seconds: float) -> None:
         print(
             f"FIL heartbeat RTT us ({len(rtts)} samples): {percentiles(rtts)}" if rtts else "no RTT samples"
         )
-        print(f"FIL STATE received: {n_state / elapsed:.0f} Hz (device loop 1000 Hz); decoder {dec.stats()}")
+        print(f"FIL STATE received: {n_state / elapsed:.0f} Hz; decoder {dec.stats()}")
+        if len(ts) > 1:
+            dts = [b - a for a, b in zip(ts, ts[1:], strict=False)]
+            print(f"device STATE interval us: {percentiles([float(d) for d in dts])}")
     finally:
         proc.terminate()
         proc.wait(timeout=5)
