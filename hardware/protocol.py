@@ -1,12 +1,14 @@
-"""rigfm serial protocol v1: message types, frame encoding/decoding and a resynchronising stream decoder.
+"""rigfm serial protocol v2: message types, frame encoding/decoding and a resynchronising stream decoder.
 
 Wire format (every byte is documented in ``docs/protocol.md``)::
 
-    COBS( [version u8][type u8][seq u16 LE][payload ...][crc16 u16 LE] ) 0x00
+    COBS( [version u8][type u8][seq u16 LE][payload ...] ) [trailer 3 bytes] 0x00
 
-The CRC is CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF, no reflection, no xor-out) over
-header + payload. All multi-byte fields are little-endian, fixed layout (no padding). Pure Python
-(struct, binascii, cobs); no torch, no pyserial. The C reference lives in ``hardware/firmware``.
+The trailer carries the CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF, no reflection, no xor-out) of the
+COBS-encoded bytes and the frame length modulo 32, as 3 bytes of 7 data bits each with the high bit set
+(zero-free). Every single-byte corruption of a frame is detected (see the proof in docs/protocol.md). All
+multi-byte fields are little-endian, fixed layout (no padding). Pure Python (struct, binascii, cobs); no
+torch, no pyserial. The C reference lives in ``hardware/firmware``.
 """
 
 from __future__ import annotations
@@ -22,14 +24,19 @@ from cobs.cobs import DecodeError as _CobsDecodeError
 from cobs.cobs import decode as _cobs_decode
 from cobs.cobs import encode as _cobs_encode
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DELIMITER = b"\x00"
 HEADER_SIZE = 4
-CRC_SIZE = 2
+CRC_SIZE = 2  # the CRC-16 itself (bytes of information); on the wire it travels inside the trailer
+TRAILER_SIZE = 3  # zero-free encoding of CRC-16 (16 bits) + frame length mod 32 (5 bits), 7 bits per byte
+COBS_OVERHEAD = 1  # every frame is < 254 bytes: COBS adds exactly one code byte
+LENGTH_MODULO = 32  # the trailer's length field is the frame length (without the 0x00) mod 32
 CRC_INIT = 0xFFFF
 SEQ_MODULO = 1 << 16
-# Largest encoded frame (without the delimiter) the stream decoder accepts; every v1 frame is far below.
+# Largest encoded frame (without the delimiter) the stream decoder accepts; every v2 frame is far below.
 MAX_FRAME_LEN = 64
+# Shortest valid frame without the delimiter (an empty payload): code byte + header + trailer.
+MIN_FRAME_LEN = COBS_OVERHEAD + HEADER_SIZE + TRAILER_SIZE
 
 
 # --------------------------------------------------------------------------------------------- enums
@@ -116,11 +123,11 @@ class ProtocolError(Exception):
 
 
 class FramingError(ProtocolError):
-    """The frame is not valid COBS, is empty, or is over-long."""
+    """The frame is not valid COBS, is empty, is over-long, or its trailer is not a valid pattern."""
 
 
 class CrcError(ProtocolError):
-    """The CRC-16 does not match."""
+    """The CRC-16 (over the COBS bytes) does not match the trailer."""
 
 
 class VersionError(ProtocolError):
@@ -132,7 +139,7 @@ class UnknownMessage(ProtocolError):
 
 
 class LengthError(ProtocolError):
-    """The decoded frame is too short or its payload length does not match its message type."""
+    """The frame is too short, its length disagrees with its trailer, or does not match its message type."""
 
 
 class EncodeError(ProtocolError, ValueError):
@@ -371,16 +378,48 @@ _BY_ID: dict[int, _Layout] = {lay.type_id: lay for lay in _LAYOUTS}
 _HEADER = struct.Struct("<BBH")
 _CRC = struct.Struct("<H")
 MESSAGE_CLASSES: tuple[type, ...] = tuple(lay.cls for lay in _LAYOUTS)
+# Exact frame length (without the 0x00) per message type id: COBS code byte + header + payload + trailer.
+_FRAME_LEN: dict[int, int] = {lay.type_id: COBS_OVERHEAD + lay.body.size + TRAILER_SIZE for lay in _LAYOUTS}
+# The split proof of docs/protocol.md needs every frame shorter than MIN_FRAME_LEN + LENGTH_MODULO.
+if not max(_FRAME_LEN.values()) < min(MIN_FRAME_LEN + LENGTH_MODULO, MAX_FRAME_LEN + 1):
+    raise RuntimeError("a message type is too long for the v2 trailer's length field")
 
 
 def payload_size(msg_cls: type) -> int:
-    """Payload bytes of a message class (excluding header and CRC)."""
+    """Payload bytes of a message class (excluding header and trailer)."""
     return _BY_CLASS[msg_cls].payload_size
 
 
 def wire_size(msg_cls: type) -> int:
-    """Bytes on the wire for one frame of this class: COBS overhead (1) + header + payload + CRC + 0x00."""
-    return 1 + HEADER_SIZE + _BY_CLASS[msg_cls].payload_size + CRC_SIZE + 1
+    """Bytes on the wire for one frame of this class: COBS code + header + payload + trailer (3) + 0x00."""
+    return _FRAME_LEN[_BY_CLASS[msg_cls].type_id] + 1
+
+
+def trailer(cobs_bytes: bytes) -> bytes:
+    """The 3-byte zero-free trailer of a frame whose COBS part is ``cobs_bytes``.
+
+    21 data bits ``t = crc16(cobs_bytes) << 5 | (len(cobs_bytes) + 3) % 32``, sent as
+    ``0x80 | t[20:14], 0x80 | t[13:7], 0x80 | t[6:0]`` (every byte has its high bit set)."""
+    t = (crc_hqx(cobs_bytes, CRC_INIT) << 5) | ((len(cobs_bytes) + TRAILER_SIZE) & (LENGTH_MODULO - 1))
+    return bytes((0x80 | (t >> 14), 0x80 | ((t >> 7) & 0x7F), 0x80 | (t & 0x7F)))
+
+
+def frame_body(body: bytes) -> bytes:
+    """Frame raw header+payload bytes (no field checks): COBS + trailer + 0x00.
+
+    For tests and tools that need frames ``encode`` refuses to build (another version, wrong length)."""
+    c = _cobs_encode(body)
+    return c + trailer(c) + DELIMITER
+
+
+def reencode_version(frame: bytes, version: int) -> bytes:
+    """Re-frame a complete frame (incl. 0x00) with another protocol version byte (test mode: a device of
+    another version). ``version == 1`` gives a genuine v1-format frame (CRC inside the COBS data)."""
+    inner = bytearray(_cobs_decode(frame[: -1 - TRAILER_SIZE]))
+    inner[0] = version & 0xFF
+    if version == 1:
+        return _cobs_encode(bytes(inner) + _CRC.pack(crc_hqx(inner, CRC_INIT))) + DELIMITER
+    return frame_body(bytes(inner))
 
 
 def _explain_encode_failure(msg: Any, layout: _Layout, seq: Any, exc: Exception) -> EncodeError:
@@ -409,35 +448,69 @@ def encode(msg: Message, seq: int) -> bytes:
         body = layout.body.pack(PROTOCOL_VERSION, layout.type_id, seq, *layout.flatten(msg))
     except (struct.error, OverflowError, TypeError, ValueError, IndexError) as exc:
         raise _explain_encode_failure(msg, layout, seq, exc) from None
-    return _cobs_encode(body + _CRC.pack(crc_hqx(body, CRC_INIT))) + DELIMITER
+    c = _cobs_encode(body)
+    t = (crc_hqx(c, CRC_INIT) << 5) | ((len(c) + TRAILER_SIZE) & (LENGTH_MODULO - 1))
+    return c + bytes((0x80 | (t >> 14), 0x80 | ((t >> 7) & 0x7F), 0x80 | (t & 0x7F), 0))
+
+
+def _legacy_or(frame: bytes, exc: ProtocolError) -> ProtocolError:
+    """A frame that fails the v2 checks but is a valid v1-format frame (old firmware) becomes a VersionError,
+    so the driver can say "protocol mismatch" instead of "no reply"; otherwise ``exc``. Never accepts."""
+    try:
+        inner = _cobs_decode(frame)
+    except _CobsDecodeError:
+        return exc
+    n = len(inner)
+    if n >= HEADER_SIZE + CRC_SIZE and inner[0] != PROTOCOL_VERSION:
+        if crc_hqx(inner[: n - CRC_SIZE], CRC_INIT) == _CRC.unpack_from(inner, n - CRC_SIZE)[0]:
+            return VersionError(
+                f"protocol version {inner[0]} (v1 frame format: CRC inside the COBS data), "
+                f"expected {PROTOCOL_VERSION}"
+            )
+    return exc
 
 
 def decode_frame(frame: bytes) -> tuple[int, Message]:
-    """Decode one frame (COBS bytes without the 0x00 delimiter) into ``(seq, message)``.
+    """Decode one frame (bytes without the 0x00 delimiter) into ``(seq, message)``.
 
-    Raises FramingError, CrcError, VersionError, UnknownMessage or LengthError (all ProtocolError)."""
-    if not frame:
-        raise FramingError("empty frame")
+    Checks, in order: length >= MIN_FRAME_LEN, trailer pattern, trailer length field, CRC over the COBS
+    bytes, COBS, version, type, exact length for the type. Raises FramingError, CrcError, VersionError,
+    UnknownMessage or LengthError (all ProtocolError)."""
+    n = len(frame)
+    if n < MIN_FRAME_LEN:
+        if not n:
+            raise FramingError("empty frame")
+        raise _legacy_or(frame, LengthError(f"frame too short: {n} bytes, need >= {MIN_FRAME_LEN}"))
+    b0, b1, b2 = frame[n - 3], frame[n - 2], frame[n - 1]
+    if not b0 & b1 & b2 & 0x80:
+        bad = FramingError(f"invalid trailer {bytes((b0, b1, b2)).hex(' ')} (a high bit is clear)")
+        raise _legacy_or(frame, bad)
+    t = ((b0 & 0x7F) << 14) | ((b1 & 0x7F) << 7) | (b2 & 0x7F)
+    if (t ^ n) & (LENGTH_MODULO - 1):
+        bad = LengthError(f"frame of {n} bytes, trailer says {t & (LENGTH_MODULO - 1)} mod {LENGTH_MODULO}")
+        raise _legacy_or(frame, bad)
+    cobs_part = frame[: n - TRAILER_SIZE]
+    crc = crc_hqx(cobs_part, CRC_INIT)
+    if crc != t >> 5:
+        raise _legacy_or(frame, CrcError(f"CRC mismatch: computed 0x{crc:04X}, received 0x{t >> 5:04X}"))
     try:
-        inner = _cobs_decode(frame)
+        inner = _cobs_decode(cobs_part)
     except _CobsDecodeError as exc:
-        raise FramingError(f"invalid COBS ({len(frame)} bytes): {exc}") from None
-    n = len(inner)
-    if n < HEADER_SIZE + CRC_SIZE:
-        raise LengthError(f"frame too short: {n} bytes decoded, need >= {HEADER_SIZE + CRC_SIZE}")
-    (crc_rx,) = _CRC.unpack_from(inner, n - CRC_SIZE)
-    crc = crc_hqx(inner[: n - CRC_SIZE], CRC_INIT)
-    if crc != crc_rx:
-        raise CrcError(f"CRC mismatch: computed 0x{crc:04X}, received 0x{crc_rx:04X}")
+        raise FramingError(f"invalid COBS ({len(cobs_part)} bytes): {exc}") from None
+    if len(inner) < HEADER_SIZE:
+        raise LengthError(f"frame too short: {len(inner)} bytes decoded, need >= {HEADER_SIZE}")
     version, type_id, seq = _HEADER.unpack_from(inner)
     if version != PROTOCOL_VERSION:
         raise VersionError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
     layout = _BY_ID.get(type_id)
     if layout is None:
         raise UnknownMessage(f"unknown message type 0x{type_id:02X}")
-    if n != layout.body.size + CRC_SIZE:
-        got = n - HEADER_SIZE - CRC_SIZE
-        raise LengthError(f"{layout.cls.__name__}: payload {got} bytes, expected {layout.payload_size}")
+    if len(inner) != layout.body.size or n != _FRAME_LEN[type_id]:
+        got = len(inner) - HEADER_SIZE
+        raise LengthError(
+            f"{layout.cls.__name__}: payload {got} bytes in a {n}-byte frame, expected "
+            f"{layout.payload_size} bytes in {_FRAME_LEN[type_id]}"
+        )
     values = layout.body.unpack_from(inner)
     return seq, layout.build(values[3:])
 
@@ -476,7 +549,7 @@ class FrameDecoder:
     (> ``max_frame_len``) are discarded up to the next delimiter."""
 
     def __init__(self, max_frame_len: int = MAX_FRAME_LEN) -> None:
-        if max_frame_len < HEADER_SIZE + CRC_SIZE + 1:
+        if max_frame_len < MIN_FRAME_LEN:
             raise ValueError(f"max_frame_len={max_frame_len} is too small for any frame")
         self.max_frame_len = max_frame_len
         self._buf = bytearray()

@@ -39,18 +39,6 @@ OVERRUN_TICKS = 5  # lateness beyond this many ticks is reported as a loop overr
 STATS_INTERVAL_S = 0.25
 
 
-def _rewrite_version(frame: bytes, version: int) -> bytes:
-    """Re-encode a frame with another protocol version byte (test mode: a device of another version)."""
-    from binascii import crc_hqx
-
-    from cobs.cobs import decode, encode
-
-    inner = bytearray(decode(frame[:-1]))
-    inner[0] = version & 0xFF
-    body = bytes(inner[:-2])
-    return encode(body + crc_hqx(body, proto.CRC_INIT).to_bytes(2, "little")) + proto.DELIMITER
-
-
 class VirtualRig:
     """Real-time loop: pty I/O, fault injection, firmware ticks, unplug/replug, stats."""
 
@@ -105,7 +93,7 @@ class VirtualRig:
             return
         frame = proto.encode(msg, seq)
         if self.wire_version != proto.PROTOCOL_VERSION:
-            frame = _rewrite_version(frame, self.wire_version)
+            frame = proto.reencode_version(frame, self.wire_version)
         self.frames_sent += 1
         if self.armed:
             self.injector.process(frame, seq)

@@ -189,7 +189,7 @@ def test_rig_kind_mismatch_is_refused(vrig):
 
 
 def test_protocol_version_mismatch_is_refused(tmp_path):
-    with VirtualRigProcess("cartpole", protocol_version=2) as vr:
+    with VirtualRigProcess("cartpole", protocol_version=1) as vr:
         with pytest.raises(ProtocolMismatch, match="protocol version"):
             RigConnection(port=vr.port, rig_config="cartpole", handshake_timeout_s=0.5)
 

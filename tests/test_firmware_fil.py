@@ -38,7 +38,7 @@ VECTORS: list[tuple[str, p.Message, int]] = [
     ("HEARTBEAT", p.Heartbeat(0xDEADBEEF), 6),
     (
         "HELLO_REPLY",
-        p.HelloReply(1, p.RigKind.CARTPOLE, (1, 0, 0), (4096, 4096), 1000, 12.0, 50, 0x0123456789ABCDEF),
+        p.HelloReply(2, p.RigKind.CARTPOLE, (1, 0, 0), (4096, 4096), 1000, 12.0, 50, 0x0123456789ABCDEF),
         7,
     ),
     ("STATE", p.State(123456789012, (100, -200), 150.0, -2.5, F.CONNECTED | F.MOTOR_ENABLED), 8),
@@ -333,11 +333,19 @@ def test_bad_input_is_rejected_and_reported(fw: FirmwareLink) -> None:
     nack = fw.wait_for(lambda m: isinstance(m, p.Nack))
     assert nack == p.Nack(seq, p.MsgType.STATE, p.NackReason.UNKNOWN_TYPE)
     # another protocol version (valid CRC)
-    body = struct.pack("<BBHf", 2, p.MsgType.COMMAND, 77, 1.0)
-    fw.send_raw(cobs_encode(body + struct.pack("<H", crc_hqx(body, 0xFFFF))) + b"\x00")
+    fw.send_raw(p.frame_body(struct.pack("<BBHf", 3, p.MsgType.COMMAND, 77, 1.0)))
     assert fw.wait_for(lambda m: isinstance(m, p.Nack)) == p.Nack(
         77, p.MsgType.COMMAND, p.NackReason.VERSION_MISMATCH
     )
+    # a valid-CRC frame whose length does not match its type
+    fw.send_raw(p.frame_body(struct.pack("<BBH", p.PROTOCOL_VERSION, p.MsgType.COMMAND, 78) + b"\x01\x02"))
+    assert fw.wait_for(lambda m: isinstance(m, p.Nack)) == p.Nack(
+        78, p.MsgType.COMMAND, p.NackReason.BAD_LENGTH
+    )
+    # a protocol v1 frame (CRC inside the COBS data, no trailer) is not a v2 frame: dropped, never answered
+    body = struct.pack("<BBHf", 1, p.MsgType.COMMAND, 79, 1.0)
+    fw.send_raw(cobs_encode(body + struct.pack("<H", crc_hqx(body, 0xFFFF))) + b"\x00")
+    assert not [m for m in fw.collect(0.03) if isinstance(m, p.Nack) and m.acked_seq == 79]
     # a corrupted frame is dropped silently and flagged in the next STATE; the link keeps working
     bad = bytearray(p.encode(p.Command(1.0), 5))
     bad[-3] ^= 0x10

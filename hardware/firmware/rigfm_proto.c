@@ -1,4 +1,4 @@
-/* rigfm serial protocol v1 + firmware state machine (plain C99, no Arduino / OS dependencies). */
+/* rigfm serial protocol v2 + firmware state machine (plain C99, no Arduino / OS dependencies). */
 #include "rigfm_proto.h"
 
 #include <string.h>
@@ -94,6 +94,15 @@ static int f32_finite(float v)
     return (u & 0x7F800000u) != 0x7F800000u;
 }
 
+void rigfm_trailer(const uint8_t *cobs, size_t n, uint8_t out[3])
+{
+    uint32_t t = ((uint32_t)rigfm_crc16(cobs, n) << 5)
+                 | (uint32_t)((n + RIGFM_TRAILER_SIZE) & (RIGFM_LENGTH_MODULO - 1u));
+    out[0] = (uint8_t)(0x80u | (t >> 14));
+    out[1] = (uint8_t)(0x80u | ((t >> 7) & 0x7Fu));
+    out[2] = (uint8_t)(0x80u | (t & 0x7Fu));
+}
+
 size_t rigfm_encode_frame(uint8_t type, uint16_t seq, const uint8_t *payload, size_t len, uint8_t *out)
 {
     uint8_t inner[RIGFM_MAX_INNER];
@@ -104,10 +113,26 @@ size_t rigfm_encode_frame(uint8_t type, uint16_t seq, const uint8_t *payload, si
     rigfm_put_u16(inner + 2, seq);
     if (len)
         memcpy(inner + RIGFM_HEADER_SIZE, payload, len);
-    rigfm_put_u16(inner + RIGFM_HEADER_SIZE + len, rigfm_crc16(inner, RIGFM_HEADER_SIZE + len));
-    size_t n = rigfm_cobs_encode(inner, RIGFM_HEADER_SIZE + len + RIGFM_CRC_SIZE, out);
+    size_t n = rigfm_cobs_encode(inner, RIGFM_HEADER_SIZE + len, out);
+    rigfm_trailer(out, n, out + n);
+    n += RIGFM_TRAILER_SIZE;
     out[n++] = 0;
     return n;
+}
+
+int rigfm_check_frame(const uint8_t *frame, size_t n, uint8_t *inner, size_t inner_cap)
+{
+    if (n < RIGFM_MIN_FRAME)
+        return -1;
+    const uint8_t *tr = frame + n - RIGFM_TRAILER_SIZE;
+    if (!(tr[0] & tr[1] & tr[2] & 0x80u))
+        return -1; /* not a trailer pattern */
+    uint32_t t = ((uint32_t)(tr[0] & 0x7Fu) << 14) | ((uint32_t)(tr[1] & 0x7Fu) << 7) | (uint32_t)(tr[2] & 0x7Fu);
+    if (((t ^ (uint32_t)n) & (RIGFM_LENGTH_MODULO - 1u)) != 0)
+        return -1; /* length field: a frame split by a 0x00 or two frames merged */
+    if (rigfm_crc16(frame, n - RIGFM_TRAILER_SIZE) != (uint16_t)(t >> 5))
+        return -1;
+    return rigfm_cobs_decode(frame, n - RIGFM_TRAILER_SIZE, inner, inner_cap);
 }
 
 /* ------------------------------------------------------------------ payload builders */
@@ -292,14 +317,8 @@ static int expected_len(uint8_t type)
 static void handle_frame(rigfm_dev_t *dev, const uint8_t *frame, size_t n)
 {
     uint8_t inner[RIGFM_MAX_FRAME];
-    int len = rigfm_cobs_decode(frame, n, inner, sizeof inner);
-    if (len < (int)(RIGFM_HEADER_SIZE + RIGFM_CRC_SIZE)) {
-        dev->rx_error = 1;
-        dev->rx_frames_bad++;
-        return;
-    }
-    size_t body = (size_t)len - RIGFM_CRC_SIZE;
-    if (rigfm_crc16(inner, body) != rigfm_get_u16(inner + body)) {
+    int len = rigfm_check_frame(frame, n, inner, sizeof inner);
+    if (len < (int)RIGFM_HEADER_SIZE) {
         dev->rx_error = 1;
         dev->rx_frames_bad++;
         return;
@@ -307,7 +326,7 @@ static void handle_frame(rigfm_dev_t *dev, const uint8_t *frame, size_t n)
     uint8_t type = inner[1];
     uint16_t seq = rigfm_get_u16(inner + 2);
     const uint8_t *p = inner + RIGFM_HEADER_SIZE;
-    int plen = (int)body - (int)RIGFM_HEADER_SIZE;
+    int plen = len - (int)RIGFM_HEADER_SIZE;
     int want = expected_len(type);
     if (inner[0] != RIGFM_PROTOCOL_VERSION) {
         dev->rx_frames_bad++;
@@ -319,7 +338,7 @@ static void handle_frame(rigfm_dev_t *dev, const uint8_t *frame, size_t n)
         send_nack(dev, seq, type, RIGFM_NACK_UNKNOWN_TYPE);
         return;
     }
-    if (plen != want) {
+    if (plen != want || n != RIGFM_FRAME_LEN((size_t)want)) {
         dev->rx_frames_bad++;
         send_nack(dev, seq, type, RIGFM_NACK_BAD_LENGTH);
         return;

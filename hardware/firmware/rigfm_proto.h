@@ -1,4 +1,4 @@
-/* rigfm serial protocol v1 + firmware state machine: plain C99, no Arduino / OS dependencies.
+/* rigfm serial protocol v2 + firmware state machine: plain C99, no Arduino / OS dependencies.
  * Wire format: docs/protocol.md. Python twin: hardware/protocol.py (byte-identical frames). */
 #ifndef RIGFM_PROTO_H
 #define RIGFM_PROTO_H
@@ -10,13 +10,15 @@
 extern "C" {
 #endif
 
-#define RIGFM_PROTOCOL_VERSION 1u
+#define RIGFM_PROTOCOL_VERSION 2u
 #define RIGFM_HEADER_SIZE 4u
-#define RIGFM_CRC_SIZE 2u
+#define RIGFM_TRAILER_SIZE 3u /* zero-free: CRC-16 of the COBS bytes + frame length mod 32, 7 bits a byte */
+#define RIGFM_LENGTH_MODULO 32u
 #define RIGFM_MAX_PAYLOAD 32u
-#define RIGFM_MAX_INNER (RIGFM_HEADER_SIZE + RIGFM_MAX_PAYLOAD + RIGFM_CRC_SIZE)
+#define RIGFM_MAX_INNER (RIGFM_HEADER_SIZE + RIGFM_MAX_PAYLOAD) /* header + payload, before COBS */
+#define RIGFM_MIN_FRAME (1u + RIGFM_HEADER_SIZE + RIGFM_TRAILER_SIZE) /* without the delimiter */
 #define RIGFM_MAX_FRAME 64u /* encoded bytes without the delimiter; longer frames are dropped */
-#define RIGFM_MAX_WIRE (RIGFM_MAX_INNER + 2u) /* COBS overhead + delimiter */
+#define RIGFM_MAX_WIRE (RIGFM_MAX_INNER + 1u + RIGFM_TRAILER_SIZE + 1u) /* COBS code + trailer + 0x00 */
 
 enum rigfm_msg_type {
     RIGFM_HELLO = 0x01, RIGFM_COMMAND = 0x02, RIGFM_ESTOP = 0x03, RIGFM_CLEAR_ESTOP = 0x04,
@@ -65,8 +67,16 @@ uint16_t rigfm_get_u16(const uint8_t *p);
 uint32_t rigfm_get_u32(const uint8_t *p);
 float rigfm_get_f32(const uint8_t *p);
 
-/* Complete frame (COBS + trailing 0x00) into out (>= RIGFM_MAX_WIRE bytes); returns its length. */
+/* Complete frame (COBS + trailer + trailing 0x00) into out (>= RIGFM_MAX_WIRE bytes); returns its length. */
 size_t rigfm_encode_frame(uint8_t type, uint16_t seq, const uint8_t *payload, size_t len, uint8_t *out);
+/* The 3-byte zero-free trailer of a frame whose COBS part is cobs[0..n). */
+void rigfm_trailer(const uint8_t *cobs, size_t n, uint8_t out[3]);
+/* Check a received frame (without the 0x00): length >= RIGFM_MIN_FRAME, trailer pattern and length field,
+ * CRC over the COBS bytes, COBS. Returns the decoded header+payload length (into inner), or -1. The exact
+ * length for the type is checked by the caller (it needs the type). */
+int rigfm_check_frame(const uint8_t *frame, size_t n, uint8_t *inner, size_t inner_cap);
+/* Exact frame length (without the 0x00) for a payload of len bytes. */
+#define RIGFM_FRAME_LEN(len) (1u + RIGFM_HEADER_SIZE + (len) + RIGFM_TRAILER_SIZE)
 
 /* ---- message payload builders (return payload length) ---- */
 typedef struct {

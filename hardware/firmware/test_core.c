@@ -38,15 +38,19 @@ static void capture(void *ctx, const uint8_t *buf, size_t n)
             continue;
         }
         uint8_t inner[RIGFM_MAX_FRAME];
-        int len = g_acc_len ? rigfm_cobs_decode(g_acc, g_acc_len, inner, sizeof inner) : -1;
+        size_t n_frame = g_acc_len;
+        int len = g_acc_len ? rigfm_check_frame(g_acc, g_acc_len, inner, sizeof inner) : -2;
         g_acc_len = 0;
-        if (len < 6 || g_nout >= 256)
+        if (len == -2 || g_nout >= 256)
             continue;
-        CHECK(rigfm_crc16(inner, (size_t)len - 2) == rigfm_get_u16(inner + len - 2));
+        CHECK(len >= (int)RIGFM_HEADER_SIZE); /* the device only sends valid frames */
+        if (len < (int)RIGFM_HEADER_SIZE)
+            continue;
+        CHECK(inner[0] == RIGFM_PROTOCOL_VERSION && n_frame == RIGFM_FRAME_LEN((size_t)len - RIGFM_HEADER_SIZE));
         msg_t *m = &g_out[g_nout++];
         m->type = inner[1];
         m->seq = rigfm_get_u16(inner + 2);
-        m->len = len - 6;
+        m->len = len - (int)RIGFM_HEADER_SIZE;
         memcpy(m->payload, inner + 4, (size_t)m->len);
     }
 }
@@ -115,6 +119,73 @@ static void test_crc_cobs(void)
     CHECK(rigfm_cobs_decode(enc, e, dec, 10) == -1); /* output overflow */
 }
 
+/* Payload length per message type (docs/protocol.md section 3), -1 for unknown types. */
+static int payload_len(uint8_t type)
+{
+    switch (type) {
+    case RIGFM_HELLO: case RIGFM_ESTOP: case RIGFM_CLEAR_ESTOP: return 0;
+    case RIGFM_COMMAND: case RIGFM_HEARTBEAT: case RIGFM_NACK: return 4;
+    case RIGFM_CONFIG: return 16;
+    case RIGFM_HELLO_REPLY: return 29;
+    case RIGFM_STATE: return 26;
+    case RIGFM_FAULT: return 6;
+    case RIGFM_ACK: return 3;
+    default: return -1;
+    }
+}
+
+/* Whether a receiver following docs/protocol.md would accept this frame (bytes without the 0x00). */
+static int accepted(const uint8_t *frame, size_t n)
+{
+    uint8_t inner[RIGFM_MAX_FRAME];
+    if (n == 0 || n > RIGFM_MAX_FRAME)
+        return 0;
+    int len = rigfm_check_frame(frame, n, inner, sizeof inner);
+    if (len < (int)RIGFM_HEADER_SIZE || inner[0] != RIGFM_PROTOCOL_VERSION)
+        return 0;
+    int want = payload_len(inner[1]);
+    return want >= 0 && len - (int)RIGFM_HEADER_SIZE == want && n == RIGFM_FRAME_LEN((size_t)want);
+}
+
+/* Every position x every other byte value of one frame of each type: all parts rejected (v2 guarantee). */
+static void test_single_byte_corruption_exhaustive(void)
+{
+    static const uint8_t types[] = {RIGFM_HELLO, RIGFM_COMMAND, RIGFM_ESTOP, RIGFM_CLEAR_ESTOP, RIGFM_CONFIG,
+                                    RIGFM_HEARTBEAT, RIGFM_HELLO_REPLY, RIGFM_STATE, RIGFM_FAULT, RIGFM_ACK,
+                                    RIGFM_NACK};
+    uint8_t p[32], frame[RIGFM_MAX_WIRE], merged[2 * RIGFM_MAX_WIRE];
+    long missed = 0, checked = 0;
+    for (size_t ti = 0; ti < sizeof types; ti++) {
+        for (int fill = 0; fill < 3; fill++) { /* zero-heavy, 0xFF-heavy, mixed payloads */
+            int plen = payload_len(types[ti]);
+            for (int i = 0; i < plen; i++)
+                p[i] = (uint8_t)(fill == 0 ? (i % 3 == 0 ? 7 : 0) : fill == 1 ? 0xFF : (i * 37 + 11));
+            size_t n = rigfm_encode_frame(types[ti], (uint16_t)(fill * 0x0100), p, (size_t)plen, frame) - 1;
+            CHECK(accepted(frame, n));
+            for (size_t pos = 0; pos < n; pos++) {
+                uint8_t orig = frame[pos];
+                for (int v = 0; v < 256; v++) {
+                    if (v == orig)
+                        continue;
+                    frame[pos] = (uint8_t)v;
+                    checked++;
+                    if (v == 0) /* the frame splits in two: both parts must be rejected */
+                        missed += accepted(frame, pos) || accepted(frame + pos + 1, n - pos - 1);
+                    else
+                        missed += accepted(frame, n);
+                }
+                frame[pos] = orig;
+            }
+            /* a lost delimiter merges this frame with the next one: rejected by the length field */
+            memcpy(merged, frame, n);
+            memcpy(merged + n, frame, n);
+            CHECK(!accepted(merged, 2 * n));
+        }
+    }
+    CHECK(checked > 50000);
+    CHECK(missed == 0);
+}
+
 static float tick(uint64_t t) { return rigfm_dev_tick(&dev, t, counts, 0.0f, 0, 0); }
 
 int main(void)
@@ -123,6 +194,7 @@ int main(void)
     uint64_t t = 0;
     rigfm_info_t info = {RIGFM_RIG_FURUTA, {1, 2, 3}, {2048, 2048}, 1000, 10.0f, 42};
     test_crc_cobs();
+    test_single_byte_corruption_exhaustive();
     rigfm_dev_init(&dev, &info, capture, NULL);
 
     /* before HELLO: no STATE, requests NACKed, motor 0 */
