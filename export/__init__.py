@@ -12,6 +12,8 @@ _LAZY = {
     "PredictorError": "export.client",
     "PredictorTimeout": "export.client",
     "PredictorUnavailable": "export.client",
+    "PredictorRequestError": "export.client",
+    "PredictorProcess": "export.client",
 }
 
 __all__ = sorted(_LAZY)

@@ -257,7 +257,7 @@ def test_export_cli_with_quantize(tiny, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "export.export_commands",
+        "controllers.cli",  # `rigfm export` through the umbrella CLI
         "export",
         str(ck),
         "-o",

@@ -263,7 +263,8 @@ def test_refuses_to_hijack_a_live_ipc_endpoint(server, models):
 
 
 def test_sigterm_is_graceful(models, tmp_path):
-    proc = PredictorProcess(models["a"].full_path, f"ipc://{tmp_path}/term.sock").start()
+    # through the umbrella CLI: `rigfm serve` (python -m controllers.cli serve)
+    proc = PredictorProcess(models["a"].full_path, f"ipc://{tmp_path}/term.sock", use_cli=True).start()
     try:
         with proc.client(5000) as c:
             assert c.info()["n"] == 4
