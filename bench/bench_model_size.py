@@ -1,5 +1,6 @@
-"""Model-size sweep on this CPU: parameters, torch-eager latency (batch 1, 64 tokens), training speed and the
-loss after a fixed short training budget on synthetic RKHS data.
+"""Model-size sweep on this CPU: parameters, torch-eager latency (batch 1, 64 tokens, 1 thread), training
+speed and the loss after a fixed short training budget on synthetic RKHS data (optionally onnxruntime latency;
+``--zero-shot CKPT`` evaluates a checkpoint on fresh synthetic systems instead).
 
     python bench/bench_model_size.py [--steps 60] [--threads 2] [--configs small,default] [--json out.json]
 
@@ -33,6 +34,8 @@ def latency_ms(model: DynamicsFM, tokens: int = 64, reps: int = 50) -> float:
     sys_model = model.for_system(4, 1).eval()
     x, u, obs = torch.randn(1, tokens, 4), torch.randn(1, tokens, 1), torch.ones(1, tokens)
     times = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # inference setting; multi-threaded tiny ops only spin on a shared CPU
     with torch.inference_mode():
         for _ in range(5):
             sys_model(x, u, obs)
@@ -40,6 +43,7 @@ def latency_ms(model: DynamicsFM, tokens: int = 64, reps: int = 50) -> float:
             t0 = time.perf_counter()
             sys_model(x, u, obs)
             times.append((time.perf_counter() - t0) * 1e3)
+    torch.set_num_threads(old)
     return statistics.median(times)
 
 

@@ -1,0 +1,428 @@
+"""The paper experiment: the foundation model fine-tuned on 2 / 10 / 100 % of a rig's training trajectories
+against a specialist transformer (same architecture, from scratch), ridge regression, an FFN and a small
+transformer, over several seeds; plus the zero-shot foundation model. See docs/experiment.md.
+
+``rigfm evaluate [--rigs cartpole,furuta] [--fractions 0.02,0.1,1.0] [--seeds 5] [--quick] [--out results/]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fm_core.baselines import MODELS, Budget, Predictor, fit_model, zero_shot
+from fm_core.eval_report import write_outputs
+
+
+class EvaluateError(ValueError):
+    """Bad evaluation option or input (the message names it)."""
+
+
+@dataclass
+class EvalConfig:
+    """Everything that defines one evaluation run (recorded in results.json)."""
+
+    rigs: list[str] = field(default_factory=lambda: ["cartpole", "furuta"])
+    fractions: list[float] = field(default_factory=lambda: [0.02, 0.1, 1.0])
+    seeds: int = 5
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+    checkpoint: str = "fm_core/weights/default.pt"
+    data: dict[str, str] = field(default_factory=dict)
+    runs: int = 48  # collected runs per rig
+    duration_s: float = 20.0  # seconds per run
+    window: int = 200  # dataset window (steps); stride = window (no overlap)
+    context: int = 30
+    horizon: int = 50
+    one_step_skip: int = 10  # first targets of a window left out of the one-step metric (short history)
+    budget: Budget = field(default_factory=Budget)
+    out: str = "results"
+    work: str | None = None
+    threads: int = 1
+    jobs: int = 1
+    quick: bool = False
+    collect_rate_hz: float | None = None
+    resume: bool = False  # reuse finished fits from OUT/<rig>/partial.json (same config)
+
+    @classmethod
+    def quick_config(cls, **kw: Any) -> EvalConfig:
+        """CI variant: 1 seed, tiny data and budgets (seconds, not minutes)."""
+        base = cls(
+            seeds=1,
+            runs=6,
+            duration_s=3.0,
+            window=60,
+            context=20,
+            horizon=20,
+            one_step_skip=4,
+            budget=Budget(steps=4, batch_size=4, seq_len=40, val_every=2, patience=2),
+            quick=True,
+            collect_rate_hz=250.0,
+        )
+        return replace(base, **kw)
+
+
+# ------------------------------------------------------------------------------------------- data
+def prepare_data(rig: str, cfg: EvalConfig) -> Path:
+    """The rig's dataset: ``cfg.data[rig]`` if given, else collected (``controllers.collect``) and built."""
+    if rig in cfg.data:
+        p = Path(cfg.data[rig])
+        if not p.exists():
+            raise EvaluateError(f"--data for {rig}: {p} does not exist")
+        return p
+    from controllers.collect import CollectOptions, collect
+    from hardware.dataset_build import build_dataset
+
+    work = Path(cfg.work or Path(cfg.out) / "_work")
+    runs_dir = work / f"{rig}_runs"
+    out = work / f"{rig}.npz"
+    collect(
+        CollectOptions(
+            rig=rig,
+            runs=cfg.runs,
+            duration_s=cfg.duration_s,
+            out=runs_dir,
+            seed=0,
+            rate_hz=cfg.collect_rate_hz,
+            progress=False,
+        )
+    )
+    build_dataset([runs_dir], out, window=cfg.window, stride=cfg.window, seed=0)
+    return out
+
+
+def load_splits(path: Path, cfg: EvalConfig) -> tuple[Any, Any, Any, Any]:
+    """(trajectory set, train, val, test) with checks that every split exists and is long enough."""
+    from fm_core.finetune import split_trajectories
+    from fm_core.trajfile import load_trajectories
+
+    ts = load_trajectories(path)
+    try:
+        tr, va, te = (split_trajectories(ts, s) for s in ("train", "val", "test"))
+    except ValueError as exc:
+        raise EvaluateError(f"{path}: {exc}") from None
+    need = cfg.context + cfg.horizon
+    if ts.x.shape[1] < need:
+        raise EvaluateError(
+            f"{path}: trajectories have T={ts.x.shape[1]} steps; context+horizon={need} needed"
+        )
+    return ts, tr, va, te
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def eval_windows(td: Any, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping windows of ``length`` steps from every test trajectory."""
+    starts = range(0, td.x.shape[1] - length + 1, length)
+    return (
+        np.concatenate([td.x[:, s : s + length] for s in starts]),
+        np.concatenate([td.u[:, s : s + length] for s in starts]),
+    )
+
+
+def score(
+    pred: Predictor,
+    xw: np.ndarray,
+    uw: np.ndarray,
+    x_std: np.ndarray,
+    context: int,
+    skip: int,
+    batch: int = 128,
+) -> dict[str, Any]:
+    """One-step (teacher-forced) and multi-step (open-loop from ``context`` steps) MSE in normalised units
+    (divided by the train-split std per channel; means cancel in the difference)."""
+    one, multi = [], []
+    for b in range(0, len(xw), batch):
+        x, u = xw[b : b + batch], uw[b : b + batch]
+        p1 = pred.one_step(x, u)
+        one.append((((p1 - x[:, 1:]) / x_std) ** 2)[:, skip:])
+        r = pred.rollout(x[:, :context], u[:, : context - 1], u[:, context - 1 : -1])
+        se = ((r - x[:, context:]) / x_std) ** 2
+        multi.append(se)
+    one_a, se_a = np.concatenate(one), np.concatenate(multi)
+    res = {
+        "one_step_mse": float(one_a.mean()),
+        "multi_step_mse": float(se_a.mean()),
+        "per_step_mse": se_a.mean(axis=(0, 2)).tolist(),
+        "per_channel_multi": se_a.mean(axis=(0, 1)).tolist(),
+    }
+    for k in ("one_step_mse", "multi_step_mse"):
+        if not math.isfinite(res[k]):
+            res[k] = float("inf")  # a diverged rollout is reported as inf, not NaN
+    return res
+
+
+# ------------------------------------------------------------------------------------------- one rig
+def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]:
+    """All (model, fraction, seed) combinations for one rig; returns the raw numbers."""
+    import torch
+    from tqdm import tqdm
+
+    from fm_core.checkpoint import load_checkpoint
+    from fm_core.finetune import normalisation_stats
+
+    torch.set_num_threads(max(1, cfg.threads))
+    t_rig = time.time()
+    path = prepare_data(rig, cfg)
+    ts, tr, va, te = load_splits(path, cfg)
+    x_std = np.asarray(normalisation_stats(tr)["x_std"])
+    length = cfg.context + cfg.horizon
+    xw, uw = eval_windows(te, length)
+    need_ckpt = any(m in ("fm", "specialist") for m in cfg.models)
+    ckpt = None
+    if need_ckpt:
+        if not Path(cfg.checkpoint).exists():
+            raise EvaluateError(f"pretrained checkpoint {cfg.checkpoint} does not exist (--checkpoint)")
+        ckpt, _ = load_checkpoint(cfg.checkpoint)
+    out: dict[str, Any] = {
+        "rig": rig,
+        "data": str(path),
+        "state_names": list(tr.state_names) or [f"x{i}" for i in range(tr.x.shape[-1])],
+        "dt": tr.dt,
+        "n_trajectories": {
+            "train": int(tr.x.shape[0]),
+            "val": int(va.x.shape[0]),
+            "test": int(te.x.shape[0]),
+        },
+        "trajectory_steps": int(ts.x.shape[1]),
+        "test_windows": int(len(xw)),
+        "x_std_train": x_std.tolist(),
+        "runs": [],
+        "example": {},
+    }
+    ex = int(np.argmax(uw[:, :, 0].std(axis=1)))  # plotted example: the most strongly excited test window
+    out["example"]["truth"] = xw[ex].tolist()
+    out["example"]["context"] = cfg.context
+    if "fm" in cfg.models:
+        p0 = zero_shot(ckpt, tr)
+        s0 = score(p0, xw, uw, x_std, cfg.context, cfg.one_step_skip)
+        out["runs"].append({"model": "fm0", "fraction": 0.0, "seed": 0, **s0, "info": p0.info})
+        out["example"]["fm0"] = _example(p0, xw, uw, ex, cfg.context)
+    # seed-major order: an interrupted run still has complete tables for the seeds it finished
+    jobs = [(m, f, s) for s in range(cfg.seeds) for f in cfg.fractions for m in cfg.models]
+    partial = Path(cfg.out) / rig / "partial.json"
+    done: dict[tuple[str, float, int], dict[str, Any]] = {}
+    if cfg.resume and partial.exists():
+        prev = json.loads(partial.read_text())
+        if prev.get("config_key") == _config_key(cfg):
+            done = {(r["model"], float(r["fraction"]), int(r["seed"])): r for r in prev["runs"]}
+            out["example"].update(
+                {k: v for k, v in prev.get("example", {}).items() if k not in out["example"]}
+            )
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(jobs, desc=f"evaluate {rig}", position=position, dynamic_ncols=True, unit="fit")
+    for m, f, s in bar:
+        bar.set_postfix_str(f"{m} f={f:g} seed={s}")
+        if (m, float(f), s) in done:
+            out["runs"].append(done[(m, float(f), s)])
+            continue
+        t0 = time.time()
+        pred = fit_model(m, tr, va, s, cfg.budget, f, ckpt=ckpt)
+        sc = score(pred, xw, uw, x_std, cfg.context, cfg.one_step_skip)
+        info = {k: v for k, v in pred.info.items() if isinstance(v, int | float | str | type(None))}
+        out["runs"].append(
+            {"model": m, "fraction": f, "seed": s, **sc, "info": info, "wall_s": round(time.time() - t0, 2)}
+        )
+        if s == 0 and f == max(cfg.fractions):
+            out["example"][m] = _example(pred, xw, uw, ex, cfg.context)
+        partial.write_text(
+            json.dumps({"config_key": _config_key(cfg), "runs": out["runs"], "example": out["example"]})
+        )
+    bar.close()
+    out["wall_s"] = round(time.time() - t_rig, 1)
+    return out
+
+
+def _config_key(cfg: EvalConfig) -> str:
+    """What must match for ``--resume`` to reuse finished fits (data, budgets, metric windows, checkpoint)."""
+    keep = {
+        k: v for k, v in asdict(cfg).items() if k not in ("seeds", "out", "work", "jobs", "threads", "resume")
+    }
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def _example(pred: Predictor, xw: np.ndarray, uw: np.ndarray, i: int, context: int) -> list[list[float]]:
+    x, u = xw[i : i + 1], uw[i : i + 1]
+    return pred.rollout(x[:, :context], u[:, : context - 1], u[:, context - 1 : -1])[0].tolist()
+
+
+def _rig_worker(args: tuple[str, dict[str, Any], int]) -> dict[str, Any]:
+    rig, cfgd, pos = args
+    cfgd = dict(cfgd)
+    cfgd["budget"] = Budget(**cfgd["budget"])
+    return evaluate_rig(rig, EvalConfig(**cfgd), pos)
+
+
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate every rig (in ``cfg.jobs`` processes), write results under ``cfg.out``; returns them."""
+    bad = [m for m in cfg.models if m not in MODELS]
+    if bad:
+        raise EvaluateError(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
+    if not cfg.fractions or any(not 0 < f <= 1 for f in cfg.fractions):
+        raise EvaluateError(f"--fractions must lie in (0, 1], got {cfg.fractions}")
+    if cfg.seeds < 1:
+        raise EvaluateError(f"--seeds must be >= 1, got {cfg.seeds}")
+    t0 = time.time()
+    if cfg.jobs > 1 and len(cfg.rigs) > 1:
+        import multiprocessing as mp
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+        with mp.get_context("spawn").Pool(min(cfg.jobs, len(cfg.rigs))) as pool:
+            per_rig = pool.map(_rig_worker, [(r, asdict(cfg), i) for i, r in enumerate(cfg.rigs)])
+    else:
+        per_rig = [evaluate_rig(r, cfg, 0) for r in cfg.rigs]
+    results = {
+        "config": asdict(cfg),
+        "rigs": {r["rig"]: r for r in per_rig},
+        "wall_s": round(time.time() - t0, 1),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    results["verdict"] = verdict(results)
+    write_outputs(results, Path(cfg.out))
+    return results
+
+
+# ------------------------------------------------------------------------------------------- verdict
+def aggregate(rig_res: dict[str, Any]) -> dict[tuple[str, float], dict[str, float]]:
+    """(model, fraction) -> mean/std over seeds of both metrics (std with ddof=0; 0 for one seed)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rig_res["runs"]:
+        groups.setdefault((r["model"], float(r["fraction"])), []).append(r)
+    out = {}
+    for key, rows in groups.items():
+        agg: dict[str, float] = {"n": len(rows)}
+        for k in ("one_step_mse", "multi_step_mse"):
+            v = np.array([row[k] for row in rows], dtype=float)
+            agg[f"{k}_mean"], agg[f"{k}_std"] = float(v.mean()), float(v.std())
+        out[key] = agg
+    return out
+
+
+def verdict(results: dict[str, Any]) -> dict[str, Any]:
+    """The three questions of the experiment, answered from the numbers (None where a model is missing)."""
+    rigs = list(results["rigs"])
+    q1: dict[str, Any] = {}
+    q2: dict[str, Any] = {}
+    q3: dict[str, Any] = {}
+    for rig in rigs:
+        agg = aggregate(results["rigs"][rig])
+        fr = sorted({f for (m, f) in agg if m == "fm"})
+        if fr and ("specialist", max(fr)) in agg:
+            a, b = (
+                agg[("fm", min(fr))]["multi_step_mse_mean"],
+                agg[("specialist", max(fr))]["multi_step_mse_mean"],
+            )
+            q1[rig] = {
+                "fm_fraction": min(fr),
+                "fm_multi": a,
+                "specialist_fraction": max(fr),
+                "specialist_multi": b,
+                "holds": bool(a < b),
+            }
+        losses = []
+        for f in fr:
+            for m in ("specialist", "linreg", "ffn", "small_tf"):
+                if (m, f) in agg and not agg[("fm", f)]["multi_step_mse_mean"] < agg[(m, f)][
+                    "multi_step_mse_mean"
+                ]:
+                    losses.append(
+                        {
+                            "fraction": f,
+                            "model": m,
+                            "fm_multi": agg[("fm", f)]["multi_step_mse_mean"],
+                            "other_multi": agg[(m, f)]["multi_step_mse_mean"],
+                        }
+                    )
+        if fr:
+            q2[rig] = {"holds": not losses, "exceptions": losses}
+        cmp = []
+        for f in fr:
+            if ("specialist", f) in agg:
+                cmp.append(
+                    {
+                        "fraction": f,
+                        "fm_std": agg[("fm", f)]["multi_step_mse_std"],
+                        "specialist_std": agg[("specialist", f)]["multi_step_mse_std"],
+                        "holds": agg[("fm", f)]["multi_step_mse_std"]
+                        < agg[("specialist", f)]["multi_step_mse_std"],
+                    }
+                )
+        if cmp:
+            q3[rig] = {"holds": all(c["holds"] for c in cmp), "per_fraction": cmp}
+
+    def all_hold(d: dict[str, Any]) -> bool | None:
+        return None if len(d) < len(rigs) or not d else all(v["holds"] for v in d.values())
+
+    return {
+        "fm_small_beats_specialist_full": {"holds": all_hold(q1), "per_rig": q1},
+        "fm_beats_every_baseline_every_fraction": {"holds": all_hold(q2), "per_rig": q2},
+        "fm_std_smaller_than_specialist": {"holds": all_hold(q3), "per_rig": q3},
+    }
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _floats(s: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise EvaluateError(f"{name}: expected comma-separated numbers, got {s!r}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """EvalConfig from the `rigfm evaluate` options (``--quick`` starts from the CI budgets)."""
+    rigs = [r.strip() for r in args.rigs.split(",") if r.strip()]
+    data: dict[str, str] = {}
+    for item in args.data or []:
+        rig, sep, path = item.partition("=")
+        if not sep:
+            if len(rigs) != 1:
+                raise EvaluateError(f"--data {item!r}: name the rig (RIG=PATH) when evaluating {rigs}")
+            rig, path = rigs[0], item
+        data[rig.strip()] = path
+    kw: dict[str, Any] = {
+        "rigs": rigs,
+        "fractions": _floats(args.fractions, "--fractions"),
+        "seeds": args.seeds,
+        "checkpoint": args.checkpoint,
+        "data": data,
+        "out": args.out,
+        "work": args.work,
+        "threads": args.threads,
+        "resume": args.resume,
+        "jobs": args.jobs,
+    }
+    if args.models:
+        kw["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    for key, attr in (
+        ("runs", "runs"),
+        ("duration_s", "duration"),
+        ("context", "context"),
+        ("horizon", "horizon"),
+    ):
+        if getattr(args, attr) is not None:
+            kw[key] = getattr(args, attr)
+    if args.quick:
+        if args.seeds == 5:
+            kw["seeds"] = 1
+        cfg = EvalConfig.quick_config(**kw)
+    else:
+        cfg = EvalConfig(**kw)
+    if args.steps is not None:
+        cfg.budget = replace(cfg.budget, steps=args.steps)
+    return cfg
+
+
+def main_evaluate(args: argparse.Namespace) -> int:
+    """CLI handler of ``rigfm evaluate``: prints where the results went and the verdict."""
+    cfg = config_from_args(args)
+    res = run_evaluation(cfg)
+    print(f"results in {cfg.out}/ (summary.md, results.json) after {res['wall_s']} s")
+    for k, v in res["verdict"].items():
+        print(f"  {k}: {v['holds']}")
+    return 0
