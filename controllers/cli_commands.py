@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("controllers.run_commands", "controllers.experiment_commands",)
+_MODULES = ("controllers.run_commands", "controllers.experiment_commands", "controllers.flywheel",)
 
 
 def register(subparsers) -> None:

@@ -18,25 +18,38 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CKPT = ROOT / "fm_core" / "weights" / "default.pt"
+WEIGHTS = ROOT / "fm_core" / "weights"
+DEFAULT_CKPT = WEIGHTS / "default.pt"
 
 
-def export_default_model(out_dir: Path, rig: str) -> tuple[Path, str]:
+def shipped_checkpoint(rig: str) -> Path:
+    """The checkpoint the demo serves: the rig's fine-tuned model if shipped, else the pretrained one."""
+    tuned = WEIGHTS / f"{rig}.pt"
+    return tuned if tuned.is_file() else DEFAULT_CKPT
+
+
+def export_default_model(out_dir: Path, rig: str, model_dt: float = 0.01) -> tuple[Path, str]:
     """Export the shipped checkpoint to ONNX in ``out_dir`` (subprocess: this process stays torch-free).
 
-    Without a shipped checkpoint a random-weight model of the same size is exported, and said so."""
-    note = f"model: {DEFAULT_CKPT} exported to ONNX"
+    Prefers ``fm_core/weights/<rig>.pt`` (fine-tuned on that rig's simulator data); the pretrained
+    ``default.pt`` is exported zero-shot for n=4, m=1 otherwise. Without any shipped checkpoint a
+    random-weight model of the same size is exported, and said so."""
+    ckpt = shipped_checkpoint(rig)
+    note = f"model: {ckpt.relative_to(ROOT)} exported to ONNX"
     code = ("import sys\nfrom pathlib import Path\n"
             "from export.onnx_export import export_checkpoint, save_random_checkpoint\n"
-            "d = Path(sys.argv[1]); ck = Path(sys.argv[2])\n"
+            "d = Path(sys.argv[1]); ck = Path(sys.argv[2]); dt = float(sys.argv[4])\n"
             "if not ck.is_file():\n"
-            "    ck = save_random_checkpoint(d / 'random_init.pt', seed=0, dt=0.01, rig=sys.argv[3])\n"
-            "export_checkpoint(ck, d / 'model.onnx', context=32, streaming=d / 'model_step.onnx')\n")
-    if not DEFAULT_CKPT.is_file():
-        note = (f"WARNING: {DEFAULT_CKPT} not found; using a RANDOM-WEIGHT model of the shipped size "
+            "    ck = save_random_checkpoint(d / 'random_init.pt', seed=0, dt=dt, rig=sys.argv[3])\n"
+            "kw = {'n': 4, 'm': 1, 'dt': dt} if ck.name == 'default.pt' else {}\n"
+            "export_checkpoint(ck, d / 'model.onnx', context=32, streaming=d / 'model_step.onnx', **kw)\n")
+    if not ckpt.is_file():
+        note = (f"WARNING: {ckpt} not found; using a RANDOM-WEIGHT model of the shipped size "
                 "(predictions are meaningless, the plumbing is real)")
         print(note, file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-c", code, str(out_dir), str(DEFAULT_CKPT), rig],
+    elif ckpt == DEFAULT_CKPT:
+        note += " (zero-shot: no fine-tuned checkpoint for this rig)"
+    proc = subprocess.run([sys.executable, "-c", code, str(out_dir), str(ckpt), rig, repr(model_dt)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"exporting the model failed (needs torch):\n{proc.stderr[-2000:]}")
@@ -113,7 +126,8 @@ def _plots(out: Path, result: Any, log_files: list[str], state_names: tuple[str,
 
 
 def run_demo(rig: str = "cartpole", duration_s: float = 20.0, model: str | None = None,
-             out: str | None = None, controller: str = "swingup", plots: bool = True) -> int:
+             out: str | None = None, controller: str = "swingup", plots: bool = True,
+             stale_ms: float = 200.0) -> int:
     """Run the demo; returns the exit code (0 clean, 1 fault)."""
     import rigs
     from controllers.run_commands import _jsonable, summary_table
@@ -123,12 +137,14 @@ def run_demo(rig: str = "cartpole", duration_s: float = 20.0, model: str | None 
     out_dir = Path(out or ROOT / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model_path, note = export_default_model(out_dir, cfg.name)
+        model_path, note = export_default_model(out_dir, cfg.name, cfg.model_dt)
     else:
         model_path, note = Path(model), f"model: {model}"
     print(f"rigfm demo: {cfg.name}, {controller}, {duration_s:g} s -> {out_dir}", file=sys.stderr)
     result = run_session(RunOptions(rig=rig, controller=controller, virtual=True, duration_s=duration_s,
-                                    model=str(model_path), log_dir=str(out_dir), realtime=True))
+                                    model=str(model_path), log_dir=str(out_dir), realtime=True,
+                                    # virtual rig on a shared host: tolerate scheduler pauses
+                                    stale_ms=stale_ms))
     table = summary_table(result)
     files = _plots(out_dir, result, result.log_files, cfg.state_names, cfg.model_dt) if plots else []
     text = f"{note}\n{table}\nfiles: {', '.join([Path(f).name for f in result.log_files] + files)}\n"
