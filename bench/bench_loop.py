@@ -26,7 +26,8 @@ def export_model(folder: Path) -> str:
             "d = Path(sys.argv[1]); ck = Path(sys.argv[2])\n"
             "if not ck.is_file():\n"
             "    ck = save_random_checkpoint(d / 'random.pt', seed=0, dt=0.01, rig='cartpole')\n"
-            "export_checkpoint(ck, d / 'model.onnx', context=32, streaming=d / 'model_step.onnx')\n")
+            "export_checkpoint(ck, d / 'model.onnx', context=32, streaming=d / 'model_step.onnx',\n"
+            "                  n=4, m=1, dt=0.01)\n")
     subprocess.run([sys.executable, "-c", code, str(folder), str(ckpt)], check=True, capture_output=True)
     return str(folder / "model.onnx")
 

@@ -79,6 +79,7 @@ class MPCParams:
     lqr_terminal: bool = True           # terminal weight = the LQR's Riccati solution P
     state_penalty: float = 1e4
     seed: int = 0
+    trust_frac: float | None = None     # input within trust_frac * u_max of the fallback's (None: unbounded)
 
 
 class SamplingMPC:
@@ -96,6 +97,8 @@ class SamplingMPC:
             raise ValueError(f"MPC method must be 'mppi' or 'cem', got {self.p.method!r}")
         if self.p.horizon < 1 or self.p.samples < 2:
             raise ValueError("MPC horizon must be >= 1 and samples >= 2")
+        if self.p.trust_frac is not None and not (self.p.trust_frac >= 0 and np.isfinite(self.p.trust_frac)):
+            raise ValueError(f"MPC trust_frac must be >= 0 (fraction of u_max), got {self.p.trust_frac!r}")
         self.rollout = rollout
         self.n, self.m = n, m
         self.u_max = float(u_max)
@@ -314,8 +317,13 @@ class MPCController:
             out.info["mpc_fault"] = 1.0 if self.fault else 0.0
         else:
             self.mode = "mpc"
-            out = ControlOutput(np.asarray(u, dtype=float).copy(), "mpc",
-                                {"mpc_cost": self.planner.last_cost})
+            u = np.asarray(u, dtype=float).copy()
+            trust = self.planner.p.trust_frac
+            if trust is not None:  # a bounded correction around the fallback's (LQR's) command
+                u_fb = np.asarray(self.fallback.compute(x, now).u, dtype=float)
+                band = float(trust) * self.planner.u_max
+                u = u_fb + np.clip(u - u_fb, -band, band)
+            out = ControlOutput(u, "mpc", {"mpc_cost": self.planner.last_cost})
         self._last_u = out.u.copy()
         return out
 

@@ -62,6 +62,7 @@ class PredictorTap:
         self._job: tuple | None = None
         self._busy = False
         self._lock = threading.Lock()
+        self._last_one_step: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -112,6 +113,11 @@ class PredictorTap:
                 self.late += 1  # the worker has not even picked up the previous step
             self._job = (self.step_index, now, np.stack(self._x), np.stack(self._u), self._meta[-1])
         self._wake.set()
+
+    def last_one_step(self) -> tuple[float, np.ndarray, np.ndarray, np.ndarray] | None:
+        """The newest one-step prediction: ``(t_k, x_k, u_k, predicted x_{k+1})`` (None before the first)."""
+        with self._lock:
+            return self._last_one_step
 
     def status(self) -> dict[str, Any]:
         """Numbers for the status line."""
@@ -185,6 +191,8 @@ class PredictorTap:
         c = self.context
         pred = self._one_step(k, xs, us)
         if pred is not None:
+            with self._lock:
+                self._last_one_step = (now, xs[-1].copy(), us[-1].copy(), np.array(pred, dtype=float))
             if self.monitor is not None:
                 self.monitor.add_prediction(k + 1, pred, horizon=1)
             if self.logger is not None:

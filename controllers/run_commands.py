@@ -45,6 +45,9 @@ def register(subparsers: Any) -> None:
                    help="controller tuning TOML (overrides controllers/tuning.toml)")
     p.add_argument("--latency-comp-ms", type=float, default=0.0,
                    help="forecast the state this far ahead with the physics model (0 = off)")
+    p.add_argument("--latency-source", choices=("physics", "predictor"), default="physics",
+                   help="latency forecast: physics model, or physics + the predictor's one-step correction "
+                        "(falls back to physics when no fresh, plausible prediction)")
     p.add_argument("--predictor-timeout-ms", type=float, default=None,
                    help="deadline of one-step predictions (default: 0.8 model steps)")
     p.add_argument("--stale-ms", type=float, default=50.0, help="e-stop when no new state for this long")
@@ -112,7 +115,7 @@ def run_handler(args: argparse.Namespace) -> int:
                       duration_s=args.duration, rate_hz=args.rate, model=args.model, endpoint=args.endpoint,
                       log_dir=args.log, dry_run=args.dry_run, init=args.init,
                       virtual_params=dict(args.virtual_param), model_params=dict(args.model_param),
-                      tuning=args.tuning, latency_ms=args.latency_comp_ms,
+                      tuning=args.tuning, latency_ms=args.latency_comp_ms, latency_source=args.latency_source,
                       predictor_timeout_ms=args.predictor_timeout_ms, stale_ms=args.stale_ms,
                       status=not args.quiet, seed=args.seed, realtime=args.realtime)
     try:

@@ -43,6 +43,7 @@ class RunOptions:
     model_params: dict[str, float] = field(default_factory=dict)    # controller-model overrides
     tuning: str | None = None
     latency_ms: float = 0.0             # latency compensation (physics forecast), 0 = off
+    latency_source: str = "physics"     # "predictor": + the learned one-step correction (physics fallback)
     predictor_timeout_ms: float | None = None  # one-step deadline; default 0.8 model steps
     mpc_timeout_ms: float = 100.0
     mpc_max_plan_age_s: float = 0.1
@@ -128,7 +129,7 @@ def build_controller(name: str, model: Any, cfg: Any, tuning: dict, dt: float, m
 def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunResult:
     """Run one session (see module docstring); returns its result.  Raises on setup errors."""
     import rigs
-    from controllers.latency import PhysicsForecaster
+    from controllers.latency import PhysicsForecaster, PredictorForecaster
     from controllers.loop import ControlLoop
     from controllers.monitor import PredictionMonitor
     from controllers.mpc import PredictorRollout
@@ -144,6 +145,10 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         raise ValueError("give at most one of --model and --endpoint")
     if opts.controller == "mpc" and not (opts.model or opts.endpoint):
         raise ValueError("controller 'mpc' needs the learned model: pass --model model.onnx (or --endpoint)")
+    if opts.latency_source not in ("physics", "predictor"):
+        raise ValueError(f"unknown latency source {opts.latency_source!r}; choose physics or predictor")
+    if opts.latency_source == "predictor" and opts.latency_ms > 0 and not (opts.model or opts.endpoint):
+        raise ValueError("latency source 'predictor' needs the learned model: pass --model (or --endpoint)")
     if opts.model and not Path(opts.model).is_file():
         raise FileNotFoundError(f"--model {opts.model}: no such file")
     cfg = rigs.load_config(opts.rig)
@@ -232,7 +237,12 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                                       opts.mpc_max_plan_age_s)
         if hasattr(controller, "close"):
             stack.callback(controller.close)
-        forecaster = PhysicsForecaster(model, opts.latency_ms / 1000.0) if opts.latency_ms > 0 else None
+        forecaster: Any = None
+        if opts.latency_ms > 0:
+            forecaster = PhysicsForecaster(model, opts.latency_ms / 1000.0)
+            if opts.latency_source == "predictor" and tap is not None:
+                forecaster = PredictorForecaster(forecaster, tap.last_one_step, tap.model_dt,
+                                                 _monitor_scale(cfg))
         est_cut = float(tuning.get("estimation", {}).get("velocity_cutoff_hz", 25.0))
         from controllers.estimation import VelocityEstimator
 
@@ -301,6 +311,9 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             pred["mpc_plan_time_ms"] = controller.plan_time_s * 1e3
             pred["mpc_fallback_delays_ms"] = [d * 1e3 for d in controller.fallback_delays]
             pred["mpc_fallback_delay_ticks"] = list(controller.fallback_delay_ticks)
+        if isinstance(forecaster, PredictorForecaster):
+            pred.update(forecast_learned=forecaster.used, forecast_stale=forecaster.stale,
+                        forecast_rejected=forecaster.rejected)
         try:
             rig_stats = conn.stats().as_dict()
         except Exception:  # noqa: BLE001 - statistics are informative only

@@ -26,7 +26,7 @@ def wrapped(a):
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory) -> str:
-    """The shipped checkpoint exported to ONNX if present, else a random-weight model of the shipped size.
+    """The shipped checkpoint (n=4, m=1, dt=0.01: both rigs) exported to ONNX if present, else a random one.
 
     Exported in a subprocess: this test module (like the whole deployment side) stays torch-free."""
     d = tmp_path_factory.mktemp("model")
@@ -38,7 +38,8 @@ def onnx_model(tmp_path_factory) -> str:
         "d = Path(sys.argv[1]); ck = Path(sys.argv[2])\n"
         "if not ck.is_file():\n"
         "    ck = save_random_checkpoint(d / 'random.pt', seed=0, dt=0.01, rig='cartpole')\n"
-        "export_checkpoint(ck, d / 'model.onnx', context=32, streaming=d / 'model_step.onnx')\n"
+        "export_checkpoint(ck, d / 'model.onnx', context=32, streaming=d / 'model_step.onnx',\n"
+        "                  n=4, m=1, dt=0.01)\n"
     )
     pytest.importorskip("torch", reason="exporting the test model needs torch")
     subprocess.run([sys.executable, "-c", code, str(d), str(ckpt)], check=True, timeout=300,
@@ -76,6 +77,28 @@ def test_cartpole_swingup_and_hold_with_predictor_in_loop(onnx_model, tmp_path):
     hold_check(res, catch[0] + 1.0)
     assert res.monitor["err1_count"] > 50  # the predictor answered and the monitor scored it
     assert res.logger["written"] > 1000 and res.log_files
+
+
+def furuta_travel_check(res) -> float:
+    """The arm (trajectory columns t, u, theta, alpha, ...) stayed inside position_soft - position_margin."""
+    import rigs
+
+    lim = rigs.load_config("furuta").limits
+    worst = float(np.abs(res.trajectory[:, 2]).max())
+    assert worst < lim.position_soft - lim.position_margin, worst
+    return worst
+
+
+def test_furuta_swingup_and_hold_with_predictor_in_loop(onnx_model):
+    """Furuta from hanging (shortened): swing up within 10 s, hold +-5 deg, arm inside its travel margin."""
+    res = run_session(RunOptions(rig="furuta", controller="swingup", virtual=True, duration_s=6.0,
+                                 model=onnx_model, status=False, realtime=True, stale_ms=200.0))
+    report("furuta swing-up", res)
+    assert res.fault is None
+    catch = [t for t, _, new in res.mode_changes if new == "balance"]
+    assert catch and catch[0] < 10.0
+    hold_check(res, catch[0] + 1.0)
+    print(f"furuta max |theta| {furuta_travel_check(res):.3f} rad")
 
 
 @pytest.mark.parametrize("rig", ["cartpole", "furuta"])
@@ -126,9 +149,6 @@ def test_run_cli_dry_run_on_virtual_rig(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("rig", ["cartpole", "furuta"])
 def test_swingup_then_hold_60s(onnx_model, rig):
-    if rig == "furuta":
-        pytest.xfail("Furuta swing-up does not reach the catch region with the rig's parameters "
-                     "(10 V, pendulum damping 5e-4 N m s/rad, arm travel +-1.7 rad): see docs/controllers.md")
     res = run_session(RunOptions(rig=rig, controller="swingup", virtual=True, duration_s=72.0,
                                  model=onnx_model, status=False, realtime=True, stale_ms=200.0))
     report(f"{rig} swing-up + 60 s", res)
@@ -137,6 +157,8 @@ def test_swingup_then_hold_60s(onnx_model, rig):
     assert catch and catch[0] < 10.0
     hold_check(res, catch[0] + 1.0)
     assert res.trajectory[-1, 0] - catch[0] > 60.0
+    if rig == "furuta":
+        furuta_travel_check(res)
 
 
 @pytest.mark.slow
@@ -159,6 +181,23 @@ def test_500hz_with_predictor_overruns_60s(onnx_model):
     report("500 Hz + predictor 60 s", res)
     assert res.fault is None
     assert res.stats["overrun_pct"] < 0.1
+
+
+@pytest.mark.slow
+def test_predictor_latency_forecast_falls_back_to_physics_with_an_untrained_model(onnx_model):
+    """2 ms latency compensation from the predictor: every tick is forecast; a random-weight model's
+    corrections are rejected as implausible (physics used instead) and the cart-pole stays balanced."""
+    res = run_session(RunOptions(rig="cartpole", controller="lqr", virtual=True, init="upright",
+                                 duration_s=4.0, model=onnx_model, status=False, realtime=True,
+                                 stale_ms=200.0, latency_ms=2.0, latency_source="predictor"))
+    report("predictor latency forecast", res)
+    assert res.fault is None
+    p = res.predictor
+    forecasts = p["forecast_learned"] + p["forecast_rejected"] + p["forecast_stale"]
+    assert forecasts >= res.stats["ticks"] - 1
+    if not (ROOT / "fm_core" / "weights" / "default.pt").is_file():  # the random-weight test model
+        assert p["forecast_rejected"] + p["forecast_stale"] > 0.9 * forecasts
+    hold_check(res, 0.5)
 
 
 def _children(pid: int) -> list[int]:
@@ -227,6 +266,8 @@ def test_run_cli_ctrl_c_zeroes_motor_and_reports(tmp_path):
     (dict(virtual=True, controller="pid"), "unknown controller 'pid'"),
     (dict(virtual=True, model="/nonexistent/model.onnx"), "no such file"),
     (dict(virtual=True, controller="mpc"), "needs the learned model"),
+    (dict(virtual=True, latency_ms=2.0, latency_source="oracle"), "unknown latency source 'oracle'"),
+    (dict(virtual=True, latency_ms=2.0, latency_source="predictor"), "latency source 'predictor' needs"),
 ])
 def test_bad_run_options_are_named(opts, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):

@@ -9,7 +9,7 @@ import pytest
 
 import rigs
 from controllers.estimation import VelocityEstimator
-from controllers.latency import PhysicsForecaster
+from controllers.latency import PhysicsForecaster, PredictorForecaster
 from controllers.loop import ControlLoop, FixedRateRunner, LoopStats
 from controllers.lqr import LQRController
 from controllers.monitor import PredictionMonitor
@@ -121,6 +121,58 @@ def test_latency_compensated_lqr_balances_with_extra_delay(cart):
                        forecaster=PhysicsForecaster(model, 0.006))
     states = np.array(run_lockstep(loop, rig, 3.0))
     assert loop.fault is None and np.abs(states[750:, 1]).max() < np.deg2rad(3.0)
+
+
+def _physics_next(model, x, u, dt, steps=10):
+    for _ in range(steps):
+        x = model.step(x, u, dt / steps)
+    return np.asarray(x, dtype=float)
+
+
+def test_predictor_forecast_adds_the_learned_correction_or_falls_back(cart):
+    cfg, model = cart
+    scale = np.array([0.033, 0.1, 0.2, 1.0])
+    x_k, u_k = np.array([0.0, 0.1, 0.0, 0.0]), np.array([1.0])
+    bias = np.array([0.0, 0.0, 0.01, 0.05])  # the "learned" model's step differs from physics by this
+    src = {"v": (1.0, x_k, u_k, _physics_next(model, x_k, u_k, 0.01) + bias)}
+    phys = PhysicsForecaster(model, delay_s=0.004)
+    f = PredictorForecaster(phys, lambda: src["v"], 0.01, scale)
+    x = np.array([0.0, 0.12, 0.1, 0.2])
+    np.testing.assert_allclose(f.forecast(x, 1.005), phys.forecast(x, 1.005) + 0.4 * bias, atol=1e-9)
+    assert f.used == 1
+    assert np.array_equal(f.forecast(x, 1.05), phys.forecast(x, 1.05)) and f.stale == 1  # 5 steps old
+    src["v"] = (1.0, x_k, u_k, np.array([0.0, 3.0, 0.0, 0.0]))  # implausible: 30 scale units
+    assert np.array_equal(f.forecast(x, 1.005), phys.forecast(x, 1.005)) and f.rejected == 1
+    src["v"] = None  # no prediction yet
+    assert np.array_equal(f.forecast(x, 1.005), phys.forecast(x, 1.005)) and f.stale == 2
+    with pytest.raises(ValueError, match="scale must be 4 positive"):
+        PredictorForecaster(phys, lambda: None, 0.01, np.ones(3))
+
+
+def test_predictor_forecast_balances_with_extra_delay_through_the_tap(cart):
+    """6 ms actuation delay; the forecast uses the tap's one-step predictions (physics as the predictor)."""
+    cfg, model = cart
+    sim = rigs.RigSimulator(cfg, seed=0)
+    sim.delay = 0.006
+    sim.reset(np.array([0.0, 0.1, 0.0, 0.0]))
+    rig = SimulatedRig(sim, cfg)
+    tap = PredictorTap(PhysicsRollout(model, cfg.model_dt), cfg.model_dt)
+    fc = PredictorForecaster(PhysicsForecaster(model, 0.006), tap.last_one_step, cfg.model_dt,
+                             np.array([0.033, 0.1, 0.2, 1.0]))
+    loop = ControlLoop(rig, LQRController(model, 0.002, cfg=cfg), model, cfg, rate_hz=500, tap=tap,
+                       forecaster=fc)
+    done = threading.Event()
+
+    def on_tick(k, lp):  # let the worker answer before the next tick (lock-step runs faster than real time)
+        for _ in range(200):
+            if tap._job is None and not tap._busy:
+                break
+            done.wait(0.001)
+
+    with tap:
+        states = np.array(run_lockstep(loop, rig, 3.0, on_tick=on_tick))
+    assert loop.fault is None and np.abs(states[750:, 1]).max() < np.deg2rad(3.0)
+    assert fc.used > 0.8 * len(states) and fc.rejected == 0  # the learned correction was used
 
 
 def test_predictor_tap_feeds_monitor_without_blocking(cart):

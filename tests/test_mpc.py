@@ -48,6 +48,27 @@ def test_mpc_balances_simulated_cartpole(cart, method):
     assert np.abs(states[500:, 1]).max() < np.deg2rad(5.0)
 
 
+def test_trust_band_keeps_a_wrong_model_from_toppling_the_pendulum(cart):
+    """A rollout model with the input sign flipped plans the wrong way; trust_frac bounds the damage."""
+    cfg, model = cart
+
+    def flipped(x_hist, u_hist, u_plan):
+        return PhysicsRollout(model, cfg.model_dt)(x_hist, u_hist, -np.asarray(u_plan))
+
+    lqr = LQRController(model, 0.002, cfg=cfg)
+    ctl = make_mpc(model, cfg, flipped, lqr, cfg.model_dt,
+                   params=MPCParams(samples=32, trust_frac=0.3), threaded=False)
+    sim = rigs.RigSimulator(cfg, seed=0)
+    sim.reset(np.array([0.0, 0.05, 0.0, 0.0]))
+    rig = SimulatedRig(sim, cfg)
+    loop = ControlLoop(rig, ctl, model, cfg, rate_hz=500)
+    states = np.array(run_lockstep(loop, rig, 2.0))
+    assert loop.fault is None and ctl.fallbacks == 0  # the (wrong) MPC was in charge throughout
+    assert np.abs(states[500:, 1]).max() < np.deg2rad(5.0)
+    with pytest.raises(ValueError, match="trust_frac"):
+        make_mpc(model, cfg, flipped, lqr, cfg.model_dt, params=MPCParams(trust_frac=-1.0))
+
+
 def test_input_clipping_state_penalty_and_warm_start(cart):
     cfg, model = cart
     mpc = SamplingMPC(PhysicsRollout(model, 0.01), 4, 1, 10.0, model.upright(),
