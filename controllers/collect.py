@@ -3,7 +3,8 @@
 Each run drives the simulator through the REAL control loop (``controllers.loop.ControlLoop`` stepped in
 lock-step by ``controllers.simrig.run_lockstep``, not real time), so the logs are exactly what the loop
 writes on hardware: ``/state`` with the encoder positions (quantised, noisy counts from the simulator) and
-the velocities of the loop's own ``VelocityEstimator`` (cut-off from ``controllers/tuning.toml``), ``/command``
+the velocities of the loop's own ``VelocityEstimator`` (cut-off from ``controllers/tuning.toml``),
+``/command``
 with the clamped voltage, ``/mode`` with the excitation type, ``/fault`` when the soft limit trips. One MCAP
 file per run (``hardware.RunLogger``), consumable unchanged by ``rigfm dataset build``.
 
@@ -80,11 +81,18 @@ class Segment:
     seed: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "t_start": round(self.t_start, 3), "duration": round(self.duration, 3),
-                "amp": round(self.amp, 3), "dither": round(self.dither, 3)}
+        return {
+            "kind": self.kind,
+            "t_start": round(self.t_start, 3),
+            "duration": round(self.duration, 3),
+            "amp": round(self.amp, 3),
+            "dither": round(self.dither, 3),
+        }
 
 
-def plan_segments(rng: np.random.Generator, duration: float, u_max: float, start_upright: bool) -> list[Segment]:
+def plan_segments(
+    rng: np.random.Generator, duration: float, u_max: float, start_upright: bool
+) -> list[Segment]:
     """Random excitation schedule covering ``duration`` seconds (first segment LQR when starting upright)."""
     kinds = list(_WEIGHTS)
     p = np.array([_WEIGHTS[k] for k in kinds])
@@ -105,20 +113,28 @@ class ExcitationController:
 
     name = "collect"
 
-    def __init__(self, model: Any, cfg: Any, dt: float, segments: list[Segment], tuning: dict[str, Any],
-                 centre_hz: float = 0.4) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cfg: Any,
+        dt: float,
+        segments: list[Segment],
+        tuning: dict[str, Any],
+        centre_hz: float = 0.4,
+    ) -> None:
         from controllers.lqr import LQRController
         from controllers.swingup import SwingUpController
 
         self.model, self.cfg, self.segments = model, cfg, segments
         self.u_max = voltage_limit(cfg)
         self.lqr = LQRController(model, dt, cfg=cfg, tuning=tuning)
-        self.swing = SwingUpController(model, cfg, dt, lqr=LQRController(model, dt, cfg=cfg, tuning=tuning),
-                                       tuning=tuning)
+        self.swing = SwingUpController(
+            model, cfg, dt, lqr=LQRController(model, dt, cfg=cfg, tuning=tuning), tuning=tuning
+        )
         self.bi = base_index(model)
         self.pi = pendulum_index(model)
         x0 = np.asarray(model.hanging(), dtype=float)
-        acc = (np.asarray(model.deriv(x0, np.ones(model.m))) - np.asarray(model.deriv(x0, np.zeros(model.m))))
+        acc = np.asarray(model.deriv(x0, np.ones(model.m))) - np.asarray(model.deriv(x0, np.zeros(model.m)))
         self.b_gain = float(acc[model.n // 2 + self.bi])  # base acceleration per volt (at rest)
         wn = 2 * math.pi * centre_hz
         self.kp, self.kd = wn * wn, 2 * 0.8 * wn
@@ -164,7 +180,9 @@ class ExcitationController:
             if seg.kind == "swingup":
                 self.swing.reset()
         if self.guard:  # recover: strong PD back to the centre (pendulum left free)
-            u = float(np.clip(-(self.kp_guard * b + self.kd_guard * bd) / self.b_gain, -self.u_max, self.u_max))
+            u = float(
+                np.clip(-(self.kp_guard * b + self.kd_guard * bd) / self.b_gain, -self.u_max, self.u_max)
+            )
             return ControlOutput(u=np.array([u]), mode="collect-recover", info={"segment": self._idx})
         if seg.kind in ("swingup", "lqr"):
             out = (self.swing if seg.kind == "swingup" else self.lqr).compute(x, t)
@@ -180,7 +198,7 @@ class ExcitationController:
 
 # ------------------------------------------------------------------------------------------- the rig
 class FlaggedSimRig(SimulatedRig):
-    """``SimulatedRig`` whose samples carry the simulator's limit / overspeed events as device status flags."""
+    """``SimulatedRig`` whose samples carry the simulator's limit / overspeed events as status flags."""
 
     def _sample_now(self) -> None:
         super()._sample_now()
@@ -224,7 +242,9 @@ def initial_state(model: Any, rng: np.random.Generator, upright: bool) -> np.nda
     return x
 
 
-def collect_run(opts: CollectOptions, index: int, cfg: Any, model: Any, tuning: dict[str, Any]) -> dict[str, Any]:
+def collect_run(
+    opts: CollectOptions, index: int, cfg: Any, model: Any, tuning: dict[str, Any]
+) -> dict[str, Any]:
     """Simulate, control and log run ``index``; returns a summary (file, seconds logged, segments, trip)."""
     import rigs
     from controllers.estimation import VelocityEstimator
@@ -242,12 +262,23 @@ def collect_run(opts: CollectOptions, index: int, cfg: Any, model: Any, tuning: 
     cut = float(tuning.get("estimation", {}).get("velocity_cutoff_hz", 25.0))
     est = VelocityEstimator(model.n // 2, cut, angle_channels=(pendulum_index(model),))
     run_name = f"{cfg.kind}_collect_s{opts.seed}_{index:04d}"
-    meta = {"rig": cfg.kind, "controller": "collect", "state_names": list(cfg.state_names),
-            "controller_params": {"segments": [s.as_dict() for s in segs], "start_upright": upright,
-                                   "param_overrides": opts.params, "seed": opts.seed, "index": index,
-                                   "rate_hz": rate, "velocity_cutoff_hz": cut},
-            "rig_config": {"name": cfg.name, "kind": cfg.kind, "model_dt": cfg.model_dt,
-                           "control_rate_hz": rate}, "firmware_version": "sim", "protocol_version": 1}
+    meta = {
+        "rig": cfg.kind,
+        "controller": "collect",
+        "state_names": list(cfg.state_names),
+        "controller_params": {
+            "segments": [s.as_dict() for s in segs],
+            "start_upright": upright,
+            "param_overrides": opts.params,
+            "seed": opts.seed,
+            "index": index,
+            "rate_hz": rate,
+            "velocity_cutoff_hz": cut,
+        },
+        "rig_config": {"name": cfg.name, "kind": cfg.kind, "model_dt": cfg.model_dt, "control_rate_hz": rate},
+        "firmware_version": "sim",
+        "protocol_version": 1,
+    }
     log = RunLogger(opts.out, metadata=meta, run_name=run_name)
     try:
         loop = ControlLoop(rig, ctl, model, cfg, rate_hz=rate, estimator=est, logger=log, status_hz=0.0)
@@ -258,9 +289,13 @@ def collect_run(opts: CollectOptions, index: int, cfg: Any, model: Any, tuning: 
     if dropped:
         raise RuntimeError(f"run {run_name}: the logger dropped {dropped} messages")
     files = sorted(str(p) for p in Path(opts.out).glob(f"{run_name}_*.mcap"))
-    return {"run": run_name, "files": files, "seconds": len(states) / rate,
-            "fault": None if loop.fault is None else loop.fault.code,
-            "kinds": sorted({s.kind for s in segs})}
+    return {
+        "run": run_name,
+        "files": files,
+        "seconds": len(states) / rate,
+        "fault": None if loop.fault is None else loop.fault.code,
+        "kinds": sorted({s.kind for s in segs}),
+    }
 
 
 def collect(opts: CollectOptions) -> list[dict[str, Any]]:
@@ -302,12 +337,26 @@ def parse_params(items: list[str] | None) -> dict[str, float]:
 def main_collect(args: argparse.Namespace) -> int:
     """CLI handler of ``rigfm collect``."""
     t0 = time.time()
-    opts = CollectOptions(rig=args.rig, runs=args.runs, duration_s=args.duration, out=Path(args.out),
-                          seed=args.seed, params=parse_params(args.param), rate_hz=args.rate,
-                          upright_fraction=args.upright_fraction, progress=not args.quiet)
+    opts = CollectOptions(
+        rig=args.rig,
+        runs=args.runs,
+        duration_s=args.duration,
+        out=Path(args.out),
+        seed=args.seed,
+        params=parse_params(args.param),
+        rate_hz=args.rate,
+        upright_fraction=args.upright_fraction,
+        progress=not args.quiet,
+    )
     res = collect(opts)
     faults = sum(r["fault"] is not None for r in res)
-    summary = {"rig": args.rig, "runs": len(res), "seconds_logged": round(sum(r["seconds"] for r in res), 2),
-               "runs_ended_by_fault": faults, "out": str(opts.out), "wall_s": round(time.time() - t0, 2)}
+    summary = {
+        "rig": args.rig,
+        "runs": len(res),
+        "seconds_logged": round(sum(r["seconds"] for r in res), 2),
+        "runs_ended_by_fault": faults,
+        "out": str(opts.out),
+        "wall_s": round(time.time() - t0, 2),
+    }
     print(json.dumps(summary))
     return 0

@@ -28,11 +28,19 @@ def register(subparsers) -> None:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per run (default 20)")
     p.add_argument("-o", "--out", required=True, help="output directory for the .mcap files")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="simulator physics override, e.g. pole_mass_scale=1.4 (repeatable)")
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="simulator physics override, e.g. pole_mass_scale=1.4 (repeatable)",
+    )
     p.add_argument("--rate", type=float, default=None, help="loop rate in Hz (default: rig control_rate_hz)")
-    p.add_argument("--upright-fraction", type=float, default=0.25,
-                   help="share of runs starting near upright under LQR (default 0.25)")
+    p.add_argument(
+        "--upright-fraction",
+        type=float,
+        default=0.25,
+        help="share of runs starting near upright under LQR (default 0.25)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_collect)
 
@@ -40,10 +48,18 @@ def register(subparsers) -> None:
     e.add_argument("--rigs", default="cartpole,furuta", help="comma-separated rig names")
     e.add_argument("--fractions", default="0.02,0.1,1.0", help="training-data fractions")
     e.add_argument("--seeds", type=int, default=5, help="seeds per (model, fraction)")
-    e.add_argument("--models", default=None,
-                   help="comma-separated subset of fm,specialist,linreg,ffn,small_tf (default all)")
-    e.add_argument("--data", action="append", default=None, metavar="[RIG=]DATASET.npz",
-                   help="use this dataset instead of collecting (repeat per rig: cartpole=a.npz)")
+    e.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated subset of fm,specialist,linreg,ffn,small_tf (default all)",
+    )
+    e.add_argument(
+        "--data",
+        action="append",
+        default=None,
+        metavar="[RIG=]DATASET.npz",
+        help="use this dataset instead of collecting (repeat per rig: cartpole=a.npz)",
+    )
     e.add_argument("--checkpoint", default="fm_core/weights/default.pt", help="pretrained foundation model")
     e.add_argument("--runs", type=int, default=None, help="collected runs per rig (default by budget)")
     e.add_argument("--duration", type=float, default=None, help="seconds per collected run")
@@ -52,6 +68,7 @@ def register(subparsers) -> None:
     e.add_argument("--horizon", type=int, default=None, help="open-loop horizon of the multi-step metric")
     e.add_argument("--jobs", type=int, default=1, help="rigs evaluated in parallel processes")
     e.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    e.add_argument("--resume", action="store_true", help="reuse finished fits from OUT/<rig>/partial.json")
     e.add_argument("--quick", action="store_true", help="tiny CI budget (1 seed, few steps)")
     e.add_argument("--out", default="results", help="output directory (default results/)")
     e.add_argument("--work", default=None, help="scratch directory for collected data (default OUT/_work)")

@@ -1,0 +1,199 @@
+"""`rigfm evaluate --quick`: the whole experiment pipeline (collect -> dataset -> fit every model -> metrics
+->
+tables, plots, JSON, verdict) on tiny budgets, with a tiny stand-in checkpoint for the pretrained model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fm_core.checkpoint import save_checkpoint
+from fm_core.evaluate import EvalConfig, EvaluateError, config_from_args, run_evaluation, verdict
+from fm_core.model import DynamicsFM, ModelConfig
+
+MODEL_ROWS = (
+    "FM zero-shot",
+    "FM (fine-tuned)",
+    "Specialist",
+    "Small transformer",
+    "FFN (MLP)",
+    "Linear regression",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DynamicsFM(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=128))
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.pt", model, meta={"rig": "synthetic"})
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory, tiny_ckpt):
+    out = tmp_path_factory.mktemp("results")
+    cfg = EvalConfig.quick_config(checkpoint=str(tiny_ckpt), out=str(out))
+    return out, run_evaluation(cfg)
+
+
+def test_quick_run_writes_tables_plots_json_and_verdict(quick_results):
+    out, res = quick_results
+    for rig in ("cartpole", "furuta"):
+        table = (out / rig / "table.md").read_text()
+        rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
+        assert len(rows) == 1 + 5 * 3  # zero-shot + 5 models x 3 fractions
+        for name in MODEL_ROWS:
+            assert name in table
+        for frac in ("0.02", "0.1", "| 1 |"):
+            assert frac in table
+        for png in ("mse_vs_fraction.png", "rollout_example.png"):
+            data = (out / rig / png).read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    summary = (out / "summary.md").read_text()
+    assert "## Verdict" in summary and summary.count("**YES**") + summary.count("**NO**") == 3
+    raw = json.loads((out / "results.json").read_text())
+    assert set(raw["rigs"]) == {"cartpole", "furuta"} and raw["config"]["quick"] is True
+    for rr in raw["rigs"].values():
+        assert len(rr["runs"]) == 1 + 5 * 3
+        assert rr["n_trajectories"]["test"] >= 1 and rr["test_windows"] >= 1
+        for run in rr["runs"]:
+            assert math.isfinite(run["one_step_mse"]) and run["one_step_mse"] >= 0
+            assert math.isfinite(run["multi_step_mse"]) and run["multi_step_mse"] >= 0
+            assert len(run["per_step_mse"]) == raw["config"]["horizon"]
+    assert set(raw["verdict"]) == {
+        "fm_small_beats_specialist_full",
+        "fm_beats_every_baseline_every_fraction",
+        "fm_std_smaller_than_specialist",
+    }
+    assert res["verdict"] == raw["verdict"]
+
+
+def test_quick_run_metric_is_consistent_with_the_models_own_rollouts(quick_results):
+    """Sanity of the metric: the truth example and the stored predictions give the table's scale, and a
+    teacher-forced one-step error is below the open-loop error for the learned linear model."""
+    _out, res = quick_results
+    for rr in res["rigs"].values():
+        lin = [r for r in rr["runs"] if r["model"] == "linreg" and r["fraction"] == 1.0][0]
+        assert lin["one_step_mse"] < lin["multi_step_mse"]
+        truth = np.asarray(rr["example"]["truth"])
+        assert truth.shape == (res["config"]["context"] + res["config"]["horizon"], 4)
+        assert np.asarray(rr["example"]["linreg"]).shape == (res["config"]["horizon"], 4)
+
+
+def test_cli_with_given_dataset_and_a_model_subset(quick_results, tmp_path):
+    out, _ = quick_results
+    from controllers.experiment_commands import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    data = out / "_work" / "cartpole.npz"
+    args = parser.parse_args(
+        [
+            "evaluate",
+            "--quick",
+            "--rigs",
+            "cartpole",
+            "--data",
+            str(data),
+            "--models",
+            "linreg,ffn",
+            "--fractions",
+            "0.5,1",
+            "--seeds",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert args.func(args) == 0
+    table = (tmp_path / "cartpole" / "table.md").read_text()
+    assert re.search(r"\| FFN \(MLP\) \| 0\.5 \| \d+ \| 2 \| [0-9.e+-]+ ± ", table)  # mean ± std over 2 seeds
+    assert "FM" not in table
+    assert "n/a" in (tmp_path / "summary.md").read_text()  # no FM: the verdict says it cannot answer
+    first = json.loads((tmp_path / "results.json").read_text())["rigs"]["cartpole"]["runs"]
+    partial = json.loads((tmp_path / "cartpole" / "partial.json").read_text())
+    assert len(partial["runs"]) == len(first) == 2 * 2 * 2
+    # --resume reuses every finished fit (a marker in the partial file proves they were not refitted)
+    for r in partial["runs"]:
+        r["info"]["resumed_marker"] = 1
+    (tmp_path / "cartpole" / "partial.json").write_text(json.dumps(partial))
+    args = parser.parse_args(["evaluate", "--quick", "--rigs", "cartpole", "--data", str(data), "--models",
+                              "linreg,ffn", "--fractions", "0.5,1", "--seeds", "2", "--out", str(tmp_path),
+                              "--resume"])
+    assert args.func(args) == 0
+    again = json.loads((tmp_path / "results.json").read_text())["rigs"]["cartpole"]["runs"]
+    assert all(r["info"].get("resumed_marker") == 1 for r in again)
+    assert [r["multi_step_mse"] for r in again] == [r["multi_step_mse"] for r in first]
+
+
+def test_verdict_logic_on_known_numbers():
+    def runs(model, frac, vals):
+        return [
+            {"model": model, "fraction": frac, "seed": i, "one_step_mse": v / 10, "multi_step_mse": v}
+            for i, v in enumerate(vals)
+        ]
+
+    good = {
+        "runs": runs("fm", 0.02, [1.0, 1.1])
+        + runs("fm", 1.0, [0.5, 0.5])
+        + runs("specialist", 0.02, [9, 5])
+        + runs("specialist", 1.0, [2.0, 3.0])
+        + runs("linreg", 0.02, [4, 4])
+        + runs("linreg", 1.0, [0.4, 0.4])
+    }
+    v = verdict({"rigs": {"a": good}})
+    assert v["fm_small_beats_specialist_full"]["holds"] is True  # 1.05 < 2.5
+    assert v["fm_beats_every_baseline_every_fraction"]["holds"] is False  # linreg@1.0 = 0.4 < 0.5
+    exc = v["fm_beats_every_baseline_every_fraction"]["per_rig"]["a"]["exceptions"]
+    assert exc == [{"fraction": 1.0, "model": "linreg", "fm_multi": 0.5, "other_multi": 0.4}]
+    assert v["fm_std_smaller_than_specialist"]["holds"] is True  # 0.05 < 2.0 and 0.0 < 0.5
+
+
+def test_missing_checkpoint_is_named(quick_results, tmp_path):
+    out, _ = quick_results
+    cfg = EvalConfig.quick_config(rigs=["furuta"], data={"furuta": str(out / "_work" / "furuta.npz")},
+                                  checkpoint=str(tmp_path / "missing.pt"), out=str(tmp_path))
+    with pytest.raises(EvaluateError, match="missing.pt does not exist"):
+        run_evaluation(cfg)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(EvaluateError, match="does not exist"):
+        run_evaluation(
+            EvalConfig.quick_config(
+                rigs=["cartpole"], data={"cartpole": str(tmp_path / "no.npz")}, out=str(tmp_path)
+            )
+        )
+    with pytest.raises(EvaluateError, match="--fractions"):
+        run_evaluation(EvalConfig(fractions=[0.0, 2.0], out=str(tmp_path)))
+    with pytest.raises(EvaluateError, match="unknown model"):
+        run_evaluation(EvalConfig(models=["gp"], out=str(tmp_path)))
+    ns = argparse.Namespace(
+        rigs="cartpole,furuta",
+        data=["x.npz"],
+        fractions="0.1",
+        seeds=1,
+        checkpoint="c",
+        out=str(tmp_path),
+        work=None,
+        threads=1,
+        jobs=1,
+        models=None,
+        runs=None,
+        duration=None,
+        context=None,
+        horizon=None,
+        quick=True,
+        steps=None,
+    )
+    with pytest.raises(EvaluateError, match="RIG=PATH"):
+        config_from_args(ns)
+    ns.fractions = "0.1,abc"
+    ns.data = None
+    with pytest.raises(EvaluateError, match="--fractions"):
+        config_from_args(ns)
