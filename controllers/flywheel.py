@@ -1,0 +1,290 @@
+"""The data flywheel, end to end, against ONE running predictor process.
+
+run (mismatched virtual rig, logged) -> dataset build -> fine-tune -> export -> hot reload of the running
+predictor (same pid) -> run again -> compare the prediction monitor's 1-step and 10-step errors.
+
+The control side stays torch-free: fine-tuning and export run as ``rigfm`` subprocesses
+(``python -m controllers.cli finetune|export``).  ``python -m controllers.flywheel`` or ``rigfm flywheel``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_PARAMS = {"pole_mass_scale": 1.4, "friction_scale": 2.0}
+NOMINAL_WEIGHTS = {"cartpole": "fm_core/weights/cartpole.pt", "furuta": "fm_core/weights/furuta.pt"}
+PRETRAINED = "fm_core/weights/default.pt"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FlywheelError(RuntimeError):
+    """A flywheel stage failed; the message names the stage (and the command / file)."""
+
+
+@dataclass
+class FlywheelConfig:
+    """One flywheel experiment (mirrors ``rigfm flywheel`` flags)."""
+
+    out: str
+    rig: str = "cartpole"
+    controller: str = "swingup"
+    duration_s: float = 60.0
+    finetune_steps: int = 300
+    init_checkpoint: str | None = None      # default: fm_core/weights/<rig>.pt, else the pretrained default
+    virtual_params: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PARAMS))
+    seed: int = 0
+    stale_ms: float = 200.0                 # tolerant: the shared machine is loaded
+    window: int | None = None               # dataset window (default: fits the run)
+    context: int = 64                       # predictor window of the exported ONNX
+    status: bool = False
+
+
+def _rigfm(args: list[str], stage: str, log: Path) -> None:
+    """Run ``rigfm ARGS`` in a subprocess (torch lives there); raise FlywheelError naming the stage."""
+    cmd = [sys.executable, "-m", "controllers.cli", *args]
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = log.read_text()[-2000:]
+        raise FlywheelError(f"flywheel stage {stage!r} failed (exit {rc}): {' '.join(cmd)}\n{tail}")
+
+
+def resolve_init(cfg: FlywheelConfig) -> tuple[Path, bool]:
+    """The v1 checkpoint and whether it is already fine-tuned on the rig (else the pretrained default)."""
+    if cfg.init_checkpoint:
+        p = Path(cfg.init_checkpoint)
+        if not p.is_file():
+            raise FileNotFoundError(f"--init {p}: no such checkpoint")
+        return p, True
+    nominal = REPO / NOMINAL_WEIGHTS.get(cfg.rig, f"fm_core/weights/{cfg.rig}.pt")
+    if nominal.is_file():
+        return nominal, True
+    p = REPO / PRETRAINED
+    if not p.is_file():
+        raise FileNotFoundError(f"no initial checkpoint: neither {nominal} nor {p} exists")
+    return p, False
+
+
+def export_onnx(ckpt: Path, onnx: Path, context: int, log: Path, dims: bool) -> Path:
+    """``rigfm export`` -> full-window ONNX + KV-cache step graph; returns the step graph path."""
+    step = onnx.with_name(onnx.stem + ".step.onnx")
+    args = ["export", str(ckpt), "-o", str(onnx), "--streaming", str(step), "--context", str(context)]
+    if dims:  # pretrained weights carry no n/m/dt
+        args += ["--n", "4", "--m", "1", "--dt", "0.01"]
+    _rigfm(args, "export", log)
+    return step
+
+
+def _errors(res: Any) -> dict[str, Any]:
+    mon = res.monitor or {}
+    out = {k: mon.get(k) for k in ("err1_win", "err1_ewma", "err1_count", "err10_win", "err10_ewma",
+                                   "err10_count")}
+    out.update(fault=res.fault, overruns=res.stats.get("overruns"), modes=sorted(set(res.modes)),
+               predictor={k: v for k, v in res.predictor.items() if isinstance(v, (int, float, str))},
+               log_files=list(res.log_files))
+    return out
+
+
+def _run(cfg: FlywheelConfig, endpoint: str, log_dir: Path | None) -> Any:
+    from controllers.session import RunOptions, run_session
+
+    opts = RunOptions(rig=cfg.rig, controller=cfg.controller, virtual=True, duration_s=cfg.duration_s,
+                      endpoint=endpoint, log_dir=str(log_dir) if log_dir else None,
+                      virtual_params=dict(cfg.virtual_params), stale_ms=cfg.stale_ms, status=cfg.status,
+                      seed=cfg.seed)
+    return run_session(opts)
+
+
+def _window(duration_s: float, dt: float, requested: int | None) -> int:
+    if requested:
+        return requested
+    steps = int(duration_s / dt)
+    return int(max(16, min(256, 0.05 * steps)))  # the 10 % val/test blocks must hold windows
+
+
+def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
+    """Run the whole experiment; writes ``flywheel.json`` and ``flywheel.md`` into ``cfg.out``; returns the
+    result dict (``error_before``/``error_after``/``factor`` = 10-step windowed errors, plus 1-step)."""
+    import rigs
+    from export.client import PredictorProcess
+    from hardware.dataset_build import build_dataset
+
+    say = progress or (lambda msg: None)
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rcfg = rigs.load_config(cfg.rig)
+    init, tuned = resolve_init(cfg)
+    t0 = time.monotonic()
+    stages: dict[str, float] = {}
+
+    def mark(name: str, since: float) -> float:
+        stages[name] = round(time.monotonic() - since, 2)
+        return time.monotonic()
+
+    t = time.monotonic()
+    v1 = out / "v1.onnx"
+    v1_step = export_onnx(init, v1, cfg.context, out / "export_v1.log", dims=not tuned)
+    t = mark("export_v1", t)
+    with PredictorProcess(v1, extra_args=["--streaming", str(v1_step)]) as proc:
+        client = proc.client(timeout_ms=30_000)
+        try:
+            pid0 = proc.pid
+            info1 = client.info()
+            say(f"predictor pid {pid0} serving v1 ({init.name}, sha {str(info1.get('model_sha256'))[:12]})")
+            before = _run(cfg, proc.endpoint, out / "logs_before")
+            t = mark("run_before", t)
+            say(f"run 1: err10_win {before.monitor.get('err10_win')}, fault {before.fault}")
+            if not before.log_files:
+                raise FlywheelError("flywheel stage 'run_before' wrote no log files")
+            data = out / "data.npz"
+            window = _window(cfg.duration_s, rcfg.model_dt, cfg.window)
+            report = build_dataset(before.log_files, data, window=window, seed=cfg.seed)
+            t = mark("dataset", t)
+            n_windows = {k: int(v) for k, v in report.get("windows", {}).items()} \
+                if isinstance(report.get("windows"), dict) else report.get("windows")
+            say(f"dataset {data.name}: window {window}, windows {n_windows}")
+            ft = out / "ft"
+            _rigfm(["finetune", "--init", str(init), "--data", str(data), "--mode", "full", "--steps",
+                    str(cfg.finetune_steps), "--seed", str(cfg.seed), "--out", str(ft), "--no-progress"],
+                   "finetune", out / "finetune.log")
+            t = mark("finetune", t)
+            v2 = out / "v2.onnx"
+            v2_step = export_onnx(ft / "finetuned.pt", v2, cfg.context, out / "export_v2.log", dims=False)
+            t = mark("export_v2", t)
+            reloads0 = int(client.health().get("reloads", 0))
+            rel = client.reload(str(v2), streaming=str(v2_step))
+            info2 = client.info()
+            health = client.health()
+            t = mark("reload", t)
+            if proc.pid != pid0 or proc.proc is None or proc.proc.poll() is not None:
+                raise FlywheelError(f"flywheel stage 'reload': predictor pid {pid0} did not survive")
+            say(f"reloaded v2 in pid {proc.pid}: sha {str(info2.get('model_sha256'))[:12]}")
+            after = _run(cfg, proc.endpoint, out / "logs_after")
+            t = mark("run_after", t)
+        finally:
+            client.close()
+    eb, ea = _errors(before), _errors(after)
+
+    def ratio(a: Any, b: Any) -> float:
+        if a is None or not b or not (math.isfinite(a) and math.isfinite(b)):
+            return math.nan
+        return float(a) / float(b)
+
+    result = {
+        "rig": cfg.rig, "config": asdict(cfg), "init_checkpoint": str(init), "init_is_rig_finetuned": tuned,
+        "predictor_pid": pid0, "pid_after_reload": proc.pid,
+        "sha_v1": info1.get("model_sha256"), "sha_v2": info2.get("model_sha256"), "reload_reply": rel,
+        "reloads": int(health.get("reloads", 0)) - reloads0, "dataset": {"path": str(data), "window": window,
+                                                                       "windows": n_windows},
+        "before": eb, "after": ea,
+        "error_before": eb["err10_win"], "error_after": ea["err10_win"],
+        "factor": ratio(eb["err10_win"], ea["err10_win"]),
+        "error1_before": eb["err1_win"], "error1_after": ea["err1_win"],
+        "factor1": ratio(eb["err1_win"], ea["err1_win"]),
+        "factor_ewma": ratio(eb["err10_ewma"], ea["err10_ewma"]),
+        "stages_s": stages, "wall_s": round(time.monotonic() - t0, 1),
+    }
+    (out / "flywheel.json").write_text(json.dumps(result, indent=1, default=_jsonable))
+    (out / "flywheel.md").write_text(summary_markdown(result))
+    return result
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.generic,)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def summary_markdown(r: dict[str, Any]) -> str:
+    """Short markdown summary of a flywheel result."""
+    c = r["config"]
+
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    params = " ".join(f"{k}={v}" for k, v in c["virtual_params"].items())
+    return (
+        f"# Flywheel: {r['rig']} ({c['controller']}), virtual rig {params}\n\n"
+        f"v1 = `{Path(r['init_checkpoint']).name}` (rig-fine-tuned: {r['init_is_rig_finetuned']}), "
+        f"{c['duration_s']:.0f} s runs, {c['finetune_steps']} fine-tune steps, dataset windows "
+        f"{r['dataset']['windows']}.\n"
+        f"Predictor pid {r['predictor_pid']} before and {r['pid_after_reload']} after the reload "
+        f"({r['reloads']} reload), sha {str(r['sha_v1'])[:12]} -> {str(r['sha_v2'])[:12]}.\n\n"
+        "| error (monitor, windowed mean) | before (v1) | after (v2) | factor |\n|---|---|---|---|\n"
+        f"| 10-step | {f(r['error_before'])} | {f(r['error_after'])} | {r['factor']:.2f}x |\n"
+        f"| 1-step | {f(r['error1_before'])} | {f(r['error1_after'])} | {r['factor1']:.2f}x |\n\n"
+        f"Faults: before {r['before']['fault']}, after {r['after']['fault']}. "
+        f"Stage times (s): {r['stages_s']}.\n"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _param(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a number, got {text!r}") from None
+
+
+def register(subparsers: Any) -> None:
+    """Add ``flywheel``."""
+    p = subparsers.add_parser("flywheel", help="run -> log -> dataset -> fine-tune -> export -> hot reload "
+                                               "-> run again; reports the prediction-error drop")
+    add_arguments(p)
+    p.set_defaults(func=handler)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rig", default="cartpole")
+    p.add_argument("--controller", choices=("lqr", "swingup"), default="swingup")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds per run (default 60)")
+    p.add_argument("--steps", type=int, default=300, help="fine-tune steps (default 300)")
+    p.add_argument("--init", default=None, help="v1 checkpoint (default fm_core/weights/<rig>.pt, else "
+                                                "the pretrained default.pt)")
+    p.add_argument("--virtual-param", type=_param, action="append", default=None, metavar="NAME=VALUE",
+                   help="plant mismatch (default pole_mass_scale=1.4 friction_scale=2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stale-ms", type=float, default=200.0)
+    p.add_argument("--window", type=int, default=None, help="dataset window (default fits the run)")
+    p.add_argument("--out", default="runs/flywheel", help="output folder (default runs/flywheel)")
+    p.add_argument("--status", action="store_true", help="live status line during the runs")
+
+
+def handler(args: argparse.Namespace) -> int:
+    cfg = FlywheelConfig(out=args.out, rig=args.rig, controller=args.controller, duration_s=args.duration,
+                         finetune_steps=args.steps, init_checkpoint=args.init, seed=args.seed,
+                         stale_ms=args.stale_ms, window=args.window, status=args.status,
+                         virtual_params=dict(args.virtual_param or DEFAULT_PARAMS))
+    try:
+        res = run_flywheel(cfg, progress=lambda m: print(f"flywheel: {m}", file=sys.stderr, flush=True))
+    except (FlywheelError, FileNotFoundError, ValueError) as exc:
+        print(f"rigfm flywheel: {exc}", file=sys.stderr)
+        return 2
+    print(summary_markdown(res))
+    print(f"wrote {Path(cfg.out) / 'flywheel.json'} and flywheel.md")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m controllers.flywheel", description=__doc__)
+    add_arguments(p)
+    return handler(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
