@@ -20,12 +20,7 @@ from fm_core.trajfile import TrajectoryFileError, load_trajectories, save_trajec
 TINY = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _simulate(k: int, t: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,12 +15,7 @@ from fm_core.rkhs import RKHSConfig, generate_batch
 WEIGHTS = Path(__file__).resolve().parents[1] / "fm_core" / "weights"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _one_step_mse(model: DynamicsFM, batch) -> float:

@@ -26,13 +26,7 @@ SMOKE = ROOT / "fm_core" / "configs" / "smoke.toml"
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the machine is shared, multi-threaded tiny ops only spin."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _spec(**kw) -> BatchSpec:
