@@ -138,8 +138,10 @@ class MotorGuard:
     """Motor to zero on exit, exception, SIGINT, SIGTERM and at interpreter exit.
 
     Inside the ``with`` block SIGINT raises ``KeyboardInterrupt`` (Python's default) and SIGTERM raises
-    ``SystemExit``; either unwinds the loop, and ``__exit__`` sends 0 V (and ``estop()`` when leaving on
-    an exception).  Signal handlers are only installed from the main thread and restored afterwards."""
+    ``SystemExit``; either unwinds the loop, and ``__exit__`` sends 0 V and ``estop()`` on every exit (the
+    device then holds 0 V by its latch rather than tripping its watchdog while the session tears down; the
+    next run clears the latch at connect).  Signal handlers are only installed from the main thread and
+    restored afterwards."""
 
     def __init__(self, rig: Any, estop_on_error: bool = True) -> None:
         self.rig = rig
@@ -177,7 +179,9 @@ class MotorGuard:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
-            self.zero(estop=exc_type is not None and self.estop_on_error)
+            # e-stop on every exit, normal ones too: the device then holds 0 V by its latch instead of
+            # tripping its watchdog (and reporting a WATCHDOG fault) while the session tears down
+            self.zero(estop=self.estop_on_error)
         finally:
             self._done = True
             for sig, old in self._old.items():

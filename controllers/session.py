@@ -172,7 +172,9 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                 realtime_process(vr.proc.pid, priority=49)  # the plant outranks everything but the loop
         from hardware.driver import RigConnection
 
-        conn = stack.enter_context(RigConnection(port=port, rig_config=cfg))
+        # a new run clears the e-stop latch that the previous run's clean exit left (once, at first connect;
+        # never on a reconnect mid-run); the firmware still enforces its limits and watchdog
+        conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True))
         if conn.wait_state(timeout=5.0) is None:
             raise RuntimeError(f"no STATE from the rig on {port} within 5 s")
         rig = DryRunRig(conn) if opts.dry_run else conn
