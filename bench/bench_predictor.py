@@ -2,7 +2,7 @@
 
     python bench/bench_predictor.py                      # default checkpoint (or random default-config model)
     python bench/bench_predictor.py --windows 64 16 --iters 1000
-    python bench/bench_predictor.py --compare-exporters  # dynamo vs torchscript: export time, nodes, latency
+    python bench/bench_predictor.py --compare-exporters  # fused/torchscript/dynamo: export, nodes, latency
 
 Everything runs on one thread (torch.set_num_threads(1), ORT intra_op_num_threads=1, one server thread).
 Prints p50/p99 in ms and the ratios against the targets in docs/predictor.md.
@@ -199,12 +199,12 @@ def ort_optimised_nodes(path: Path, tmp: Path) -> int:
 
 
 def compare_exporters(ckpt: Path, tmp: Path, iters: int) -> None:
-    """Export with both exporters, then time the sessions interleaved (A B A B ...) on the same inputs."""
+    """Export with every exporter, then time the sessions interleaved (A B C A B C ...) on the same inputs."""
     from export.onnx_export import export_checkpoint
-    from export.onnx_runtime import OnnxPredictor
+    from export.onnx_runtime import EXPORTERS, OnnxPredictor
 
     preds, results = {}, {}
-    for exporter in ("torchscript", "dynamo"):
+    for exporter in EXPORTERS:
         res = export_checkpoint(
             ckpt,
             tmp / f"{exporter}.onnx",
@@ -214,7 +214,7 @@ def compare_exporters(ckpt: Path, tmp: Path, iters: int) -> None:
         )
         results[exporter] = res
         preds[exporter] = OnnxPredictor(res.full_path, res.step_path)
-    me = preds["torchscript"].meta
+    me = preds[EXPORTERS[0]].meta
     rng = np.random.default_rng(0)
     names = list(preds)
     print("\nexporter     export s (full+step)  nodes full/step  full nodes after ORT opt")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=500, help="calls per batch-1 measurement")
     ap.add_argument("--big-iters", type=int, default=40, help="calls per batch-256 measurement")
     ap.add_argument("--spin-us", type=float, default=0.0, help="server --spin-us (busy-poll after requests)")
-    ap.add_argument("--compare-exporters", action="store_true", help="only compare dynamo vs torchscript")
+    ap.add_argument("--compare-exporters", action="store_true", help="only compare the exporters")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="rigfm-bench-") as d:

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from export.onnx_runtime import DEFAULT_EXPORTER, EXPORTERS
+
 
 def _export(args: argparse.Namespace) -> int:
     from export.onnx_export import ExportError, export_checkpoint, quantize_int8
@@ -30,7 +32,10 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     for graph, path in (("full", res.full_path), ("step", res.step_path)):
         if path is not None:
-            print(f"{graph}: {path} ({res.nodes[graph]} nodes, {res.export_s[graph]:.2f} s, {args.exporter})")
+            print(
+                f"{graph}: {path} ({res.nodes[graph]} nodes, {res.export_s[graph]:.2f} s, {args.exporter}, "
+                f"parity vs torch {res.parity[graph]:.1e})"
+            )
     if args.quantize:
         for path in (res.full_path, res.step_path):
             if path is None:
@@ -99,11 +104,12 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", action="store_true", help="also write *.int8.onnx (dynamic int8 weights)")
     p.add_argument(
         "--exporter",
-        choices=("torchscript", "dynamo"),
-        default="torchscript",
-        help="torch.onnx exporter (default torchscript: see docs/predictor.md for the measurement)",
+        choices=EXPORTERS,
+        default=DEFAULT_EXPORTER,
+        help="fused (default: onnxruntime fused operators built from the weights) or a torch.onnx exporter; "
+        "see docs/predictor.md for the measurement",
     )
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17 torchscript / 18 dynamo)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 18 for dynamo)")
     p.add_argument("--n", type=int, default=None, help="states (if the checkpoint's meta has none)")
     p.add_argument("--m", type=int, default=None, help="inputs (if the checkpoint's meta has none)")
     p.add_argument("--dt", type=float, default=None, help="model time step in s (if the meta has none)")

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from export.onnx_runtime import (
+    DEFAULT_EXPORTER,
+    EXPORTERS,
     FORMAT,
     FULL_INPUTS,
     FULL_OUTPUTS,
@@ -29,6 +31,7 @@ from export.onnx_runtime import (
 
 DEFAULT_CONTEXT = 64
 MAX_BATCH = 4096
+PARITY_TOL = 1e-4  # max relative error vs torch accepted at export time
 
 
 class ExportError(RuntimeError):
@@ -287,7 +290,86 @@ def _export_graph(
                 opset_version=opset,
             )
         else:
-            raise ExportError(f"unknown exporter {exporter!r}; use 'dynamo' or 'torchscript'")
+            raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
+
+
+def _write_graph(ck: LoadedCheckpoint, graph: str, path: Path, exporter: str, opset: int) -> None:
+    """Write the ``full`` or ``step`` graph of ``ck`` with the chosen exporter."""
+    c = ck.config
+    if exporter == "fused":
+        from export.fused_graph import save_fused
+
+        save_fused(ck.system, graph, path)
+        return
+    if graph == "step":
+        axes = {
+            "x_win": {0: "B"},
+            "u_win": {0: "B"},
+            "obs_win": {0: "B"},
+            "past_k": {1: "B", 3: "S"},
+            "past_v": {1: "B", 3: "S"},
+            "pred": {0: "B"},
+            "present_k": {1: "B", 3: "S1"},
+            "present_v": {1: "B", 3: "S1"},
+        }
+        _export_graph(
+            StepGraph(ck.system).eval(),
+            _dummy_step(ck),
+            path,
+            STEP_INPUTS,
+            STEP_OUTPUTS,
+            axes,
+            {"B": MAX_BATCH, "S": c["max_len"] - 1},
+            exporter,
+            opset,
+        )
+    else:
+        axes = {
+            "x": {0: "B", 1: "T"},
+            "u": {0: "B", 1: "T"},
+            "obs": {0: "B", 1: "T"},
+            "pred": {0: "B", 1: "T"},
+            "present_k": {1: "B", 3: "T"},
+            "present_v": {1: "B", 3: "T"},
+        }
+        _export_graph(
+            FullWindowGraph(ck.system).eval(),
+            _dummy_full(ck),
+            path,
+            FULL_INPUTS,
+            FULL_OUTPUTS,
+            axes,
+            {"B": MAX_BATCH, "T": c["max_len"]},
+            exporter,
+            opset,
+        )
+
+
+def check_parity(ck: LoadedCheckpoint, graph: str, path: Path, tol: float = PARITY_TOL) -> float:
+    """Run the exported graph in onnxruntime against torch on fixed random inputs (with hidden steps and,
+    for the step graph, a non-empty cache); returns the max relative error, ExportError above ``tol``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if graph == "step":
+        args = _dummy_step(ck, b=2, s=5)
+        names = STEP_INPUTS
+        module: nn.Module = StepGraph(ck.system).eval()
+    else:
+        x, u, obs = _dummy_full(ck, b=2, t=11)
+        obs[:, 7:] = 0.0
+        args, names, module = (x, u, obs), FULL_INPUTS, FullWindowGraph(ck.system).eval()
+    with torch.no_grad():
+        ref = [t.numpy() for t in module(*args)]
+    got = sess.run(None, {k: a.numpy() for k, a in zip(names, args, strict=True)})
+    err = max(
+        float(np.abs(g - r).max() / max(float(np.abs(r).max()), 1e-6)) for g, r in zip(got, ref, strict=True)
+    )
+    if not err <= tol:
+        raise ExportError(f"{path}: {graph} graph differs from torch by {err:.3g} (relative, > {tol:g})")
+    return err
 
 
 def _finalise(path: Path, metadata: dict[str, str]) -> None:
@@ -312,6 +394,7 @@ class ExportResult:
     export_s: dict[str, float]
     nodes: dict[str, int]
     metadata: dict[str, str]
+    parity: dict[str, float] = field(default_factory=dict)  # max relative error vs torch per graph
 
 
 def export_checkpoint(
@@ -320,7 +403,7 @@ def export_checkpoint(
     *,
     context: int = DEFAULT_CONTEXT,
     streaming: str | Path | None = None,
-    exporter: str = "torchscript",
+    exporter: str = DEFAULT_EXPORTER,
     opset: int | None = None,
     n: int | None = None,
     m: int | None = None,
@@ -340,74 +423,42 @@ def export_loaded(
     *,
     context: int = DEFAULT_CONTEXT,
     streaming: str | Path | None = None,
-    exporter: str = "torchscript",
+    exporter: str = DEFAULT_EXPORTER,
     opset: int | None = None,
 ) -> ExportResult:
     """Export an already loaded checkpoint (see :func:`export_checkpoint`)."""
     c = ck.config
     if not (c["patch"] <= context <= c["max_len"]):
         raise ExportError(f"--context {context} must be in [patch={c['patch']}, max_len={c['max_len']}]")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
     opset = opset or (18 if exporter == "dynamo" else 17)
+    if exporter == "fused" and opset != 17:
+        raise ExportError(f"the fused exporter writes opset 17 graphs, got --opset {opset}")
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     nodes: dict[str, int] = {}
-    full_axes = {
-        "x": {0: "B", 1: "T"},
-        "u": {0: "B", 1: "T"},
-        "obs": {0: "B", 1: "T"},
-        "pred": {0: "B", 1: "T"},
-        "present_k": {1: "B", 3: "T"},
-        "present_v": {1: "B", 3: "T"},
-    }
     step_path = None
+    graphs: list[tuple[str, Path]] = []
     if streaming is not None:
         step_path = Path(streaming)
         step_path.parent.mkdir(parents=True, exist_ok=True)
-        step_axes = {
-            "x_win": {0: "B"},
-            "u_win": {0: "B"},
-            "obs_win": {0: "B"},
-            "past_k": {1: "B", 3: "S"},
-            "past_v": {1: "B", 3: "S"},
-            "pred": {0: "B"},
-            "present_k": {1: "B", 3: "S1"},
-            "present_v": {1: "B", 3: "S1"},
-        }
+        graphs.append(("step", step_path))
+    graphs.append(("full", out))
+    parity: dict[str, float] = {}
+    meta: dict[str, str] = {}
+    for graph, path in graphs:
         t0 = time.perf_counter()
-        _export_graph(
-            StepGraph(ck.system).eval(),
-            _dummy_step(ck),
-            step_path,
-            STEP_INPUTS,
-            STEP_OUTPUTS,
-            step_axes,
-            {"B": MAX_BATCH, "S": c["max_len"] - 1},
-            exporter,
-            opset,
-        )
-        _finalise(step_path, _metadata(ck, "step", context, exporter, opset))
-        times["step"] = time.perf_counter() - t0
-        nodes["step"] = len(onnx.load(str(step_path)).graph.node)
-    t0 = time.perf_counter()
-    _export_graph(
-        FullWindowGraph(ck.system).eval(),
-        _dummy_full(ck),
-        out,
-        FULL_INPUTS,
-        FULL_OUTPUTS,
-        full_axes,
-        {"B": MAX_BATCH, "T": c["max_len"]},
-        exporter,
-        opset,
-    )
-    meta = _metadata(ck, "full", context, exporter, opset)
-    if step_path is not None:
-        meta["rigfm.step_file"] = step_path.name
-    _finalise(out, meta)
-    times["full"] = time.perf_counter() - t0
-    nodes["full"] = len(onnx.load(str(out)).graph.node)
-    return ExportResult(out, step_path, times, nodes, meta)
+        _write_graph(ck, graph, path, exporter, opset)
+        meta = _metadata(ck, graph, context, exporter, opset)
+        if graph == "full" and step_path is not None:
+            meta["rigfm.step_file"] = step_path.name
+        _finalise(path, meta)
+        parity[graph] = check_parity(ck, graph, path)
+        times[graph] = time.perf_counter() - t0
+        nodes[graph] = len(onnx.load(str(path)).graph.node)
+    return ExportResult(out, step_path, times, nodes, meta, parity)
 
 
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
@@ -418,7 +469,12 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_dynamic(
-            str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            # the fused graphs' contrib operators have no ONNX type inference: their outputs are float32
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     model = onnx.load(str(dst))
     props = {p.key: p.value for p in onnx.load(str(src)).metadata_props}

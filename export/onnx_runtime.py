@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 FORMAT = "rigfm-onnx-v1"
+EXPORTERS = ("fused", "torchscript", "dynamo")  # rigfm export --exporter (docs/predictor.md: measurement)
+DEFAULT_EXPORTER = "fused"
 FULL_INPUTS = ("x", "u", "obs")
 FULL_OUTPUTS = ("pred", "present_k", "present_v")
 STEP_INPUTS = ("x_win", "u_win", "obs_win", "past_k", "past_v")

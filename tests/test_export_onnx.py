@@ -303,3 +303,47 @@ def test_dynamo_exporter_parity(tiny, tmp_path):
         out = stream.step(x[0, t], u[0, t])
         ref = pred.predict(x[:1, stream.start : t + 1], u[:1, stream.start : t + 1])[0, -1]
         assert rel_err(out, ref) <= 1e-4
+
+
+def test_torchscript_exporter_parity_and_fused_is_smaller(tiny, tmp_path):
+    """The traced graphs stay available and agree with torch (and with the fused default)."""
+    ck, res = tiny
+    ts = export_checkpoint(
+        ck, tmp_path / "t.onnx", context=CONTEXT, streaming=tmp_path / "t_step.onnx", exporter="torchscript"
+    )
+    assert res.metadata["rigfm.exporter"] == "fused" and ts.metadata["rigfm.exporter"] == "torchscript"
+    assert max(ts.parity.values()) <= 1e-4 and max(res.parity.values()) <= 1e-4
+    assert res.nodes["full"] * 3 < ts.nodes["full"] and res.nodes["step"] * 3 < ts.nodes["step"]
+    system = load_checkpoint(ck).system
+    x, u = simulator_inputs(2, 30)
+    obs = np.ones((2, 30), np.float32)
+    obs[:, 20:] = 0.0
+    a = OnnxPredictor(ts.full_path).predict(x, u, obs)
+    b = OnnxPredictor(res.full_path).predict(x, u, obs)
+    assert rel_err(a, torch_full(system, x, u, obs)) <= 1e-4 and rel_err(b, a) <= 1e-4
+
+
+def test_export_parity_check_catches_a_wrong_graph(tiny, tmp_path):
+    """check_parity (run on every export) rejects a graph whose weights differ from the checkpoint."""
+    from onnx import numpy_helper
+
+    from export.onnx_export import check_parity
+
+    ck, res = tiny
+    loaded = load_checkpoint(ck)
+    model = onnx.load(str(res.full_path))
+    init = next(i for i in model.graph.initializer if i.name == "l0_w_qkv")
+    w = numpy_helper.to_array(init).copy()
+    w[0, 0] += 0.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    assert check_parity(loaded, "full", res.full_path) <= 1e-4
+    with pytest.raises(ExportError, match="differs from torch"):
+        check_parity(loaded, "full", bad)
+
+
+def test_unknown_exporter_is_named(tiny, tmp_path):
+    ck, _ = tiny
+    with pytest.raises(ExportError, match="unknown exporter 'nope'"):
+        export_checkpoint(ck, tmp_path / "x.onnx", exporter="nope")
