@@ -79,6 +79,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="busy-poll this long after each request before sleeping (lower latency on a dedicated core)",
     )
+    p.add_argument(
+        "--stream-reprime",
+        choices=("shadow", "full"),
+        default="shadow",
+        help="renew a full stream cache with a shadow cache grown one token per step (default: no latency "
+        "spikes, ~2x step compute) or with one full-window call every context/2 steps",
+    )
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
     p.add_argument(
         "--gen-curve-keys",

@@ -328,23 +328,27 @@ class OnnxPredictor:
         )
         return pred, k2, v2
 
-    def stream(self) -> StreamState:
+    def stream(self, shadow: bool = False) -> StreamState:
         """A new, empty incremental stream (see :class:`StreamState`)."""
-        return StreamState(self)
+        return StreamState(self, shadow=shadow)
 
 
 class StreamState:
     """Incremental next-state prediction for one stream of (x_t, u_t) steps.
 
     With the step graph each step is one KV-cache token. When the cache holds ``context`` tokens the stream is
-    re-primed from the last ``context // 2`` steps with one full-window call (which also returns the cache).
+    re-primed to the last ``keep = context // 2`` steps. ``shadow=False``: one full-window call over those
+    steps (cheap on average, but that step costs a window of ``keep`` tokens). ``shadow=True``: a second
+    cache is grown one step-graph token per step over the ``keep`` steps before the re-prime and swapped in,
+    so no step ever costs more than two one-token calls (no latency spikes, ~2x the average compute).
     Without a step graph every step recomputes the full window over the last ``context`` steps.
     The prediction after a step equals the full-window prediction over ``history[start:]`` (``self.start``).
     """
 
-    def __init__(self, predictor: OnnxPredictor) -> None:
+    def __init__(self, predictor: OnnxPredictor, shadow: bool = False) -> None:
         me = predictor.meta
         self.pred_ = predictor
+        self.shadow = bool(shadow)
         self.keep = max(me.patch, me.context // 2)
         self.x = np.zeros((me.context, me.n), np.float32)  # the last `context` steps, oldest first
         self.u = np.zeros((me.context, me.m), np.float32)
@@ -356,6 +360,7 @@ class StreamState:
         self.start = 0  # absolute index of the first step inside the current cache / window
         self.k: np.ndarray | None = None
         self.v: np.ndarray | None = None
+        self._sh: tuple[int, np.ndarray, np.ndarray] | None = None  # shadow cache: (start, k, v)
 
     def _append(self, x_t: np.ndarray, u_t: np.ndarray) -> None:
         c = self.x.shape[0]
@@ -383,7 +388,15 @@ class StreamState:
             xw, uw = self._window(length)
             return p.predict(xw[None], uw[None], np.ones((1, length), np.float32))[0, -1]
         cached = 0 if self.k is None else self.k.shape[3]
+        if self.shadow and self.k is not None:
+            pred_sh = self._shadow_step()
+            if cached >= me.context and self._sh is not None and self._sh[1].shape[3] == self.keep:
+                self.start, self.k, self.v = self._sh  # the shadow holds exactly the last `keep` steps
+                self._sh = None
+                self.primes += 1
+                return pred_sh
         if self.k is None or cached >= me.context:
+            self._sh = None
             length = min(self.t, self.keep) if self.k is not None else 1
             self.start = self.t - length
             xw, uw = self._window(length)
@@ -395,14 +408,44 @@ class StreamState:
             if cached:
                 self.primes += 1
             return pred[0, -1]
+        xw, uw, ow = self._step_window()
+        pred, self.k, self.v = p.step(xw, uw, ow, self.k, self.v)
+        return pred[0]
+
+    def _step_window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The step graph's input: the last ``patch`` steps (rows before the history start are zeros)."""
+        me = self.pred_.meta
         pw = me.patch
-        avail = min(self.t, self.x.shape[0])
         xw = np.zeros((1, pw, me.n), np.float32)
         uw = np.zeros((1, pw, me.m), np.float32)
-        take = min(pw, avail)
+        take = min(pw, self.t, self.x.shape[0])
         xs, us = self._window(take)
         xw[0, pw - take :], uw[0, pw - take :] = xs, us
-        pred, self.k, self.v = p.step(xw, uw, np.ones((1, pw), np.float32), self.k, self.v)
+        return xw, uw, np.ones((1, pw), np.float32)
+
+    def _shadow_step(self) -> np.ndarray | None:
+        """Grow the shadow cache by the current step once it falls inside the next re-prime's window.
+
+        The next re-prime happens at the step with index ``start + context`` and keeps the last ``keep``
+        steps, so the shadow starts at index ``start + context + 1 - keep``. The step graph ignores window
+        rows before the shadow's own start (its cache position decides), exactly like a full-window prime.
+        """
+        me = self.pred_.meta
+        i = self.t - 1  # index of the step just appended
+        first = self.start + me.context + 1 - self.keep
+        if i < first:
+            return None
+        if self._sh is None:
+            if i != first:  # started late (e.g. primed mid-way): the full re-prime covers it
+                return None
+            k0 = np.zeros((me.n_layers, 1, me.n_heads, 0, me.d_head), np.float32)
+            self._sh = (first, k0, k0)
+        start, k, v = self._sh
+        if k.shape[3] != i - start:
+            self._sh = None
+            return None
+        pred, k, v = self.pred_.step(*self._step_window(), k, v)
+        self._sh = (start, k, v)
         return pred[0]
 
     def prime_history(self, x_hist: Any, u_hist: Any) -> None:

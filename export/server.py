@@ -31,6 +31,8 @@ MAX_STREAMS = 256
 LATENCY_WINDOW = 10_000
 
 
+STREAM_REPRIME = ("shadow", "full")  # how a full stream cache is renewed (export.onnx_runtime.StreamState)
+
 class ServerConfigError(ValueError):
     """Refusal to start: bad bind address, missing CURVE keys on a non-loopback address, bad model file."""
 
@@ -133,6 +135,7 @@ class PredictorServer:
         insecure: bool = False,
         reload_dir: str | None = None,
         spin_us: float = 0.0,
+        stream_reprime: str = "shadow",
     ) -> None:
         if "://" not in bind:
             raise ServerConfigError(f"--bind {bind!r}: expected ipc:///path or tcp://HOST:PORT")
@@ -147,6 +150,9 @@ class PredictorServer:
         self.bind = bind
         self.threads, self.sequential = threads, sequential
         self.spin_s = max(0.0, float(spin_us)) / 1e6
+        if stream_reprime not in STREAM_REPRIME:
+            raise ServerConfigError(f"--stream-reprime {stream_reprime!r}: use one of {STREAM_REPRIME}")
+        self.stream_reprime = stream_reprime
         self.model_path = str(model_path)
         self.step_path = step_path
         self.reload_dir = Path(reload_dir or Path(model_path).parent).resolve()
@@ -179,6 +185,7 @@ class PredictorServer:
             "model_sha256": p.meta.checkpoint_sha256,
             "pid": os.getpid(),
             "endpoint": self.endpoint,
+            "stream_reprime": self.stream_reprime,
         }
 
     # ------------------------------------------------------------------------------------------ socket
@@ -366,7 +373,7 @@ class PredictorServer:
         if m == "stream_reset":
             a = schema.require(msg, (), optional=("x_hist", "u_hist"))
             key = self._stream_key(identity, msg)
-            st = p.stream()
+            st = p.stream(shadow=self.stream_reprime == "shadow")
             if a:
                 if set(a) != {"x_hist", "u_hist"}:
                     raise schema.SchemaError(
@@ -493,6 +500,7 @@ def run(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             reload_dir=args.reload_dir,
             spin_us=args.spin_us,
+            stream_reprime=args.stream_reprime,
         )
         server.install_signal_handlers()
         server.open()

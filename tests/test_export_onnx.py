@@ -141,12 +141,13 @@ def test_step_graph_parity_with_torch_step(tiny, inputs):
         )
 
 
-def test_streaming_onnx_equals_full_window_onnx(tiny):
+@pytest.mark.parametrize("shadow", [False, True])
+def test_streaming_onnx_equals_full_window_onnx(tiny, shadow):
     _, res = tiny
     pred = OnnxPredictor(res.full_path, res.step_path)
     assert pred.has_step
     x, u = simulator_inputs(1, 3 * CONTEXT + 5, seed=2)
-    stream = pred.stream()
+    stream = pred.stream(shadow=shadow)
     starts = set()
     for t in range(x.shape[1]):
         out = stream.step(x[0, t], u[0, t])
@@ -156,6 +157,36 @@ def test_streaming_onnx_equals_full_window_onnx(tiny):
             assert stream.start == 0  # exact stream within the context
         starts.add(stream.start)
     assert stream.primes >= 2 and len(starts) >= 3  # the stream was re-primed when the context filled
+
+
+def test_shadow_stream_never_calls_the_full_window_after_the_first_step(tiny):
+    """Shadow re-priming: same starts and predictions as full re-priming, one-token calls only."""
+    _, res = tiny
+    pred = OnnxPredictor(res.full_path, res.step_path)
+    x, u = simulator_inputs(1, 4 * CONTEXT, seed=4)
+    plain, shadow = pred.stream(), pred.stream(shadow=True)
+    calls = {"prime": 0}
+    real_prime = pred.prime
+
+    def counting_prime(*a):
+        calls["prime"] += 1
+        return real_prime(*a)
+
+    pred.prime = counting_prime  # instance attribute: counts the full-window calls of both streams
+    for t in range(x.shape[1]):
+        a = plain.step(x[0, t], u[0, t])
+        before = calls["prime"]
+        b = shadow.step(x[0, t], u[0, t])
+        assert shadow.start == plain.start, t
+        assert rel_err(b, a) <= 1e-4, t
+        assert calls["prime"] == before + (1 if t == 0 else 0), t  # only the stream's first step
+    assert shadow.primes == plain.primes >= 3
+    # primed mid-way from a history: the first re-prime falls back to a full window, then shadows again
+    shadow.prime_history(x[0, : CONTEXT - 3], u[0, : CONTEXT - 3])
+    for t in range(CONTEXT - 3, 3 * CONTEXT):
+        out = shadow.step(x[0, t], u[0, t])
+        ref = pred.predict(x[:, shadow.start : t + 1], u[:, shadow.start : t + 1])[0, -1]
+        assert rel_err(out, ref) <= 1e-4, t
 
 
 def test_stream_without_step_graph_recomputes_the_window(tiny):

@@ -59,6 +59,7 @@ def test_predict_rollout_stream_match_in_process(server, models):
         info = c.info()
         assert (info["n"], info["m"], info["context"], info["streaming_graph"]) == (4, 1, CONTEXT, True)
         assert info["model_sha256"] == local.meta.checkpoint_sha256 and info["dt"] == 0.01
+        assert info["stream_reprime"] == "shadow"  # the default: no full-window spikes in stream_step
         x, u = rng_window(0, 3, 20)
         obs = np.ones((3, 20), np.float32)
         obs[:, 15:] = 0
@@ -70,13 +71,45 @@ def test_predict_rollout_stream_match_in_process(server, models):
         assert got.shape == (8, 10, 4)
         np.testing.assert_allclose(got, local.rollout(x[0, :6], u[0, :5], plan), rtol=1e-6, atol=1e-6)
         c.stream_reset()
-        ref = local.stream()
+        ref = local.stream(shadow=True)
         for t in range(3 * CONTEXT):  # crosses two re-primings
             xt, ut = np.sin([t * 0.1 + i for i in range(4)]), np.array([np.cos(t * 0.2)])
             np.testing.assert_allclose(c.stream_step(xt, ut), ref.step(xt, ut), rtol=1e-6, atol=1e-6)
         h = c.health()
         assert h["status"] == "ok" and h["requests"]["stream_step"] == 3 * CONTEXT
         assert h["errors_total"] == 0 and h["latency"]["p99_us"] > 0
+
+
+def test_stream_reprime_full_mode(models, tmp_path):
+    """--stream-reprime full: one full-window call per re-prime; same predictions as the local stream."""
+    local = OnnxPredictor(models["a"].full_path, models["a"].step_path)
+    ep = f"ipc://{tmp_path}/full.sock"
+    with (
+        PredictorProcess(models["a"].full_path, ep, extra_args=["--stream-reprime", "full"]) as proc,
+        proc.client(5000) as c,
+    ):
+        assert c.info()["stream_reprime"] == "full"
+        c.stream_reset()
+        ref = local.stream(shadow=False)
+        for t in range(2 * CONTEXT + 3):
+            xt, ut = np.cos([t * 0.3 + i for i in range(4)]), np.array([np.sin(t * 0.1)])
+            np.testing.assert_allclose(c.stream_step(xt, ut), ref.step(xt, ut), rtol=1e-6, atol=1e-6)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export.server",
+            str(models["a"].full_path),
+            "--bind",
+            ep,
+            "--stream-reprime",
+            "lazy",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--stream-reprime" in bad.stderr
 
 
 def test_bad_requests_get_named_errors_and_server_survives(server):
