@@ -212,6 +212,7 @@ class RigConnection:
         self._sysfs_root = sysfs_root
         self._on_event = on_event
         self._on_state = on_state
+        self._estop_requested = False  # set by estop(), cleared by clear_estop()
         self._auto_configure = auto_configure
         self._hb_interval = heartbeat_interval_s
         self._reconnect_enabled = reconnect
@@ -312,11 +313,15 @@ class RigConnection:
 
     def estop(self) -> bool:
         """Latch the device e-stop (best effort; returns whether it was sent); 0 V until clear_estop()."""
-        return self._send(proto.Estop()) is not None
+        sent = self._send(proto.Estop()) is not None
+        if sent:
+            self._estop_requested = True  # the device's FAULT(ESTOP) answer is then expected, not a warning
+        return sent
 
     def clear_estop(self, timeout: float = 0.5) -> None:
         """Clear the e-stop latch and latched faults; raises ConfigRejected on NACK or no answer."""
         self._request(proto.ClearEstop(), timeout, retries=3)
+        self._estop_requested = False
 
     def configure(
         self,
@@ -434,10 +439,10 @@ class RigConnection:
         self.voltage_limit = v
 
     def _event(self, name: str, **info: Any) -> None:
-        if (
-            name in ("disconnected", "reconnect_failed", "fault", "nack")
-            and info.get("code") != "LOOP_OVERRUN"
-        ):
+        expected = info.get("code") == "LOOP_OVERRUN" or (
+            name == "fault" and info.get("code") == "ESTOP" and self._estop_requested
+        )
+        if name in ("disconnected", "reconnect_failed", "fault", "nack") and not expected:
             log.warning("rig %s: %s %s", self.cfg.name, name, info)
         else:
             log.info("rig %s: %s %s", self.cfg.name, name, info)

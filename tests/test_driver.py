@@ -147,15 +147,20 @@ def test_watchdog_zeroes_the_motor_when_commands_stop(vrig):
         assert not s.watchdog_tripped
 
 
-def test_estop_latches_until_cleared(vrig):
+def test_estop_latches_until_cleared(vrig, caplog):
     events = []
     with _connect(vrig, on_event=lambda n, i: events.append((n, i))) as rig:
         v = _inward(rig, 1.0)
         _collect(rig, 20, command=v)
-        assert rig.estop()
-        latched = _collect(rig, 60, command=v)[-1]  # commands are ignored while latched
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hardware.driver"):
+            assert rig.estop()
+            latched = _collect(rig, 60, command=v)[-1]  # commands are ignored while latched
         assert latched.estopped and latched.applied_voltage == 0.0
         assert any(n == "fault" and i["code"] == "ESTOP" for n, i in events)
+        # our own e-stop's FAULT(ESTOP) answer is expected: logged at INFO, not as a warning
+        estop_logs = [r for r in caplog.records if "ESTOP" in r.getMessage()]
+        assert estop_logs and all(r.levelno == logging.INFO for r in estop_logs)
         rig.clear_estop()
         s = _collect(rig, 60, command=v)[-1]
         assert not s.estopped and s.applied_voltage == pytest.approx(v)
