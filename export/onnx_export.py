@@ -302,47 +302,19 @@ def _write_graph(ck: LoadedCheckpoint, graph: str, path: Path, exporter: str, op
         save_fused(ck.system, graph, path)
         return
     if graph == "step":
-        axes = {
-            "x_win": {0: "B"},
-            "u_win": {0: "B"},
-            "obs_win": {0: "B"},
-            "past_k": {1: "B", 3: "S"},
-            "past_v": {1: "B", 3: "S"},
-            "pred": {0: "B"},
-            "present_k": {1: "B", 3: "S1"},
-            "present_v": {1: "B", 3: "S1"},
-        }
-        _export_graph(
-            StepGraph(ck.system).eval(),
-            _dummy_step(ck),
-            path,
-            STEP_INPUTS,
-            STEP_OUTPUTS,
-            axes,
-            {"B": MAX_BATCH, "S": c["max_len"] - 1},
-            exporter,
-            opset,
-        )
+        module: nn.Module = StepGraph(ck.system).eval()
+        args, names, outs = _dummy_step(ck), STEP_INPUTS, STEP_OUTPUTS
+        axes = {n: {0: "B"} for n in ("x_win", "u_win", "obs_win", "pred")}
+        axes |= {n: {1: "B", 3: "S"} for n in ("past_k", "past_v")}
+        axes |= {n: {1: "B", 3: "S1"} for n in ("present_k", "present_v")}
+        sizes = {"B": MAX_BATCH, "S": c["max_len"] - 1}
     else:
-        axes = {
-            "x": {0: "B", 1: "T"},
-            "u": {0: "B", 1: "T"},
-            "obs": {0: "B", 1: "T"},
-            "pred": {0: "B", 1: "T"},
-            "present_k": {1: "B", 3: "T"},
-            "present_v": {1: "B", 3: "T"},
-        }
-        _export_graph(
-            FullWindowGraph(ck.system).eval(),
-            _dummy_full(ck),
-            path,
-            FULL_INPUTS,
-            FULL_OUTPUTS,
-            axes,
-            {"B": MAX_BATCH, "T": c["max_len"]},
-            exporter,
-            opset,
-        )
+        module, args = FullWindowGraph(ck.system).eval(), _dummy_full(ck)
+        names, outs = FULL_INPUTS, FULL_OUTPUTS
+        axes = {n: {0: "B", 1: "T"} for n in ("x", "u", "obs", "pred")}
+        axes |= {n: {1: "B", 3: "T"} for n in ("present_k", "present_v")}
+        sizes = {"B": MAX_BATCH, "T": c["max_len"]}
+    _export_graph(module, args, path, names, outs, axes, sizes, exporter, opset)
 
 
 def check_parity(ck: LoadedCheckpoint, graph: str, path: Path, tol: float = PARITY_TOL) -> float:

@@ -33,6 +33,7 @@ LATENCY_WINDOW = 10_000
 
 STREAM_REPRIME = ("shadow", "full")  # how a full stream cache is renewed (export.onnx_runtime.StreamState)
 
+
 class ServerConfigError(ValueError):
     """Refusal to start: bad bind address, missing CURVE keys on a non-loopback address, bad model file."""
 
