@@ -296,7 +296,9 @@ class PredictorProcess:
             if self.use_cli
             else [sys.executable, "-m", "export.server"]
         )
-        return [*head, self.model_path, "--bind", self.requested_endpoint, *self.extra_args]
+        # --parent-pid: the server exits when this process dies, even by SIGKILL (no orphans)
+        parent = ["--parent-pid", str(os.getpid())]
+        return [*head, self.model_path, "--bind", self.requested_endpoint, *parent, *self.extra_args]
 
     def start(self) -> PredictorProcess:
         """Start the server and block until it prints READY (PredictorUnavailable on failure / timeout)."""

@@ -66,6 +66,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="step graph for stream_step (default: the file named in the model's metadata, if present)",
     )
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # PredictorProcess
     p.add_argument("--parallel", action="store_true", help="ORT_PARALLEL execution mode (default sequential)")
     p.add_argument("--curve-secret-key", default=None, help="zmq certificate (.key_secret) enabling CURVE")
     p.add_argument(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ipaddress
 import os
 import signal
@@ -478,6 +479,17 @@ class PredictorServer:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _exit_with_parent(parent_pid: int) -> bool:
+    """Linux: SIGTERM (graceful stop) when the process that started us dies, so a killed parent leaves no
+    orphaned predictor; returns False when that parent is already gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    return os.getppid() == parent_pid
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of ``rigfm serve``: returns the exit code (2 on configuration errors)."""
     if args.gen_curve_keys:
@@ -487,6 +499,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         print("rigfm serve: the MODEL argument is required", file=sys.stderr)
         return 2
+    if args.parent_pid is not None and not _exit_with_parent(args.parent_pid):
+        return 1
     if args.threads < 1:
         print("rigfm serve: --threads must be >= 1", file=sys.stderr)
         return 2

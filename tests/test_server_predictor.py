@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -361,3 +362,23 @@ def test_server_runs_without_torch_and_onnx(models, tmp_path):
         assert c.stream_step(np.zeros(4), np.zeros(1)).shape == (4,)
         x, u = rng_window(9)
         assert c.rollout(x[0], u[0], np.zeros((2, 3, 1))).shape == (2, 3, 4)
+
+
+def test_predictor_dies_with_its_parent(models):
+    """A parent killed without cleanup (os._exit, SIGKILL) leaves no orphaned predictor process."""
+    code = (
+        "import os, sys; from export.client import PredictorProcess; "
+        f"p = PredictorProcess({str(models['a'].full_path)!r}).start(); "
+        "print(p.pid, flush=True); os._exit(0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    pid = int(out.stdout.strip())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)  # clean up before failing
+    pytest.fail("predictor outlived the process that spawned it")
