@@ -51,10 +51,20 @@ class EvalConfig:
     collect_rate_hz: float | None = None
     resume: bool = False  # reuse finished fits from OUT/<rig>/partial.json (same config)
 
+    def __post_init__(self) -> None:
+        """Fill the budget's metric-matched settings: masked training windows observe ``context`` tokens and
+        model selection on val uses the metric's rollout (context, horizon); explicit values are kept."""
+        b = self.budget if isinstance(self.budget, Budget) else Budget(**self.budget)
+        self.budget = replace(
+            b,
+            mask_context=tuple(b.mask_context) if b.mask_context else (self.context, self.context),
+            val_rollout=tuple(b.val_rollout) if b.val_rollout else (self.context, self.horizon),
+        )
+
     @classmethod
     def quick_config(cls, **kw: Any) -> EvalConfig:
         """CI variant: 1 seed, tiny data and budgets (seconds, not minutes)."""
-        base = cls(
+        base: dict[str, Any] = dict(
             seeds=1,
             runs=6,
             duration_s=3.0,
@@ -66,7 +76,7 @@ class EvalConfig:
             quick=True,
             collect_rate_hz=250.0,
         )
-        return replace(base, **kw)
+        return cls(**{**base, **kw})
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,11 @@ class FinetuneConfig:
     val_windows: int = 64          # fixed validation windows
     threads: int = 0
     model: dict[str, Any] = field(default_factory=dict)
+    # token-position range [lo, hi] of the context of masked windows (None: 1..seq_len, the pretraining rule)
+    mask_context: tuple[int, int] | None = None
+    # early stopping on the val open-loop rollout MSE (context, horizon) instead of the masked val loss
+    val_rollout: tuple[int, int] | None = None
+    min_lr_ratio: float = 0.0      # cosine decay floor (share of lr)
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "head"):
@@ -72,6 +77,22 @@ class FinetuneConfig:
                 raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"FinetuneConfig.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.mask_prob <= 1.0:
+            raise ValueError(f"FinetuneConfig.mask_prob must be in [0, 1], got {self.mask_prob}")
+        if self.mask_context is not None:
+            lo, hi = (int(v) for v in self.mask_context)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"FinetuneConfig.mask_context must be [lo, hi] with 1 <= lo <= hi, "
+                                 f"got {self.mask_context}")
+            self.mask_context = (lo, hi)
+        if self.val_rollout is not None:
+            c, h = (int(v) for v in self.val_rollout)
+            if c < 1 or h < 1:
+                raise ValueError(f"FinetuneConfig.val_rollout must be (context, horizon) >= 1, "
+                                 f"got {self.val_rollout}")
+            self.val_rollout = (c, h)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"FinetuneConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
@@ -169,6 +190,27 @@ def _masks(model: DynamicsFM, n: int, m: int, b: int) -> tuple[np.ndarray, np.nd
     return sm, im
 
 
+def rollout_windows(td: TrajData, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping windows of ``length`` steps from every trajectory (the evaluation's test windows)."""
+    starts = range(0, td.x.shape[1] - length + 1, length)
+    return (np.concatenate([td.x[:, s : s + length] for s in starts]),
+            np.concatenate([td.u[:, s : s + length] for s in starts]))
+
+
+def _mask_horizon(
+    rng: np.random.Generator, b: dict[str, torch.Tensor], mask_prob: float, lo_hi: tuple[int, int], lead: int,
+) -> None:
+    """In place: with probability ``mask_prob`` hide token positions >= L, L ~ U{lo..hi}."""
+    bs, t = b["hidden"].shape
+    masked = rng.random(bs) < mask_prob
+    ctx = np.where(masked, rng.integers(lo_hi[0], lo_hi[1] + 1, size=bs), t)
+    hidden = torch.from_numpy((np.arange(t)[None, :] >= ctx[:, None]).astype(np.float32))
+    b["hidden"] = hidden
+    b["obs"][:, lead:] = b["obs"][:, lead:] * (1.0 - hidden)
+    b["x"] = b["x"] * b["obs"].unsqueeze(-1)
+    b["ctx_len"] = torch.from_numpy(ctx.astype(np.int64))
+
+
 # ---------------------------------------------------------------------------------------------- training
 def _init_model(init: Any, cfg: FinetuneConfig) -> tuple[DynamicsFM, dict[str, Any]]:
     if init is None:
@@ -214,7 +256,13 @@ def finetune(
     sm, im = _masks(model, n, m, cfg.batch_size)
 
     val_batches = []
-    if va is not None:
+    val_roll: tuple[np.ndarray, np.ndarray] | None = None
+    if va is not None and cfg.val_rollout is not None:
+        vc, vh = cfg.val_rollout
+        if va.x.shape[1] < vc + vh:
+            raise ValueError(f"val_set has T={va.x.shape[1]} steps; val_rollout context+horizon={vc + vh}")
+        val_roll = rollout_windows(va, vc + vh)
+    elif va is not None:
         xva, uva = _normalised_padded(model, va)
         vseq = max(1, min(seq, va.x.shape[1] - p))
         vspec = BatchSpec(**{**asdict(spec), "seq_len": vseq, "batch_size": cfg.val_windows,
@@ -230,13 +278,22 @@ def finetune(
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     def lr_factor(s: int) -> float:
-        return min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * (0.5 + 0.5 * math.cos(math.pi * s / cfg.steps))
+        cos = 0.5 + 0.5 * math.cos(math.pi * s / cfg.steps)
+        floor = cfg.min_lr_ratio
+        return min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * (floor + (1 - floor) * cos)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     rng = np.random.default_rng([cfg.seed, 1])
 
     def val_loss() -> float:
         model.eval()
+        if val_roll is not None:
+            vx, vu = val_roll
+            vc = cfg.val_rollout[0]  # type: ignore[index]
+            pr = rollout(model.for_system(n, m), vx[:, :vc], vu[:, : vc - 1], vu[:, vc - 1 : -1])
+            xs = model.x_std[:n]
+            model.train()
+            return float((((pr - torch.as_tensor(vx[:, vc:])) / xs) ** 2).mean())
         with torch.no_grad():
             tot = 0.0
             for b in val_batches:
@@ -246,10 +303,15 @@ def finetune(
         model.train()
         return tot / len(val_batches)
 
+    has_val = bool(val_batches) or val_roll is not None
     history: list[dict[str, Any]] = []
-    best = (val_loss() if val_batches else float("inf"), copy.deepcopy(model.state_dict()), 0)
-    history.append({"step": 0, "train_loss": None, "val_loss": best[0] if val_batches else None,
+    best = (val_loss() if has_val else float("inf"), copy.deepcopy(model.state_dict()), 0)
+    history.append({"step": 0, "train_loss": None, "val_loss": best[0] if has_val else None,
                     "elapsed_s": 0.0})
+    lo_hi = None
+    if cfg.mask_context is not None:
+        lo_hi = (min(cfg.mask_context[0], seq), min(cfg.mask_context[1], seq))
+        spec = replace(spec, mask_prob=0.0)  # masking applied below with the configured context range
     bad, run, run_n = 0, 0.0, 0
     t0 = time.time()
     model.train()
@@ -262,6 +324,8 @@ def finetune(
         for step in range(1, cfg.steps + 1):
             wx, wu = _sample_windows(rng, xtr, utr, cfg.batch_size, seq + p)
             b = windows_to_batch(rng, wx, wu, sm, im, spec)
+            if lo_hi is not None:
+                _mask_horizon(rng, b, cfg.mask_prob, lo_hi, p - 1)
             pred = model(b["x"], b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=p - 1)
             loss = masked_huber_loss(pred, b["target"], b["state_mask"], b["hidden"], cfg.huber_delta,
                                      cfg.hidden_weight)
@@ -280,7 +344,7 @@ def finetune(
                 row = {"step": step, "train_loss": run / run_n, "val_loss": None,
                        "elapsed_s": round(time.time() - t0, 3)}
                 run, run_n = 0.0, 0
-                if val_batches:
+                if has_val:
                     row["val_loss"] = v = val_loss()
                     if v < best[0] - 1e-6:
                         best, bad = (v, copy.deepcopy(model.state_dict()), step), 0
@@ -294,13 +358,13 @@ def finetune(
     finally:
         if pbar is not None:
             pbar.close()
-    if val_batches:
+    if has_val:
         model.load_state_dict(best[1])
     for prm in model.parameters():
         prm.requires_grad = True
     model.eval()
     model.finetune_info = {  # type: ignore[attr-defined]
-        "best_step": best[2] if val_batches else history[-1]["step"], "best_val_loss": best[0] if val_batches
+        "best_step": best[2] if has_val else history[-1]["step"], "best_val_loss": best[0] if has_val
         else None, "steps_run": history[-1]["step"], "n_train_trajectories": int(tr.x.shape[0]),
         "n": n, "m": m,
     }

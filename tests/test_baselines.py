@@ -97,3 +97,17 @@ def test_fit_model_trains_every_transformer_kind_and_rejects_bad_names():
         fit_model("gp", tr, va, 0, budget, 1.0, ckpt=ck)
     with pytest.raises(ValueError, match="needs the pretrained checkpoint"):
         fit_model("fm", tr, va, 0, budget, 1.0)
+
+
+def test_window_models_select_on_the_val_rollout_when_asked():
+    from fm_core.baselines import _val_rollout_mse
+
+    tr, va = linear_data(20, 60, 0), linear_data(5, 60, 1)
+    p = fit_linreg(tr, va, 0, Budget(window=2, val_rollout=(20, 30)), 1.0)
+    assert p.info["val_loss"] == pytest.approx(_val_rollout_mse(p, va, (20, 30)))
+    assert p.info["val_loss"] < 1e-3  # the exact linear model rolls out almost perfectly
+    f = fit_ffn(tr, va, 0, Budget(steps=40, val_every=10, patience=2, batch_size=8, seq_len=20,
+                                  val_rollout=(20, 30)), 1.0)
+    assert f.info["val_loss"] == pytest.approx(_val_rollout_mse(f, va, (20, 30)), rel=1e-5)
+    with pytest.raises(ValueError, match="val_rollout context\\+horizon=90"):
+        fit_linreg(tr, va, 0, Budget(val_rollout=(40, 50)), 1.0)

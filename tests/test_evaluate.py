@@ -197,3 +197,14 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     ns.data = None
     with pytest.raises(EvaluateError, match="--fractions"):
         config_from_args(ns)
+
+
+def test_budget_is_matched_to_the_metric_windows():
+    from fm_core.baselines import Budget
+
+    cfg = EvalConfig()
+    assert cfg.budget.mask_context == (30, 30) and cfg.budget.val_rollout == (30, 50)
+    q = EvalConfig.quick_config(context=12, horizon=8)
+    assert q.budget.mask_context == (12, 12) and q.budget.val_rollout == (12, 8)
+    explicit = EvalConfig(budget=Budget(mask_context=(5, 25)))
+    assert explicit.budget.mask_context == (5, 25) and explicit.budget.val_rollout == (30, 50)

@@ -177,3 +177,51 @@ def test_bad_training_files_give_clear_errors(tmp_path, capsys, pretrained):
         finetune(pretrained, argparse.Namespace(x=np.zeros((2, 20, 7)), u=np.zeros((2, 20, 1))), None, _cfg())
     with pytest.raises(ValueError, match="fraction"):
         FinetuneConfig(fraction=0.0)
+
+
+def test_metric_matched_masking_hides_every_step_after_the_context():
+    from fm_core.data import BatchSpec, windows_to_batch
+    from fm_core.finetune import _mask_horizon
+
+    rng = np.random.default_rng(0)
+    spec = BatchSpec(batch_size=64, seq_len=20, patch=2, n_max=6, m_max=2, mask_prob=0.0)
+    x = rng.normal(size=(64, 22, 6)).astype(np.float32)
+    u = rng.normal(size=(64, 22, 2)).astype(np.float32)
+    sm, im = np.ones((64, 6), np.float32), np.ones((64, 2), np.float32)
+    b = windows_to_batch(rng, x, u, sm, im, spec)
+    assert float(b["hidden"].sum()) == 0.0
+    _mask_horizon(rng, b, 1.0, (5, 8), lead=1)
+    ctx = b["ctx_len"].numpy()
+    assert ctx.min() >= 5 and ctx.max() <= 8 and len(set(ctx.tolist())) > 1
+    for i, c in enumerate(ctx):
+        assert b["hidden"][i, :c].sum() == 0 and bool((b["hidden"][i, c:] == 1).all())
+        assert bool((b["obs"][i, 1 + c :] == 0).all()) and bool((b["x"][i, 1 + c :] == 0).all())
+        assert bool((b["obs"][i, 1 : 1 + c] == 1).all()) and bool((b["x"][i, 1 : 1 + c] != 0).all())
+    b2 = windows_to_batch(rng, x, u, sm, im, spec)
+    _mask_horizon(rng, b2, 0.0, (5, 8), lead=1)
+    assert float(b2["hidden"].sum()) == 0.0 and bool((b2["ctx_len"] == 20).all())
+
+
+def test_val_rollout_early_stopping_scores_the_open_loop_rollout(data_file, pretrained):
+    from fm_core.finetune import normalisation_stats, rollout_windows
+
+    ts = load_trajectories(data_file)
+    train, val = split_trajectories(ts, "train"), split_trajectories(ts, "val")
+    cfg = _cfg(steps=20, lr=1e-3, mask_prob=1.0, mask_context=(10, 10), val_rollout=(10, 14))
+    model, hist = finetune(pretrained, train, val, cfg)
+    # step 0 is the pretrained model with the train normalisation: recompute its val rollout MSE by hand
+    init, _ = load_checkpoint(pretrained)
+    init.set_normalization(**normalisation_stats(train))
+    vx, vu = rollout_windows(val, 24)
+    assert vx.shape == (5 * 3, 24, 4)
+    pr = rollout(init, vx[:, :10], vu[:, :9], vu[:, 9:-1]).numpy()
+    want = float(np.mean(((pr - vx[:, 10:]) / init.x_std[:4].numpy()) ** 2))
+    assert math.isclose(hist[0]["val_loss"], want, rel_tol=1e-4)
+    vals = [h["val_loss"] for h in hist]
+    assert math.isclose(model.finetune_info["best_val_loss"], min(vals))
+    with pytest.raises(ValueError, match="val_rollout context\\+horizon=90"):
+        finetune(pretrained, train, val, _cfg(val_rollout=(40, 50)))
+    with pytest.raises(ValueError, match="mask_context"):
+        FinetuneConfig(mask_context=(0, 5))
+    with pytest.raises(ValueError, match="mask_prob"):
+        FinetuneConfig(mask_prob=1.5)
