@@ -132,6 +132,7 @@ def bench_latency(
     server_args: list[str],
     server_cpu: int | None = None,
     rate_hz: float = 500.0,
+    client_spin_us: float = 0.0,
 ) -> None:
     from export.client import PredictorProcess
     from export.onnx_export import export_checkpoint, load_checkpoint
@@ -146,7 +147,7 @@ def bench_latency(
     summary: list[tuple[str, float, float, float, float, bool]] = []
     with (
         PredictorProcess(res.full_path, f"ipc://{tmp}/bench.sock", extra_args=server_args) as proc,
-        proc.client(30_000) as client,
+        proc.client(30_000, spin_us=client_spin_us) as client,
     ):
         if server_cpu is not None:
             pin_process(proc.pid, server_cpu)
@@ -403,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=500, help="calls per batch-1 measurement")
     ap.add_argument("--big-iters", type=int, default=40, help="calls per batch-256 measurement")
     ap.add_argument("--spin-us", type=float, default=0.0, help="server --spin-us (busy-poll after requests)")
+    ap.add_argument(
+        "--client-spin-us", type=float, default=0.0,
+        help="client spin_us: busy-poll for the reply before blocking (needs the server on another core)",
+    )
     ap.add_argument("--compare-exporters", action="store_true", help="only compare the exporters")
     ap.add_argument("--rate-hz", type=float, default=500.0, help="paced stream_step rate (0: skip)")
     ap.add_argument("--floor", action="store_true", help="only the transport floor (raw pyzmq, framing)")
@@ -417,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rigfm-bench-") as d:
         tmp = Path(d)
         ckpt, label = get_checkpoint(args.checkpoint, tmp)
-        print(f"model: {label}; torch {torch.__version__}; {sys.platform}; server --spin-us {args.spin_us:g}")
+        print(f"model: {label}; torch {torch.__version__}; {sys.platform}; "
+              f"server --spin-us {args.spin_us:g}; "
+              f"client spin_us {args.client_spin_us:g}")
         if args.floor:
             transport_floor(tmp, args.iters)
         elif args.compare_exporters:
@@ -432,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["--spin-us", str(args.spin_us)],
                 args.server_cpu,
                 args.rate_hz,
+                args.client_spin_us,
             )
     return 0
 

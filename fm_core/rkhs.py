@@ -79,6 +79,7 @@ class RKHSConfig:
     x_bound: float = 10.0                            # |x| beyond this anywhere -> diverged, rejected
     tv_min: float = 0.05                             # every state channel's TV rate must be >= tv_min
     tv_max: float = 20.0                             # ... and <= tv_max   (TV rate: see total_variation)
+    mechanical_fraction: float = 0.0                 # share of second-order systems (q' = v, v' = f(q,v,u))
     max_rounds: int = 50                             # resampling rounds before RKHSGenerationError
     chunk_size: int = 1024                           # systems simulated per vectorised chunk
     dtype: str = "float32"                           # simulation dtype ("float32" | "float64")
@@ -146,6 +147,11 @@ class RKHSConfig:
             raise bad("x_bound", "must be > 0")
         if self.tv_max < self.tv_min:
             raise bad("tv_max", f"must be >= tv_min={self.tv_min}")
+        mf = self.mechanical_fraction
+        if isinstance(mf, bool) or not isinstance(mf, int | float | np.floating) or not 0.0 <= mf <= 1.0:
+            raise bad("mechanical_fraction", "must be a number in [0, 1]")
+        if mf > 0 and not any(k % 2 == 0 for k in range(self.n_range[0], self.n_range[1] + 1)):
+            raise bad("mechanical_fraction", f"needs an even state dimension inside n_range={self.n_range}")
         if self.integrator not in INTEGRATORS:
             raise bad("integrator", f"must be one of {INTEGRATORS}")
         if self.dtype not in ("float32", "float64"):
@@ -196,7 +202,10 @@ class RKHSSystem:
 
     ``centres`` (S,C,n_pad+m_pad), ``lengthscales`` (S,n_pad+m_pad), ``alpha`` (S,C,n_pad) and ``stab`` (S,)
     are float64 (exact parameters); ``rkhs_norm`` (S,) is the target ``||f_j||_H`` of every output ``j < n``.
-    Calling the system evaluates ``x' = f(x, u) - stab * x`` in ``dtype`` for x (S,n_pad), u (S,m_pad).
+    Calling the system evaluates ``x' = f(x, u) - stab * x + coupling @ x`` in ``dtype`` for x (S,n_pad),
+    u (S,m_pad). ``coupling`` (S,n_pad,n_pad) float64 is None for first-order systems; a mechanical system
+    (``n = 2k`` states ``[q, v]``) has ``coupling[j, k + j] = 1`` and ``alpha[:, j] = 0`` for ``j < k``, so
+    ``q_j' = v_j - stab q_j`` and only the accelerations ``v'`` come from the RKHS.
     """
 
     n: np.ndarray
@@ -207,10 +216,12 @@ class RKHSSystem:
     stab: np.ndarray
     rkhs_norm: np.ndarray
     dtype: str = "float32"
+    coupling: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         dt = np.dtype(self.dtype)
         n_pad = self.alpha.shape[2]
+        self._coupling = None if self.coupling is None else np.ascontiguousarray(self.coupling, dtype=dt)
         zs = self.centres / self.lengthscales[:, None, :]                        # (S,C,d) scaled centres
         inv_l = (1.0 / self.lengthscales).astype(dt)
         self._inv_lx = np.ascontiguousarray(inv_l[:, :n_pad])
@@ -254,6 +265,8 @@ class RKHSSystem:
         np.exp(s, out=s)
         out = np.einsum("sc,snc->sn", s, self._alpha_t)
         out -= self._stab * x
+        if self._coupling is not None:
+            out += np.einsum("snk,sk->sn", self._coupling, x)
         return out
 
     def __call__(self, x: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
@@ -281,7 +294,8 @@ class RKHSSystem:
     def subset(self, idx: np.ndarray) -> RKHSSystem:
         """The systems selected by ``idx`` (index array or boolean mask)."""
         return RKHSSystem(self.n[idx], self.m[idx], self.centres[idx], self.lengthscales[idx],
-                          self.alpha[idx], self.stab[idx], self.rkhs_norm[idx], self.dtype)
+                          self.alpha[idx], self.stab[idx], self.rkhs_norm[idx], self.dtype,
+                          None if self.coupling is None else self.coupling[idx])
 
 
 def _gram(centres: np.ndarray, lengthscales: np.ndarray) -> np.ndarray:
@@ -304,8 +318,15 @@ def _quad(alpha: np.ndarray, gram: np.ndarray) -> np.ndarray:
 
 def sample_system(
     rng: np.random.Generator, n: int | np.ndarray, m: int | np.ndarray, cfg: RKHSConfig | dict | None = None,
+    mechanical: bool | np.ndarray | None = None,
 ) -> RKHSSystem:
-    """Draw RKHS systems: scalar ``n, m`` -> one system; arrays (S,) -> S systems padded to max(n), max(m)."""
+    """Draw RKHS systems: scalar ``n, m`` -> one system; arrays (S,) -> S systems padded to max(n), max(m).
+
+    ``mechanical`` (bool or (S,) bools, default none): those systems are second order, ``x = [q, v]`` with
+    ``q' = v - lam q`` and ``v' = f(q, v, u) - lam v`` (``n`` must be even); the RKHS draw, the norm scaling
+    and the random stream are the same as for a first-order system, only the position outputs' ``alpha`` is
+    replaced by the kinematic coupling.
+    """
     cfg = as_config(cfg)
     n_arr = np.atleast_1d(np.asarray(n, dtype=np.int64))
     m_arr = np.atleast_1d(np.asarray(m, dtype=np.int64))
@@ -328,9 +349,21 @@ def sample_system(
     alpha = rng.standard_normal((s, c, n_pad)) * out_exists[:, None, :]
     norm = _loguniform(rng, *cfg.rkhs_norm_range, s)
     stab = rng.uniform(*cfg.stab_range, size=s)
+    coupling = None
+    if mechanical is not None and np.any(mechanical):
+        mech = np.broadcast_to(np.asarray(mechanical, dtype=bool), n_arr.shape)
+        if (n_arr[mech] % 2).any():
+            raise ValueError(f"sample_system: mechanical systems need an even n, got {n_arr[mech].tolist()}")
+        half = np.where(mech, n_arr // 2, 0)
+        j = np.arange(n_pad)
+        position = j[None, :] < half[:, None]                                                  # (S,n_pad)
+        alpha = alpha * ~position[:, None, :]
+        coupling = np.zeros((s, n_pad, n_pad))
+        si, ji = np.nonzero(position)
+        coupling[si, ji, ji + half[si]] = 1.0
     q = _quad(alpha, _gram(centres, ls))                                                     # (S,n_pad)
     scale = np.sqrt(np.divide(norm[:, None] ** 2, q, out=np.zeros_like(q), where=q > 0))
-    return RKHSSystem(n_arr, m_arr, centres, ls, alpha * scale[:, None, :], stab, norm, cfg.dtype)
+    return RKHSSystem(n_arr, m_arr, centres, ls, alpha * scale[:, None, :], stab, norm, cfg.dtype, coupling)
 
 
 # ----------------------------------------------------------------------------------------------- simulation
@@ -381,6 +414,7 @@ def simulate(
         if integrator == "euler":
             decay = 1.0 - h * system._stab                        # x + h(f - lam x) = decay x + h f
             alpha_h = system._alpha_t * h
+            coupling_h = None if system._coupling is None else system._coupling * h
             for t in range(T - 1):
                 if us is not None:
                     zb[:, n_pad:d] = us[t]
@@ -388,10 +422,12 @@ def simulate(
                 nxt = traj[t + 1]
                 np.multiply(decay, x, out=nxt)
                 nxt += np.einsum("sc,snc->sn", e, alpha_h)
+                if coupling_h is not None:
+                    nxt += np.einsum("snk,sk->sn", coupling_h, x)
                 x = nxt
         else:
             # the input part of the log-kernel is shared by the 4 stages: computed once per step
-            alpha_t, stab = system._alpha_t, system._stab
+            alpha_t, stab, coupling = system._alpha_t, system._stab, system._coupling
             wx1 = np.concatenate([system._wx, np.ones_like(bias)], axis=1)     # (S,n_pad+1,C)
             zx = np.empty((system.size, n_pad + 1), dtype=dtype)
 
@@ -403,6 +439,8 @@ def simulate(
                 np.exp(e, out=e)
                 out = np.einsum("sc,snc->sn", e, alpha_t)
                 out -= stab * xc
+                if coupling is not None:
+                    out += np.einsum("snk,sk->sn", coupling, xc)
                 return out
 
             for t in range(T - 1):
@@ -553,7 +591,12 @@ def draw_candidates(
     """Simulate ``count`` fresh systems (no selection): x (S,T,n_pad), u (S,T,m_pad), n (S,), m (S,)."""
     n = rng.integers(cfg.n_range[0], cfg.n_range[1] + 1, size=count)
     m = rng.integers(cfg.m_range[0], cfg.m_range[1] + 1, size=count)
-    sys = sample_system(rng, n, m, cfg)
+    mech = None
+    if cfg.mechanical_fraction > 0:          # no extra draws at 0: the default stream stays bit-identical
+        mech = rng.random(count) < cfg.mechanical_fraction
+        evens = np.array([k for k in range(cfg.n_range[0], cfg.n_range[1] + 1) if k % 2 == 0])
+        n = np.where(mech, rng.choice(evens, size=count), n)
+    sys = sample_system(rng, n, m, cfg, mechanical=mech)
     x0 = rng.uniform(-cfg.x0_range, cfg.x0_range, size=(count, sys.n_pad))
     x0 *= np.arange(sys.n_pad)[None, :] < n[:, None]
     u, _ = sample_inputs(rng, m, T, cfg, m_pad=sys.m_pad)

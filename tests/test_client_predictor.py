@@ -41,11 +41,14 @@ def test_no_server_raises_unavailable_quickly(tmp_path):
         c.info()
     with pytest.raises(ValueError, match="timeout_ms"):
         PredictorClient("ipc:///tmp/x", timeout_ms=0)
+    with pytest.raises(ValueError, match="spin_us"):
+        PredictorClient("ipc:///tmp/x", spin_us=-1)
 
 
-def test_timeout_reconnect_and_stale_reply_discarded(router):
+@pytest.mark.parametrize("spin_us", [0.0, 500.0])
+def test_timeout_reconnect_and_stale_reply_discarded(router, spin_us):
     sock, endpoint = router
-    with PredictorClient(endpoint, timeout_ms=200) as c:
+    with PredictorClient(endpoint, timeout_ms=200, spin_us=spin_us) as c:
         result: dict = {}
 
         def call() -> None:

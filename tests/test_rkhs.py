@@ -249,3 +249,63 @@ def test_dict_config_accepted_like_toml_table():
     assert a.x.shape == (8, 32, 4)
     with pytest.raises(RKHSConfigError, match="nmax"):
         generate_batch(_rng(26), 8, 32, {"nmax": 4})
+
+
+# ----------------------------------------------------------------------------------------- mechanical systems
+def test_mechanical_system_has_kinematic_positions_and_rkhs_accelerations():
+    cfg = RKHSConfig(num_centres=16)
+    n, m = np.array([4, 2, 3]), np.array([1, 0, 2])
+    mech = np.array([True, True, False])
+    sys_ = sample_system(_rng(31), n, m, cfg, mechanical=mech)
+    q = sys_.rkhs_norms_squared()
+    # positions (j < n/2) of mechanical systems have no RKHS part; velocities and the first-order system do
+    assert (q[0, :2] == 0).all() and (q[1, :1] == 0).all()
+    np.testing.assert_allclose(q[0, 2:4], sys_.rkhs_norm[0] ** 2, rtol=1e-6)
+    np.testing.assert_allclose(q[2, :3], sys_.rkhs_norm[2] ** 2, rtol=1e-6)
+    rng = _rng(32)
+    x = rng.normal(size=(3, sys_.n_pad)) * (np.arange(sys_.n_pad) < n[:, None])
+    u = rng.normal(size=(3, sys_.m_pad))
+    dx = sys_(x, u)
+    lam = sys_.stab
+    np.testing.assert_allclose(dx[0, :2], x[0, 2:4] - lam[0] * x[0, :2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx[1, 0], x[1, 1] - lam[1] * x[1, 0], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(dx).all() and (dx[1, 2:] == 0).all()       # padded states stay exactly 0
+
+
+@pytest.mark.parametrize("integrator", ["euler", "rk4"])
+def test_simulated_mechanical_trajectory_matches_its_vector_field(integrator):
+    cfg = RKHSConfig(dtype="float64")
+    sys_ = sample_system(_rng(33), np.array([4]), np.array([1]), cfg, mechanical=True)
+    u = np.full((1, 40, 1), 0.3)
+    x = simulate(sys_, np.array([[0.2, -0.1, 0.5, 0.0]]), u, 0.01, integrator)
+    # finite-difference velocity of the positions = v - lam q to first order in dt
+    dq = (x[0, 1:, :2] - x[0, :-1, :2]) / 0.01
+    expect = x[0, :-1, 2:] - sys_.stab[0] * x[0, :-1, :2]
+    np.testing.assert_allclose(dq, expect, atol=0.05)
+    if integrator == "euler":      # Euler is exact step by step
+        np.testing.assert_allclose(dq, expect, atol=1e-9)
+
+
+def test_mechanical_fraction_draws_even_dims_and_zero_keeps_the_default_stream():
+    base = generate_batch(_rng(5), 64, 40, RKHSConfig())
+    again = generate_batch(_rng(5), 64, 40, RKHSConfig(mechanical_fraction=0.0))
+    np.testing.assert_array_equal(base.x, again.x)
+    only = generate_batch(_rng(5), 128, 40, RKHSConfig(mechanical_fraction=1.0))
+    assert set(np.unique(only.n)) <= {2, 4, 6} and np.isfinite(only.x).all()
+    half = generate_batch(_rng(6), 256, 40, RKHSConfig(mechanical_fraction=0.5))
+    assert (half.n % 2 == 1).any() and (half.n % 2 == 0).mean() > 0.6  # odd n: first-order draws only
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"mechanical_fraction": 1.5}, "mechanical_fraction"),
+    ({"mechanical_fraction": "half"}, "mechanical_fraction"),
+    ({"mechanical_fraction": 0.5, "n_range": (1, 1)}, "mechanical_fraction"),
+])
+def test_mechanical_fraction_validation_names_the_field(kw, field):
+    with pytest.raises(RKHSConfigError, match=field):
+        RKHSConfig(**kw)
+
+
+def test_odd_mechanical_system_is_refused():
+    with pytest.raises(ValueError, match="even n"):
+        sample_system(_rng(1), np.array([3]), np.array([1]), RKHSConfig(), mechanical=True)

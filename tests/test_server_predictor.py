@@ -79,6 +79,8 @@ def test_predict_rollout_stream_match_in_process(server, models):
         h = c.health()
         assert h["status"] == "ok" and h["requests"]["stream_step"] == 3 * CONTEXT
         assert h["errors_total"] == 0 and h["latency"]["p99_us"] > 0
+    with server.client(5000, spin_us=300) as spinning:  # busy-polling client: same answers
+        np.testing.assert_allclose(spinning.predict(x, u), local.predict(x, u), rtol=1e-6, atol=1e-6)
 
 
 def test_stream_reprime_full_mode(models, tmp_path):

@@ -244,3 +244,14 @@ def test_cli_pretrain_and_generate(tmp_path, capsys):
     assert corpus.x.shape == (10, 16, 6)
     assert _cli(["generate", "--out", str(tmp_path / "c2"), "--set", "num_centres=0"]) == 2
     assert "num_centres" in capsys.readouterr().err
+
+
+def test_mechanical_variant_config_differs_from_the_default_only_in_the_prior():
+    base = load_config(ROOT / "fm_core" / "configs" / "pretrain_default.toml")
+    mech = load_config(ROOT / "fm_core" / "configs" / "pretrain_mechanical.toml")
+    assert mech.model == base.model and mech.data == base.data and mech.train == base.train
+    assert RKHSConfig(**base.rkhs).mechanical_fraction == 0.0
+    assert RKHSConfig(**mech.rkhs).mechanical_fraction == 0.5
+    spec = BatchSpec(batch_size=16, seq_len=16, patch=2, n_max=6, m_max=2)
+    b = SyntheticStream(spec, rkhs=mech.rkhs, seed=0).batch(0)
+    assert all(torch.isfinite(t).all() for t in b.values() if isinstance(t, torch.Tensor))
