@@ -66,6 +66,12 @@ def register(subparsers) -> None:
     e.add_argument("--steps", type=int, default=None, help="max optimiser steps per trained model")
     e.add_argument("--context", type=int, default=None, help="context steps of the multi-step metric")
     e.add_argument("--horizon", type=int, default=None, help="open-loop horizon of the multi-step metric")
+    e.add_argument(
+        "--angle-features",
+        choices=("raw", "sincos"),
+        default="raw",
+        help="pendulum angle as logged (raw, unwrapped) or as (sin, cos) for every model (metric unchanged)",
+    )
     e.add_argument("--jobs", type=int, default=1, help="rigs evaluated in parallel processes")
     e.add_argument("--threads", type=int, default=1, help="torch threads per process")
     e.add_argument("--resume", action="store_true", help="reuse finished fits from OUT/<rig>/partial.json")

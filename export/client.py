@@ -10,6 +10,7 @@ One client per thread (requests on one client are serialised by a lock).
 from __future__ import annotations
 
 import collections
+import math
 import os
 import selectors
 import signal
@@ -101,6 +102,8 @@ class PredictorClient:
             s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, self._curve
         s.connect(self.endpoint)
         self._sock = s
+        self._poller = zmq.Poller()  # one per socket: Socket.poll() builds a new Poller on every call
+        self._poller.register(s, zmq.POLLIN)
 
     def _reconnect(self) -> None:
         if self._sock is not None:
@@ -137,7 +140,7 @@ class PredictorClient:
             frames = schema.encode_request(method, rid, arrays, params)
             budget = self.timeout_ms if timeout_ms is None else float(timeout_ms)
             deadline = time.monotonic() + budget / 1000.0
-            sock = self._sock
+            sock, poller = self._sock, self._poller
             try:  # common case first: connected, so no POLLOUT round before the send
                 sock.send_multipart(frames, zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -152,10 +155,10 @@ class PredictorClient:
             while True:
                 if self.spin_s > 0:
                     spin_end = min(time.monotonic() + self.spin_s, deadline)
-                    while not sock.poll(0, zmq.POLLIN) and time.monotonic() < spin_end:
+                    while not poller.poll(0) and time.monotonic() < spin_end:
                         pass
                 left_ms = (deadline - time.monotonic()) * 1000.0
-                if not sock.poll(max(0, int(np.ceil(left_ms))), zmq.POLLIN):  # 0: a ready reply still counts
+                if not poller.poll(max(0, math.ceil(left_ms))):  # 0: a ready reply still counts
                     self._reconnect()  # drop whatever reply may still come for this id
                     raise PredictorTimeout(f"{method}: no reply from {self.endpoint} within {budget:g} ms")
                 reply = sock.recv_multipart(copy=False)

@@ -96,7 +96,7 @@ def encode(header: dict[str, Any], arrays: dict[str, Any] | None = None, delimit
         decls.append(_declare(name, arr))
         bufs.append(arr)
     header = {**header, "v": header.get("v", PROTOCOL_VERSION), "arrays": decls}
-    frames.append(json.dumps(header, separators=(",", ":"), allow_nan=False).encode())
+    frames.append(_JSON_ENCODER.encode(header).encode())
     frames.extend(bufs)
     return frames
 
@@ -139,11 +139,20 @@ def encode_error(req_id: str | None, code: str, message: str, delimiter: bool = 
     return encode(hdr, None, delimiter)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite JSON constant {name}")
+
+
+# built once: json.dumps / json.loads with options construct a new encoder / decoder on every call
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _parse_header(raw: memoryview, req_id_hint: str | None = None) -> dict[str, Any]:
     if raw.nbytes > MAX_HEADER_BYTES:
         raise SchemaError(E_MALFORMED, f"header frame is {raw.nbytes} bytes, limit {MAX_HEADER_BYTES}")
     try:
-        hdr = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+        hdr = _JSON_DECODER.decode(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
         raise SchemaError(E_MALFORMED, f"header frame is not UTF-8 JSON: {exc}") from None
     if not isinstance(hdr, dict):
@@ -158,10 +167,6 @@ def _parse_header(raw: memoryview, req_id_hint: str | None = None) -> dict[str, 
             req_id,
         )
     return hdr
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite JSON constant {name}")
 
 
 def _decode_arrays(hdr: dict[str, Any], frames: Sequence[Any], req_id: str | None) -> dict[str, np.ndarray]:

@@ -265,12 +265,15 @@ class PredictorServer:
                     raise
                 if self.sock not in events:
                     continue
+                sock = self.sock
                 for _ in range(256):  # drain a burst before checking flags again
                     try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:  # spurious wake-up
                         break
                     self.handle(frames)
+                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a failing recv
+                        break
                 if self.spin_s > 0:  # stay hot: no scheduler wake-up for the next request of a fast loop
                     spin_until = time.perf_counter() + self.spin_s
         finally:

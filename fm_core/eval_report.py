@@ -168,6 +168,11 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
         f"(planned inputs given). Budget: {cfg['budget']}. Checkpoint: `{cfg['checkpoint']}`.",
         "",
     ]
+    if cfg.get("angle_features", "raw") != "raw":
+        head[-1:-1] = [
+            f"Angle features: `{cfg['angle_features']}` -- every model sees the pendulum angle as (sin, cos) "
+            "and its predictions are mapped back to the unwrapped angle; the metric is in the logged units.",
+        ]
     body = []
     for rig, rr in results["rigs"].items():
         d = out / rig

@@ -18,12 +18,29 @@ from typing import Any
 
 import numpy as np
 
+from fm_core.angle_features import SinCosCodec, SinCosPredictor
 from fm_core.baselines import MODELS, Budget, Predictor, fit_model, zero_shot
 from fm_core.eval_report import write_outputs
 
 
 class EvaluateError(ValueError):
     """Bad evaluation option or input (the message names it)."""
+
+
+ANGLE_FEATURES = ("raw", "sincos")
+
+
+def angle_codec(rig: str, td: Any) -> SinCosCodec:
+    """The (sin, cos) codec of the rig's pendulum angle (named by ``rigs.physics.pendulum_angle_name``)."""
+    from rigs.physics import pendulum_angle_name
+
+    name = pendulum_angle_name(rig)
+    names = list(td.state_names)
+    if name not in names:
+        raise EvaluateError(
+            f"--angle-features sincos: the {rig} data has no state {name!r} (states: {names})"
+        )
+    return SinCosCodec(td.x.shape[-1], [names.index(name)])
 
 
 @dataclass
@@ -50,10 +67,15 @@ class EvalConfig:
     quick: bool = False
     collect_rate_hz: float | None = None
     resume: bool = False  # reuse finished fits from OUT/<rig>/partial.json (same config)
+    # "raw": states as logged (angles unwrapped); "sincos": every model sees the pendulum angle as (sin, cos)
+    # and its predictions are mapped back (fm_core.angle_features), so the metric is unchanged
+    angle_features: str = "raw"
 
     def __post_init__(self) -> None:
         """Fill the budget's metric-matched settings: masked training windows observe ``context`` tokens and
         model selection on val uses the metric's rollout (context, horizon); explicit values are kept."""
+        if self.angle_features not in ANGLE_FEATURES:
+            raise EvaluateError(f"angle_features {self.angle_features!r}: use one of {ANGLE_FEATURES}")
         b = self.budget if isinstance(self.budget, Budget) else Budget(**self.budget)
         self.budget = replace(
             b,
@@ -182,6 +204,12 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
     path = prepare_data(rig, cfg)
     ts, tr, va, te = load_splits(path, cfg)
     x_std = np.asarray(normalisation_stats(tr)["x_std"])
+    codec = angle_codec(rig, tr) if cfg.angle_features == "sincos" else None
+    tr_fit, va_fit = (codec.encode_data(tr), codec.encode_data(va)) if codec else (tr, va)
+
+    def wrap(p: Predictor) -> Predictor:
+        return SinCosPredictor(p, codec) if codec else p  # type: ignore[return-value]
+
     length = cfg.context + cfg.horizon
     xw, uw = eval_windows(te, length)
     need_ckpt = any(m in ("fm", "specialist") for m in cfg.models)
@@ -203,6 +231,8 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
         "trajectory_steps": int(ts.x.shape[1]),
         "test_windows": int(len(xw)),
         "x_std_train": x_std.tolist(),
+        "angle_features": cfg.angle_features,
+        "model_state_names": list(tr_fit.state_names),
         "runs": [],
         "example": {},
     }
@@ -210,7 +240,7 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
     out["example"]["truth"] = xw[ex].tolist()
     out["example"]["context"] = cfg.context
     if "fm" in cfg.models:
-        p0 = zero_shot(ckpt, tr)
+        p0 = wrap(zero_shot(ckpt, tr_fit))
         s0 = score(p0, xw, uw, x_std, cfg.context, cfg.one_step_skip)
         out["runs"].append({"model": "fm0", "fraction": 0.0, "seed": 0, **s0, "info": p0.info})
         out["example"]["fm0"] = _example(p0, xw, uw, ex, cfg.context)
@@ -233,7 +263,7 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
             out["runs"].append(done[(m, float(f), s)])
             continue
         t0 = time.time()
-        pred = fit_model(m, tr, va, s, cfg.budget, f, ckpt=ckpt)
+        pred = wrap(fit_model(m, tr_fit, va_fit, s, cfg.budget, f, ckpt=ckpt))
         sc = score(pred, xw, uw, x_std, cfg.context, cfg.one_step_skip)
         info = {k: v for k, v in pred.info.items() if isinstance(v, int | float | str | type(None))}
         out["runs"].append(
@@ -406,6 +436,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         "threads": args.threads,
         "resume": args.resume,
         "jobs": args.jobs,
+        "angle_features": getattr(args, "angle_features", "raw"),
     }
     if args.models:
         kw["models"] = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -80,6 +80,8 @@ class RKHSConfig:
     tv_min: float = 0.05                             # every state channel's TV rate must be >= tv_min
     tv_max: float = 20.0                             # ... and <= tv_max   (TV rate: see total_variation)
     mechanical_fraction: float = 0.0                 # share of second-order systems (q' = v, v' = f(q,v,u))
+    angle_fraction: float = 0.0                      # share of mechanical systems with one position seen as
+                                                     # (sin kq, cos kq): n -> n + 1 (the rigs' sin/cos layout)
     max_rounds: int = 50                             # resampling rounds before RKHSGenerationError
     chunk_size: int = 1024                           # systems simulated per vectorised chunk
     dtype: str = "float32"                           # simulation dtype ("float32" | "float64")
@@ -152,6 +154,14 @@ class RKHSConfig:
             raise bad("mechanical_fraction", "must be a number in [0, 1]")
         if mf > 0 and not any(k % 2 == 0 for k in range(self.n_range[0], self.n_range[1] + 1)):
             raise bad("mechanical_fraction", f"needs an even state dimension inside n_range={self.n_range}")
+        af = self.angle_fraction
+        if isinstance(af, bool) or not isinstance(af, int | float | np.floating) or not 0.0 <= af <= 1.0:
+            raise bad("angle_fraction", "must be a number in [0, 1]")
+        if af > 0 and mf == 0:
+            raise bad("angle_fraction", "needs mechanical_fraction > 0 (angles are positions of those)")
+        if af > 0 and not any(k % 2 == 0 and k + 1 <= self.n_range[1]
+                              for k in range(self.n_range[0], self.n_range[1] + 1)):
+            raise bad("angle_fraction", f"needs an even n with n + 1 <= {self.n_range[1]} (n_range)")
         if self.integrator not in INTEGRATORS:
             raise bad("integrator", f"must be one of {INTEGRATORS}")
         if self.dtype not in ("float32", "float64"):
@@ -601,7 +611,32 @@ def draw_candidates(
     x0 *= np.arange(sys.n_pad)[None, :] < n[:, None]
     u, _ = sample_inputs(rng, m, T, cfg, m_pad=sys.m_pad)
     x = simulate(sys, x0, u, cfg.dt, cfg.integrator, T=T)
+    if cfg.angle_fraction > 0 and mech is not None:  # no extra draws at 0 (default stream unchanged)
+        ang = mech & (n + 1 <= cfg.n_range[1]) & (rng.random(count) < cfg.angle_fraction)
+        which = rng.integers(0, np.maximum(n // 2, 1))              # which position is the angle
+        scale = rng.uniform(1.0, math.pi, size=count)                # k: how much of the circle it sweeps
+        x, n = observe_angles(x, n, ang, which, scale)
     return x, u, n, m
+
+
+def observe_angles(
+    x: np.ndarray, n: np.ndarray, angle: np.ndarray, which: np.ndarray, scale: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Systems with ``angle[s]`` show their position ``q = x[s, :, which[s]]`` as ``(sin kq, cos kq)``
+    (``k = scale[s]``) in place of ``q``, the later channels shifted right by one: ``n[s] -> n[s] + 1``.
+
+    The dynamics are unchanged; only what the model observes is (the rigs' layout with ``--angle-features
+    sincos``: ``[p, sin th, cos th, p_dot, th_dot]``). Returns (x (S,T,n_pad'), n) with n_pad' = max(n).
+    """
+    n_new = n + angle.astype(n.dtype)
+    out = np.zeros(x.shape[:2] + (max(int(n_new.max()), x.shape[2]),), dtype=x.dtype)
+    out[:, :, : x.shape[2]] = x
+    for s in np.flatnonzero(angle):
+        j, k = int(which[s]), x.dtype.type(scale[s])
+        q = x[s, :, j] * k
+        out[s, :, j + 2 : n_new[s]] = x[s, :, j + 1 : n[s]]
+        out[s, :, j], out[s, :, j + 1] = np.sin(q), np.cos(q)
+    return out, n_new
 
 
 def _pad(a: np.ndarray, width: int) -> np.ndarray:

@@ -313,9 +313,12 @@ class RigConnection:
 
     def estop(self) -> bool:
         """Latch the device e-stop (best effort; returns whether it was sent); 0 V until clear_estop()."""
+        # set before sending: the reader thread may see the device's FAULT(ESTOP) answer before _send returns,
+        # and that answer is expected (logged at INFO), not a warning
+        before, self._estop_requested = self._estop_requested, True
         sent = self._send(proto.Estop()) is not None
-        if sent:
-            self._estop_requested = True  # the device's FAULT(ESTOP) answer is then expected, not a warning
+        if not sent:
+            self._estop_requested = before
         return sent
 
     def clear_estop(self, timeout: float = 0.5) -> None:

@@ -25,9 +25,24 @@ from rigs.physics_base import RigModel
 from rigs.physics_cartpole import CartPoleModel
 from rigs.physics_furuta import FurutaModel
 
-__all__ = ["RigModel", "CartPoleModel", "FurutaModel", "make_model", "apply_overrides", "OVERRIDE_SCALES"]
+__all__ = [
+    "RigModel",
+    "CartPoleModel",
+    "FurutaModel",
+    "make_model",
+    "apply_overrides",
+    "OVERRIDE_SCALES",
+    "pendulum_angle_name",
+]
 
 _MODELS: dict[str, type[RigModel]] = {"cartpole": CartPoleModel, "furuta": FurutaModel}
+
+
+def pendulum_angle_name(kind: str) -> str:
+    """Name of the rig's free pendulum angle q1 (the periodic coordinate that can make full turns)."""
+    if kind not in _MODELS:
+        raise RigConfigError(f"unknown rig kind {kind!r}; known: {sorted(_MODELS)}")
+    return _MODELS[kind].state_names[1]
 
 _FRICTION = {
     "cartpole": ("cart_viscous", "cart_coulomb", "pendulum_viscous", "pendulum_coulomb"),

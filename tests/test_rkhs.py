@@ -13,6 +13,7 @@ from fm_core.rkhs import (
     accept_mask,
     draw_candidates,
     generate_batch,
+    observe_angles,
     sample_inputs,
     sample_system,
     simulate,
@@ -309,3 +310,50 @@ def test_mechanical_fraction_validation_names_the_field(kw, field):
 def test_odd_mechanical_system_is_refused():
     with pytest.raises(ValueError, match="even n"):
         sample_system(_rng(1), np.array([3]), np.array([1]), RKHSConfig(), mechanical=True)
+
+
+# ----------------------------------------------------------------------------------------- angle observation
+def test_observe_angles_replaces_one_position_by_sin_cos_and_shifts_the_rest():
+    rng = _rng(40)
+    x = rng.normal(size=(3, 20, 4)).astype(np.float32)
+    x[2, :, 2:] = 0.0  # system 2 has n = 2 (padded)
+    n = np.array([4, 4, 2])
+    angle, which = np.array([True, False, True]), np.array([1, 0, 0])
+    out, n2 = observe_angles(x, n, angle, which, np.array([2.0, 1.0, 1.5]))
+    assert out.shape == (3, 20, 5) and n2.tolist() == [5, 4, 3]
+    np.testing.assert_array_equal(out[0, :, 0], x[0, :, 0])
+    np.testing.assert_allclose(out[0, :, 1], np.sin(2.0 * x[0, :, 1]), rtol=1e-6)
+    np.testing.assert_allclose(out[0, :, 2], np.cos(2.0 * x[0, :, 1]), rtol=1e-6)
+    np.testing.assert_array_equal(out[0, :, 3:], x[0, :, 2:])
+    np.testing.assert_array_equal(out[1, :, :4], x[1])  # not an angle system: unchanged, padded
+    assert not out[1, :, 4].any()
+    np.testing.assert_allclose(out[2, :, 0], np.sin(1.5 * x[2, :, 0]), rtol=1e-6)
+    np.testing.assert_array_equal(out[2, :, 2], x[2, :, 1])
+    assert not out[2, :, 3:].any()
+
+
+def test_angle_fraction_batches_have_unit_circle_pairs_and_odd_dims():
+    cfg = RKHSConfig(mechanical_fraction=1.0, angle_fraction=1.0)
+    b = generate_batch(_rng(41), 96, 40, cfg)
+    assert np.isfinite(b.x).all() and set(np.unique(b.n)) <= {3, 5, 6}
+    odd = np.flatnonzero(b.n % 2 == 1)
+    assert odd.size > 20
+    for s in odd:  # exactly one adjacent channel pair on the unit circle at every step
+        xs = b.x[s, :, : b.n[s]]
+        on_circle = [j for j in range(b.n[s] - 1)
+                     if np.allclose(xs[:, j] ** 2 + xs[:, j + 1] ** 2, 1.0, atol=1e-5)]
+        assert len(on_circle) == 1 and on_circle[0] < b.n[s] // 2 + 1
+    # mechanical-only draws the same systems when the angle share is 0 (no extra random numbers)
+    a = generate_batch(_rng(42), 32, 40, RKHSConfig(mechanical_fraction=0.5, angle_fraction=0.0))
+    m = generate_batch(_rng(42), 32, 40, RKHSConfig(mechanical_fraction=0.5))
+    np.testing.assert_array_equal(a.x, m.x)
+
+
+@pytest.mark.parametrize("kw, why", [
+    ({"angle_fraction": 0.5}, "needs mechanical_fraction > 0"),
+    ({"angle_fraction": -0.1, "mechanical_fraction": 0.5}, r"must be a number in \[0, 1\]"),
+    ({"angle_fraction": 0.5, "mechanical_fraction": 0.5, "n_range": (2, 2)}, r"n \+ 1 <= 2"),
+])
+def test_angle_fraction_validation_names_the_field(kw, why):
+    with pytest.raises(RKHSConfigError, match=f"angle_fraction.*{why}"):
+        RKHSConfig(**kw)

@@ -246,6 +246,17 @@ def test_cli_pretrain_and_generate(tmp_path, capsys):
     assert "num_centres" in capsys.readouterr().err
 
 
+def test_angle_variant_config_differs_from_the_mechanical_one_only_in_the_angle_share():
+    mech = load_config(ROOT / "fm_core" / "configs" / "pretrain_mechanical.toml")
+    ang = load_config(ROOT / "fm_core" / "configs" / "pretrain_angle.toml")
+    assert ang.model == mech.model and ang.data == mech.data and ang.train == mech.train
+    assert {k: v for k, v in ang.rkhs.items() if k != "angle_fraction"} == mech.rkhs
+    assert RKHSConfig(**ang.rkhs).angle_fraction == 0.5
+    spec = BatchSpec(batch_size=16, seq_len=16, patch=2, n_max=6, m_max=2)
+    b = SyntheticStream(spec, rkhs=ang.rkhs, seed=0).batch(0)
+    assert all(torch.isfinite(t).all() for t in b.values() if isinstance(t, torch.Tensor))
+
+
 def test_mechanical_variant_config_differs_from_the_default_only_in_the_prior():
     base = load_config(ROOT / "fm_core" / "configs" / "pretrain_default.toml")
     mech = load_config(ROOT / "fm_core" / "configs" / "pretrain_mechanical.toml")
