@@ -124,28 +124,9 @@ def test_cli_runs_every_model_kind_on_sincos_and_records_it(tmp_path):
     )
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(
-        [
-            "evaluate",
-            "--quick",
-            "--rigs",
-            "cartpole",
-            "--data",
-            str(data),
-            "--models",
-            "fm,specialist,linreg,ffn",
-            "--fractions",
-            "1",
-            "--seeds",
-            "1",
-            "--checkpoint",
-            str(ckpt),
-            "--angle-features",
-            "sincos",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    opts = "--quick --rigs cartpole --models fm,specialist,linreg,ffn --fractions 1 --seeds 1"
+    extra = ["--data", str(data), "--checkpoint", str(ckpt), "--angle-features", "sincos"]
+    args = parser.parse_args(["evaluate", *opts.split(), *extra, "--out", str(tmp_path / "out")])
     assert args.func(args) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     rr = res["rigs"]["cartpole"]
