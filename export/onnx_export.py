@@ -132,8 +132,11 @@ def load_checkpoint(
         raise ExportError(
             f"{path}: meta.state_names/input_names must have n={n}/m={m} entries, got {names_x} / {names_u}"
         )
+    angles, raw_names = _angle_meta(path, meta, n)
     clean = {
         "n": n,
+        "angle_channels": angles,
+        "raw_state_names": raw_names,
         "m": m,
         "dt": float(dtv),
         "rig": str(meta.get("rig") or ""),
@@ -145,6 +148,26 @@ def load_checkpoint(
         "u_std": core.u_std[:m].tolist(),
     }
     return LoadedCheckpoint(system, core.cfg.to_dict(), clean, file_sha256(path), path)
+
+
+def _angle_meta(path: str, meta: dict[str, Any], n: int) -> tuple[list[int], list[str]]:
+    """A sin/cos checkpoint's ``angle_channels`` (raw state indices) and ``raw_state_names``, validated.
+
+    Its ``n`` / ``state_names`` are the graph's (each angle as two channels); the raw state has
+    ``n - len(angle_channels)`` channels. Plain checkpoints give ``([], [])``."""
+    angles = meta.get("angle_channels") or []
+    if not angles:
+        return [], []
+    nraw = n - len(angles)
+    ok = isinstance(angles, list) and all(isinstance(a, int) and not isinstance(a, bool) for a in angles)
+    if not ok or len(set(angles)) != len(angles) or any(not 0 <= a < nraw for a in angles):
+        raise ExportError(
+            f"{path}: meta.angle_channels must list distinct raw state indices in [0, {nraw}), got {angles!r}"
+        )
+    names = [str(v) for v in meta.get("raw_state_names") or [f"x{i}" for i in range(nraw)]]
+    if len(names) != nraw:
+        raise ExportError(f"{path}: meta.raw_state_names must have {nraw} entries, got {names}")
+    return sorted(angles), names
 
 
 def save_random_checkpoint(
@@ -199,12 +222,15 @@ def _package_version() -> str:
 def _metadata(ck: LoadedCheckpoint, graph: str, context: int, exporter: str, opset: int) -> dict[str, str]:
     c = ck.config
     m = ck.meta
+    angles = m.get("angle_channels") or []
+    # callers see raw states (docs/predictor.md): n / state_names without the (sin, cos) split
     return {
         "rigfm.format": FORMAT,
         "rigfm.graph": graph,
-        "rigfm.n": str(m["n"]),
+        "rigfm.n": str(m["n"] - len(angles)),
         "rigfm.m": str(m["m"]),
-        "rigfm.state_names": json.dumps(m["state_names"]),
+        "rigfm.state_names": json.dumps(m["raw_state_names"] if angles else m["state_names"]),
+        "rigfm.angle_channels": json.dumps(angles),
         "rigfm.input_names": json.dumps(m["input_names"]),
         "rigfm.dt": repr(m["dt"]),
         "rigfm.rig": m["rig"],

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from fm_core.angle_features import SinCosCodec
+
 FORMAT = "rigfm-onnx-v1"
 EXPORTERS = ("fused", "torchscript", "dynamo")  # rigfm export --exporter (docs/predictor.md: measurement)
 DEFAULT_EXPORTER = "fused"
@@ -39,7 +41,13 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class ModelMeta:
-    """Metadata embedded in a rigfm ONNX file (``metadata_props``, keys ``rigfm.*``)."""
+    """Metadata embedded in a rigfm ONNX file (``metadata_props``, keys ``rigfm.*``).
+
+    ``n`` and ``state_names`` describe the states callers send and get back (raw, angles unwrapped). A model
+    trained with ``--angle-features sincos`` lists the raw indices of its angle channels in
+    ``angle_channels``: its graph sees each of them as (sin, cos), so the graph's state width is ``n_model``
+    (``x_mean`` / ``x_std`` have that length); :class:`OnnxPredictor` encodes and decodes at its boundary.
+    """
 
     graph: str
     n: int
@@ -64,10 +72,18 @@ class ModelMeta:
     exporter: str
     quantized: str
     step_file: str = ""
+    angle_channels: tuple[int, ...] = ()
+
+    @property
+    def n_model(self) -> int:
+        """State channels of the graph: ``n`` plus one per (sin, cos) angle channel."""
+        return self.n + len(self.angle_channels)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (for the ``info`` reply)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+        out["n_model"] = self.n_model
+        return out
 
 
 def _get(props: dict[str, str], key: str, path: str) -> str:
@@ -110,6 +126,8 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
         return out
 
     n, m = integer("n"), integer("m")
+    angles = _angle_channels(props.get("rigfm.angle_channels", "[]"), n, path)
+    nz = n + len(angles)
     try:
         dt = float(_get(props, "dt", path))
     except ValueError:
@@ -131,8 +149,8 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
         n_layers=integer("n_layers"),
         n_heads=integer("n_heads"),
         d_head=integer("d_head"),
-        x_mean=js("x_mean", n, float),
-        x_std=js("x_std", n, float),
+        x_mean=js("x_mean", nz, float),
+        x_std=js("x_std", nz, float),
         u_mean=js("u_mean", m, float),
         u_std=js("u_std", m, float),
         model_version=props.get("rigfm.model_version", ""),
@@ -140,6 +158,7 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
         exporter=props.get("rigfm.exporter", ""),
         quantized=props.get("rigfm.quantized", ""),
         step_file=props.get("rigfm.step_file", ""),
+        angle_channels=angles,
     )
     if meta.graph not in ("full", "step"):
         raise ModelFileError(f"{path}: metadata 'rigfm.graph' must be 'full' or 'step', got {meta.graph!r}")
@@ -148,6 +167,21 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
             f"{path}: metadata context={meta.context} outside [patch, max_len={meta.max_len}]"
         )
     return meta
+
+
+def _angle_channels(raw: str, n: int, path: str) -> tuple[int, ...]:
+    """Parse ``rigfm.angle_channels``: a JSON list of distinct state indices in [0, n)."""
+    try:
+        val = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{path}: metadata 'rigfm.angle_channels' is not JSON: {raw!r}") from None
+    ok = isinstance(val, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in val)
+    if not ok or len(set(val)) != len(val) or any(not 0 <= v < n for v in val):
+        raise ModelFileError(
+            f"{path}: metadata 'rigfm.angle_channels' must list distinct state indices in [0, {n}), "
+            f"got {raw!r}"
+        )
+    return tuple(sorted(val))
 
 
 def make_session(path: str | Path, threads: int = 1, sequential: bool = True) -> Any:
@@ -211,6 +245,8 @@ class OnnxPredictor:
                 f"{self.full_path}: is a {self.meta.graph!r} graph, expected the full-window graph"
             )
         _check_io(self.full, self.full_path, FULL_INPUTS, FULL_OUTPUTS)
+        me = self.meta
+        self.codec = SinCosCodec(me.n, me.angle_channels) if me.angle_channels else None
         if step_path is None and find_step and self.meta.step_file:
             cand = Path(self.full_path).parent / Path(self.meta.step_file).name
             step_path = cand if cand.is_file() else None
@@ -223,10 +259,11 @@ class OnnxPredictor:
             if smeta.graph != "step":
                 raise ModelFileError(f"{self.step_path}: is a {smeta.graph!r} graph, expected the step graph")
             _check_io(self.step_sess, self.step_path, STEP_INPUTS, STEP_OUTPUTS)
-            if smeta.checkpoint_sha256 != self.meta.checkpoint_sha256 or (smeta.n, smeta.m) != (
-                self.meta.n,
-                self.meta.m,
-            ):
+            if smeta.checkpoint_sha256 != me.checkpoint_sha256 or (
+                smeta.n,
+                smeta.m,
+                smeta.angle_channels,
+            ) != (me.n, me.m, me.angle_channels):
                 raise ModelFileError(
                     f"{self.step_path}: step graph comes from checkpoint {smeta.checkpoint_sha256[:12]} "
                     f"but {self.full_path} from {self.meta.checkpoint_sha256[:12]}"
@@ -270,7 +307,36 @@ class OnnxPredictor:
     def predict(self, x: Any, u: Any, obs: Any | None = None) -> np.ndarray:
         """pred (B,T,n): the model's estimate of x[t+1] at every position t (raw units)."""
         x, u, obs = self.check_window(x, u, obs)
-        return self.full.run(["pred"], {"x": x, "u": u, "obs": obs})[0]
+        pred = self._run_full(self.encode(x), u, obs)
+        return pred if self.codec is None else self._decode_window(pred, x, obs)
+
+    # ---------------------------------------------------------------------------- angle (sin, cos) codec
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Raw states (..., n) as the graph sees them (..., n_model); the identity without angle channels."""
+        if self.codec is None:
+            return x
+        return np.ascontiguousarray(self.codec.encode(x), dtype=np.float32)
+
+    def _angles(self, x: np.ndarray) -> np.ndarray:
+        return x[..., list(self.meta.angle_channels)]
+
+    def _decode_window(self, pz: np.ndarray, x: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        """Graph output (B,T,n_model) -> (B,T,n): each angle unwrapped against the angle it follows, the
+        measured x[t] where observed, else the decoded prediction before it (0 at a hidden first step)."""
+        c = self.codec
+        assert c is not None
+        if (obs > 0).all():
+            return c.decode_step(pz, self._angles(x)).astype(np.float32)
+        out = np.empty((*pz.shape[:-1], self.meta.n), np.float32)
+        prev = np.zeros((x.shape[0], len(c.channels)), np.float64)
+        for t in range(pz.shape[1]):
+            prev = np.where(obs[:, t, None] > 0, self._angles(x[:, t]), prev)
+            out[:, t] = c.decode_step(pz[:, t], prev)
+            prev = self._angles(out[:, t])
+        return out
+
+    def _run_full(self, xz: np.ndarray, u: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        return self.full.run(["pred"], {"x": xz, "u": u, "obs": obs})[0]
 
     def prime(
         self, x: np.ndarray, u: np.ndarray, obs: np.ndarray
@@ -306,15 +372,18 @@ class OnnxPredictor:
         x_hist = x_hist[x_hist.shape[0] - lx :]
         u_hist = u_hist[lu - (lx - 1) :] if lx > 1 else u_hist[:0]
         t = lx - 1 + h
-        x = np.zeros((k, t, me.n), np.float32)
-        x[:, :lx] = x_hist
+        x = np.zeros((k, t, me.n_model), np.float32)
+        x[:, :lx] = self.encode(x_hist)
         u = np.empty((k, t, me.m), np.float32)
         u[:, : lx - 1] = u_hist
         u[:, lx - 1 :] = u_plan
         obs = np.zeros((k, t), np.float32)
         obs[:, :lx] = 1.0
-        pred = self.full.run(["pred"], {"x": x, "u": u, "obs": obs})[0]
-        return np.ascontiguousarray(pred[:, lx - 1 :])
+        pred = np.ascontiguousarray(self._run_full(x, u, obs)[:, lx - 1 :])
+        if self.codec is None:
+            return pred
+        start = np.broadcast_to(self._angles(x_hist[-1]), (k, len(me.angle_channels)))
+        return self.codec.decode_sequence(pred, start).astype(np.float32)
 
     # ---------------------------------------------------------------------------------------- streaming
     def step(
@@ -350,7 +419,8 @@ class StreamState:
         self.pred_ = predictor
         self.shadow = bool(shadow)
         self.keep = max(me.patch, me.context // 2)
-        self.x = np.zeros((me.context, me.n), np.float32)  # the last `context` steps, oldest first
+        self.x = np.zeros((me.context, me.n_model), np.float32)  # the last `context` steps as the graph
+        # sees them (angles as sin, cos), oldest first
         self.u = np.zeros((me.context, me.m), np.float32)
         self.primes = 0
         self._clear()
@@ -381,12 +451,21 @@ class StreamState:
         me = p.meta
         x_t = _f32("x_t", x_t, (me.n,))
         u_t = _f32("u_t", u_t, (me.m,))
-        self._append(x_t, u_t)
+        pz = self._step_encoded(p.encode(x_t), u_t)
+        if p.codec is None:
+            return pz
+        return p.codec.decode_step(pz, p._angles(x_t)).astype(np.float32)
+
+    def _step_encoded(self, z_t: np.ndarray, u_t: np.ndarray) -> np.ndarray:
+        p = self.pred_
+        me = p.meta
+        self._append(z_t, u_t)
         if not p.has_step:
             length = min(self.t, me.context)
             self.start = self.t - length
             xw, uw = self._window(length)
-            return p.predict(xw[None], uw[None], np.ones((1, length), np.float32))[0, -1]
+            xw, uw = np.ascontiguousarray(xw[None]), np.ascontiguousarray(uw[None])
+            return p._run_full(xw, uw, np.ones((1, length), np.float32))[0, -1]
         cached = 0 if self.k is None else self.k.shape[3]
         if self.shadow and self.k is not None:
             pred_sh = self._shadow_step()
@@ -416,7 +495,7 @@ class StreamState:
         """The step graph's input: the last ``patch`` steps (rows before the history start are zeros)."""
         me = self.pred_.meta
         pw = me.patch
-        xw = np.zeros((1, pw, me.n), np.float32)
+        xw = np.zeros((1, pw, me.n_model), np.float32)
         uw = np.zeros((1, pw, me.m), np.float32)
         take = min(pw, self.t, self.x.shape[0])
         xs, us = self._window(take)
@@ -453,6 +532,7 @@ class StreamState:
         me = self.pred_.meta
         x_hist = _f32("x_hist", x_hist, (None, me.n))
         u_hist = _f32("u_hist", u_hist, (x_hist.shape[0], me.m))
+        x_hist = self.pred_.encode(x_hist)
         self._clear()
         for xt, ut in zip(x_hist[-me.context :], u_hist[-me.context :], strict=True):
             self._append(xt, ut)

@@ -75,12 +75,20 @@ class SinCosCodec:
         return x
 
     def decode_sequence(self, z: np.ndarray, start_angle: np.ndarray) -> np.ndarray:
-        """(B, H, n + k) -> (B, H, n), unwrapping along time from ``start_angle`` (B, k)."""
+        """(B, H, n + k) -> (B, H, n), unwrapping along time from ``start_angle`` (B, k).
+
+        Same as :meth:`decode_step` applied step by step against the previous decoded angle; vectorised: the
+        angle moves by the wrapped difference of consecutive ``atan2`` values (the first from the start)."""
+        z = np.asarray(z)
         out = np.empty((*z.shape[:-1], self.n), dtype=np.result_type(z.dtype, np.float32))
-        prev = np.asarray(start_angle, dtype=np.float64)
-        for t in range(z.shape[1]):
-            out[:, t] = self.decode_step(z[:, t], prev)
-            prev = out[:, t, list(self.channels)].astype(np.float64)
+        ps = self.pos[list(self.channels)]
+        phi = np.arctan2(z[..., ps], z[..., ps + 1]).astype(np.float64)  # (B, H, k)
+        start = np.asarray(start_angle, dtype=np.float64)[:, None, :]
+        out[..., list(self.channels)] = start + np.cumsum(
+            wrap_angle(np.diff(np.concatenate([start, phi], axis=1), axis=1)), axis=1
+        )
+        for i in self.passthrough:
+            out[..., i] = z[..., self.pos[i]]
         return out
 
     def encode_data(self, td: Any) -> Any:

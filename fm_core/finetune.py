@@ -456,12 +456,20 @@ def evaluate_mse(
 
 def save_finetuned(
     path: str | Path, model: DynamicsFM, train: TrajData, history: list[dict[str, Any]], cfg: FinetuneConfig,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, angle_channels: list[int] | None = None,
+    raw_state_names: list[str] | None = None,
 ) -> Path:
-    """Save a fine-tuned model with meta (n, m, names, dt, rig, normalisation, training summary)."""
+    """Save a fine-tuned model with meta (n, m, names, dt, rig, normalisation, training summary).
+
+    A model trained on (sin, cos) angles (``train`` already encoded) records the raw indices of those angles
+    (``angle_channels``) and the raw state names; ``rigfm export`` then serves raw states (docs/predictor.md).
+    """
     n, m = train.x.shape[-1], train.u.shape[-1]
     meta = {"n": n, "m": m, "state_names": train.state_names, "input_names": train.input_names,
             "dt": train.dt, "rig": train.rig or "unknown",
             "train": {"kind": "finetune", "config": asdict(cfg), "history": history,
                       **getattr(model, "finetune_info", {}), **(extra or {})}}
+    if angle_channels:
+        meta["angle_channels"] = [int(c) for c in angle_channels]
+        meta["raw_state_names"] = [str(v) for v in raw_state_names or []]
     return save_checkpoint(path, model, meta)

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     f.add_argument("--out", default="runs/ft", help="output dir (finetuned.pt, history.json)")
     f.add_argument("--context", type=int, default=32, help="context steps for the test evaluation")
     f.add_argument("--horizon", type=int, default=32, help="rollout horizon for the test evaluation")
+    f.add_argument("--angle-features", choices=("raw", "sincos"), default="raw",
+                   help="pendulum angle as logged, or as (sin, cos); an exported sincos model still takes "
+                        "and returns raw states (the predictor encodes / decodes)")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_finetune)
 
@@ -108,6 +111,13 @@ def _finetune(args: argparse.Namespace) -> int:
         ts = load_trajectories(args.data)
         train = split_trajectories(ts, "train")
         val = split_trajectories(ts, "val")
+        raw_names = list(train.state_names)
+        codec = None
+        if args.angle_features == "sincos":
+            from fm_core.evaluate import angle_codec
+
+            codec = angle_codec(train.rig, train)
+            train, val = codec.encode_data(train), codec.encode_data(val)
         init = None if str(args.init).lower() == "none" else args.init
         model, history = finetune(init, train, val, cfg, progress=not args.no_progress)
     except (ValueError, TrajectoryFileError, CheckpointError) as exc:
@@ -116,14 +126,18 @@ def _finetune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = save_finetuned(out / "finetuned.pt", model, train, history, cfg,
-                          extra={"init": str(init), "data": str(args.data)})
+                          extra={"init": str(init), "data": str(args.data),
+                                 "angle_features": args.angle_features},
+                          angle_channels=list(codec.channels) if codec else None, raw_state_names=raw_names)
     (out / "history.json").write_text(json.dumps(history, indent=1))
     title = f"fine-tuning ({args.mode}, fraction {args.fraction})"
     plot_loss_curve(history, out / "loss_curve.png", title=title)
     report = {"checkpoint": str(ckpt), **getattr(model, "finetune_info", {})}
     try:
         test = split_trajectories(ts, "test")
+        test = codec.encode_data(test) if codec else test  # scores in the model's (sin, cos) units then
         report["test"] = evaluate_mse(model, test, args.context, args.horizon)
+        report["test"]["state_space"] = args.angle_features
         report["test"].pop("per_step_mse", None)
     except ValueError as exc:
         report["test"] = f"skipped: {exc}"
