@@ -47,6 +47,11 @@ class FlywheelConfig:
     window: int | None = None               # dataset window (default: fits the run)
     context: int = 64                       # predictor window of the exported ONNX
     status: bool = False
+    angle_features: str = "raw"             # v2 fine-tuned on the pendulum angle as "raw" or "sincos"
+
+    def __post_init__(self) -> None:
+        if self.angle_features not in ("raw", "sincos"):
+            raise ValueError(f"angle_features {self.angle_features!r}: use 'raw' or 'sincos'")
 
 
 def _rigfm(args: list[str], stage: str, log: Path) -> None:
@@ -155,7 +160,8 @@ def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
             say(f"dataset {data.name}: window {window}, windows {n_windows}")
             ft = out / "ft"
             _rigfm(["finetune", "--init", str(init), "--data", str(data), "--mode", "full", "--steps",
-                    str(cfg.finetune_steps), "--seed", str(cfg.seed), "--out", str(ft), "--no-progress"],
+                    str(cfg.finetune_steps), "--seed", str(cfg.seed), "--out", str(ft), "--no-progress",
+                    "--angle-features", cfg.angle_features],
                    "finetune", out / "finetune.log")
             t = mark("finetune", t)
             v2 = out / "v2.onnx"
@@ -184,6 +190,7 @@ def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
         "rig": cfg.rig, "config": asdict(cfg), "init_checkpoint": str(init), "init_is_rig_finetuned": tuned,
         "predictor_pid": pid0, "pid_after_reload": proc.pid,
         "sha_v1": info1.get("model_sha256"), "sha_v2": info2.get("model_sha256"), "reload_reply": rel,
+        "angle_channels_v2": info2.get("angle_channels", []),
         "reloads": int(health.get("reloads", 0)) - reloads0, "dataset": {"path": str(data), "window": window,
                                                                        "windows": n_windows},
         "before": eb, "after": ea,
@@ -263,12 +270,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, help="dataset window (default fits the run)")
     p.add_argument("--out", default="runs/flywheel", help="output folder (default runs/flywheel)")
     p.add_argument("--status", action="store_true", help="live status line during the runs")
+    p.add_argument("--angle-features", choices=("raw", "sincos"), default="raw",
+                   help="fine-tune v2 on the pendulum angle as logged or as (sin, cos) (the predictor still "
+                        "serves raw states)")
 
 
 def handler(args: argparse.Namespace) -> int:
     cfg = FlywheelConfig(out=args.out, rig=args.rig, controller=args.controller, duration_s=args.duration,
                          finetune_steps=args.steps, init_checkpoint=args.init, seed=args.seed,
                          stale_ms=args.stale_ms, window=args.window, status=args.status,
+                         angle_features=args.angle_features,
                          virtual_params=dict(args.virtual_param or DEFAULT_PARAMS))
     try:
         res = run_flywheel(cfg, progress=lambda m: print(f"flywheel: {m}", file=sys.stderr, flush=True))

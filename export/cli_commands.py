@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("export.export_commands",)
+_MODULES = ("export.export_commands", "export.score")
 
 
 def register(subparsers) -> None:

@@ -46,11 +46,19 @@ def _check_mechanics(res: dict, out) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_flywheel_pipeline_reloads_the_running_predictor(tmp_path):
+@pytest.mark.parametrize("angles", ["raw", "sincos"])
+def test_flywheel_pipeline_reloads_the_running_predictor(tmp_path, angles):
     out = tmp_path / "fw"
-    cfg = FlywheelConfig(out=str(out), duration_s=5.0, finetune_steps=10)
+    cfg = FlywheelConfig(out=str(out), duration_s=5.0, finetune_steps=10, angle_features=angles)
     res = run_flywheel(cfg)
     _check_mechanics(res, out)
+    # a (sin, cos) v2 is served in raw states: the same loop and monitor ran on it without a fault
+    assert res["angle_channels_v2"] == ([1] if angles == "sincos" else [])
+
+
+def test_bad_angle_features_is_named(tmp_path):
+    with pytest.raises(ValueError, match="angle_features 'polar'"):
+        FlywheelConfig(out=str(tmp_path), angle_features="polar")
 
 
 def test_missing_init_checkpoint_is_named(tmp_path):
