@@ -97,6 +97,15 @@ def score(models: Sequence[str | Path], data: str | Path, split: str = "test", c
             "models": rows}
 
 
+def _shown(path: str) -> str:
+    """A model path as the user would type it: relative to the working directory when inside it."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The result as a markdown table (ratios against the first model)."""
     base = res["models"][0]
@@ -106,7 +115,7 @@ def markdown(res: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|"]
     for r in res["models"]:
         ang = "sin/cos" if r["angle_channels"] else "raw"
-        lines.append(f"| `{Path(r['model']).name}` | {ang} | {r['one_step_mse']:.4g} | "
+        lines.append(f"| `{_shown(r['model'])}` | {ang} | {r['one_step_mse']:.4g} | "
                      f"{r['multi_step_mse']:.4g} | {r['final_step_mse']:.4g} | "
                      f"{base['multi_step_mse'] / r['multi_step_mse']:.2f} |")
     return "\n".join(lines) + "\n"

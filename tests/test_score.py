@@ -85,7 +85,7 @@ def test_cli_is_torch_free_and_prints_the_table(setup, tmp_path):
             "--horizon", "20", "--json", str(out)]
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "| `sincos.onnx` | sin/cos |" in r.stdout and "| `raw.onnx` | raw |" in r.stdout
+    assert f"| `{setup['sincos']}` | sin/cos |" in r.stdout and f"| `{setup['raw']}` | raw |" in r.stdout
     assert len(json.loads(out.read_text())["models"]) == 2
     r = subprocess.run([sys.executable, "-c", code, "score", str(tmp_path / "nope.onnx"), "--data",
                         str(setup["data"])], capture_output=True, text=True, timeout=120)
