@@ -47,11 +47,11 @@ class FlywheelConfig:
     window: int | None = None               # dataset window (default: fits the run)
     context: int = 64                       # predictor window of the exported ONNX
     status: bool = False
-    angle_features: str = "raw"             # v2 fine-tuned on the pendulum angle as "raw" or "sincos"
+    angle_features: str = "auto"            # v2's pendulum angle: "raw", "sincos" or "auto" (as v1 has it)
 
     def __post_init__(self) -> None:
-        if self.angle_features not in ("raw", "sincos"):
-            raise ValueError(f"angle_features {self.angle_features!r}: use 'raw' or 'sincos'")
+        if self.angle_features not in ("auto", "raw", "sincos"):
+            raise ValueError(f"angle_features {self.angle_features!r}: use 'auto', 'raw' or 'sincos'")
 
 
 def _rigfm(args: list[str], stage: str, log: Path) -> None:
@@ -270,9 +270,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, help="dataset window (default fits the run)")
     p.add_argument("--out", default="runs/flywheel", help="output folder (default runs/flywheel)")
     p.add_argument("--status", action="store_true", help="live status line during the runs")
-    p.add_argument("--angle-features", choices=("raw", "sincos"), default="raw",
+    p.add_argument("--angle-features", choices=("auto", "raw", "sincos"), default="auto",
                    help="fine-tune v2 on the pendulum angle as logged or as (sin, cos) (the predictor still "
-                        "serves raw states)")
+                        "serves raw states); auto (default): as v1 has it")
 
 
 def handler(args: argparse.Namespace) -> int:

@@ -39,9 +39,10 @@ def register(subparsers) -> None:
     f.add_argument("--out", default="runs/ft", help="output dir (finetuned.pt, history.json)")
     f.add_argument("--context", type=int, default=32, help="context steps for the test evaluation")
     f.add_argument("--horizon", type=int, default=32, help="rollout horizon for the test evaluation")
-    f.add_argument("--angle-features", choices=("raw", "sincos"), default="raw",
-                   help="pendulum angle as logged, or as (sin, cos); an exported sincos model still takes "
-                        "and returns raw states (the predictor encodes / decodes)")
+    f.add_argument("--angle-features", choices=("auto", "raw", "sincos"), default="auto",
+                   help="pendulum angle as logged, or as (sin, cos) (an exported sincos model still takes "
+                        "and returns raw states); auto (default): as the --init checkpoint has it, raw "
+                        "for --init none")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_finetune)
 
@@ -94,6 +95,25 @@ def _parse_kv(items: list[str]) -> dict:
     return out
 
 
+def resolve_angle_features(choice: str, init: str | None) -> str:
+    """``auto`` -> the layout of the init checkpoint (``sincos`` if it records angle channels, else ``raw``).
+
+    An explicit choice that differs from the init checkpoint's is allowed (the model re-learns what its
+    state channels mean) and said on stderr."""
+    if init is None:
+        return "raw" if choice == "auto" else choice
+    from fm_core.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(init)
+    has = "sincos" if meta.get("angle_channels") else "raw"
+    if choice == "auto":
+        return has
+    if choice != has:
+        print(f"note: --init {init} was trained with angle features {has!r}; fine-tuning it with {choice!r} "
+              "changes what its state channels mean (it re-learns them)", file=sys.stderr)
+    return choice
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from fm_core.checkpoint import CheckpointError
     from fm_core.finetune import FinetuneConfig, evaluate_mse, finetune, save_finetuned, split_trajectories
@@ -112,13 +132,14 @@ def _finetune(args: argparse.Namespace) -> int:
         train = split_trajectories(ts, "train")
         val = split_trajectories(ts, "val")
         raw_names = list(train.state_names)
+        init = None if str(args.init).lower() == "none" else args.init
+        angles = resolve_angle_features(args.angle_features, init)
         codec = None
-        if args.angle_features == "sincos":
+        if angles == "sincos":
             from fm_core.evaluate import angle_codec
 
             codec = angle_codec(train.rig, train)
             train, val = codec.encode_data(train), codec.encode_data(val)
-        init = None if str(args.init).lower() == "none" else args.init
         model, history = finetune(init, train, val, cfg, progress=not args.no_progress)
     except (ValueError, TrajectoryFileError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -127,7 +148,7 @@ def _finetune(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = save_finetuned(out / "finetuned.pt", model, train, history, cfg,
                           extra={"init": str(init), "data": str(args.data),
-                                 "angle_features": args.angle_features},
+                                 "angle_features": angles},
                           angle_channels=list(codec.channels) if codec else None, raw_state_names=raw_names)
     (out / "history.json").write_text(json.dumps(history, indent=1))
     title = f"fine-tuning ({args.mode}, fraction {args.fraction})"
@@ -137,7 +158,7 @@ def _finetune(args: argparse.Namespace) -> int:
         test = split_trajectories(ts, "test")
         test = codec.encode_data(test) if codec else test  # scores in the model's (sin, cos) units then
         report["test"] = evaluate_mse(model, test, args.context, args.horizon)
-        report["test"]["state_space"] = args.angle_features
+        report["test"]["state_space"] = angles
         report["test"].pop("per_step_mse", None)
     except ValueError as exc:
         report["test"] = f"skipped: {exc}"

@@ -187,3 +187,18 @@ def test_finetune_sincos_names_the_missing_pendulum_state(tmp_path, capsys):
                         "--angle-features", "sincos", "--out", str(tmp_path / "o"), "--no-progress"])
     assert rc == 2
     assert "no state 'theta'" in capsys.readouterr().err
+
+
+def test_finetune_inherits_the_angle_layout_of_its_init(deployed, tmp_path, capsys):
+    """Fine-tuning a (sin, cos) checkpoint on new logs keeps its layout unless told otherwise (and warns)."""
+    data = deployed["dir"] / "spin.npz"
+    common = ["finetune", "--init", str(deployed["ckpt"]), "--data", str(data), "--steps", "2",
+              "--set", "val_every=1", "--set", "seq_len=24", "--set", "batch_size=4", "--no-progress"]
+    assert _finetune_cli([*common, "--out", str(tmp_path / "auto")]) == 0
+    meta = torch.load(tmp_path / "auto" / "finetuned.pt", weights_only=True)["meta"]
+    assert meta["angle_channels"] == [1] and meta["n"] == 5
+    assert "changes what its state channels mean" not in capsys.readouterr().err
+    assert _finetune_cli([*common, "--angle-features", "raw", "--out", str(tmp_path / "raw")]) == 0
+    assert "trained with angle features 'sincos'; fine-tuning it with 'raw'" in capsys.readouterr().err
+    meta = torch.load(tmp_path / "raw" / "finetuned.pt", weights_only=True)["meta"]
+    assert meta["n"] == 4 and "angle_channels" not in meta
