@@ -308,7 +308,9 @@ class OnnxPredictor:
         """pred (B,T,n): the model's estimate of x[t+1] at every position t (raw units)."""
         x, u, obs = self.check_window(x, u, obs)
         pred = self._run_full(self.encode(x), u, obs)
-        return pred if self.codec is None else self._decode_window(pred, x, obs)
+        if self.codec is None or (obs > 0).all():
+            return self.decode(pred, x)
+        return self._decode_hidden(pred, x, obs)
 
     # ---------------------------------------------------------------------------- angle (sin, cos) codec
     def encode(self, x: np.ndarray) -> np.ndarray:
@@ -317,16 +319,21 @@ class OnnxPredictor:
             return x
         return np.ascontiguousarray(self.codec.encode(x), dtype=np.float32)
 
+    def decode(self, pz: np.ndarray, x_prev: np.ndarray) -> np.ndarray:
+        """Graph predictions (..., n_model) -> raw states (..., n), each angle the turn of ``atan2(sin, cos)``
+        nearest to the angle in ``x_prev`` (..., n), the state it follows; the identity without angles."""
+        if self.codec is None:
+            return pz
+        return self.codec.decode_step(pz, self._angles(x_prev)).astype(np.float32)
+
     def _angles(self, x: np.ndarray) -> np.ndarray:
         return x[..., list(self.meta.angle_channels)]
 
-    def _decode_window(self, pz: np.ndarray, x: np.ndarray, obs: np.ndarray) -> np.ndarray:
-        """Graph output (B,T,n_model) -> (B,T,n): each angle unwrapped against the angle it follows, the
-        measured x[t] where observed, else the decoded prediction before it (0 at a hidden first step)."""
+    def _decode_hidden(self, pz: np.ndarray, x: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        """:meth:`decode` of a window with hidden steps (obs = 0): there an angle follows the decoded
+        prediction before it (0 at a hidden first step), as along a rollout."""
         c = self.codec
         assert c is not None
-        if (obs > 0).all():
-            return c.decode_step(pz, self._angles(x)).astype(np.float32)
         out = np.empty((*pz.shape[:-1], self.meta.n), np.float32)
         prev = np.zeros((x.shape[0], len(c.channels)), np.float64)
         for t in range(pz.shape[1]):
@@ -419,8 +426,8 @@ class StreamState:
         self.pred_ = predictor
         self.shadow = bool(shadow)
         self.keep = max(me.patch, me.context // 2)
-        self.x = np.zeros((me.context, me.n_model), np.float32)  # the last `context` steps as the graph
-        # sees them (angles as sin, cos), oldest first
+        # the last `context` steps as the graph sees them (angles as sin, cos), oldest first
+        self.x = np.zeros((me.context, me.n_model), np.float32)
         self.u = np.zeros((me.context, me.m), np.float32)
         self.primes = 0
         self._clear()
@@ -451,10 +458,7 @@ class StreamState:
         me = p.meta
         x_t = _f32("x_t", x_t, (me.n,))
         u_t = _f32("u_t", u_t, (me.m,))
-        pz = self._step_encoded(p.encode(x_t), u_t)
-        if p.codec is None:
-            return pz
-        return p.codec.decode_step(pz, p._angles(x_t)).astype(np.float32)
+        return p.decode(self._step_encoded(p.encode(x_t), u_t), x_t)
 
     def _step_encoded(self, z_t: np.ndarray, u_t: np.ndarray) -> np.ndarray:
         p = self.pred_
