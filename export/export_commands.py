@@ -6,6 +6,7 @@ Cheap to import: torch / onnxruntime / zmq load inside the handlers.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def _export(args: argparse.Namespace) -> int:
                 f"{graph}: {path} ({res.nodes[graph]} nodes, {res.export_s[graph]:.2f} s, {args.exporter}, "
                 f"parity vs torch {res.parity[graph]:.1e})"
             )
+    angles = json.loads(res.metadata.get("rigfm.angle_channels", "[]"))
+    if angles:
+        names = json.loads(res.metadata["rigfm.state_names"])
+        shown = ", ".join(names[i] for i in angles)
+        print(f"angles: {shown} as (sin, cos) inside the graph; the predictor takes and returns raw states")
     if args.quantize:
         for path in (res.full_path, res.step_path):
             if path is None:

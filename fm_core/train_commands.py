@@ -151,7 +151,7 @@ def _finetune(args: argparse.Namespace) -> int:
                                  "angle_features": angles},
                           angle_channels=list(codec.channels) if codec else None, raw_state_names=raw_names)
     (out / "history.json").write_text(json.dumps(history, indent=1))
-    title = f"fine-tuning ({args.mode}, fraction {args.fraction})"
+    title = f"fine-tuning ({args.mode}, fraction {args.fraction}{', sin/cos angle' if codec else ''})"
     plot_loss_curve(history, out / "loss_curve.png", title=title)
     report = {"checkpoint": str(ckpt), **getattr(model, "finetune_info", {})}
     try:

@@ -202,3 +202,14 @@ def test_finetune_inherits_the_angle_layout_of_its_init(deployed, tmp_path, caps
     assert "trained with angle features 'sincos'; fine-tuning it with 'raw'" in capsys.readouterr().err
     meta = torch.load(tmp_path / "raw" / "finetuned.pt", weights_only=True)["meta"]
     assert meta["n"] == 4 and "angle_channels" not in meta
+
+
+def test_export_cli_says_which_angles_the_graph_sees_as_sincos(deployed, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "export.export_commands", "export", str(deployed["ckpt"]), "-o",
+           str(tmp_path / "m.onnx")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "angles: theta as (sin, cos) inside the graph" in out.stdout
