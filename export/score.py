@@ -92,7 +92,12 @@ def score(models: Sequence[str | Path], data: str | Path, split: str = "test", c
         raise ScoreError(f"{data}: no trajectories with split {split!r} (have {sorted(set(ts.split))})")
     x, u = rollout_windows(ts.x[sel].astype(np.float32), ts.u[sel].astype(np.float32), context + horizon)
     scale = _scale(ts)
-    rows = [score_model(OnnxPredictor(m, self_test=False), x, u, scale, context, horizon) for m in models]
+    rows = []
+    for path in models:
+        pred = OnnxPredictor(path, self_test=False)
+        if pred.meta.rig not in ("", "synthetic", "unknown") and ts.rig and pred.meta.rig != ts.rig:
+            raise ScoreError(f"{path} is a {pred.meta.rig!r} model but {data} holds {ts.rig!r} data")
+        rows.append(score_model(pred, x, u, scale, context, horizon))
     return {"data": str(data), "split": split, "state_names": list(ts.state_names), "scale": scale.tolist(),
             "models": rows}
 

@@ -74,6 +74,14 @@ def test_bad_input_is_named(setup, tmp_path):
                       [f"r{i}" for i in range(6)], "cartpole")
     with pytest.raises(ScoreError, match="serves n=4, m=1; the data has n=3"):
         score([setup["raw"]], bad, context=10, horizon=20)
+    cartpole_model = export_checkpoint(save_random_checkpoint(tmp_path / "c.pt", config=TINY, rig="cartpole"),
+                                       tmp_path / "c.onnx", context=32).full_path
+    furuta_data = tmp_path / "furuta.npz"
+    save_trajectories(furuta_data, setup["x"], setup["u"], 0.01, NAMES, ["voltage"], ["test"] * 6,
+                      [f"r{i}" for i in range(6)], "furuta")
+    with pytest.raises(ScoreError, match="is a 'cartpole' model but .*furuta.npz holds 'furuta' data"):
+        score([cartpole_model], furuta_data, context=10, horizon=20)
+    assert score([cartpole_model], setup["data"], context=10, horizon=20)["models"][0]["windows"] == 9
 
 
 def test_cli_is_torch_free_and_prints_the_table(setup, tmp_path):
