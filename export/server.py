@@ -165,6 +165,7 @@ class PredictorServer:
         self.sock: zmq.Socket | None = None
         self.endpoint = ""
         self._stop = threading.Event()
+        self._signalled = False  # set by the SIGTERM/SIGINT handler
         self._reload_thread: threading.Thread | None = None
         self._reload_result: tuple[Any, ...] | None = None
         self._reload_waiters: list[tuple[bytes, bool, str]] = []
@@ -252,7 +253,7 @@ class PredictorServer:
         poller.register(self.sock, zmq.POLLIN)
         spin_until = 0.0
         try:
-            while not self._stop.is_set():
+            while not (self._signalled or self._stop.is_set()):
                 if self._sighup:
                     self._sighup = False
                     self._start_reload(self.model_path, self.step_path, None)
@@ -294,7 +295,9 @@ class PredictorServer:
         """SIGTERM/SIGINT: stop after the current request; SIGHUP: reload the model files."""
 
         def _stop(signum: int, _frame: Any) -> None:
-            self._stop.set()
+            # a plain flag, never a lock: a second signal arriving while Event.set() holds its lock would
+            # run this handler again inside it and deadlock (seen with SIGTERM twice on parent death)
+            self._signalled = True
 
         def _hup(signum: int, _frame: Any) -> None:
             self._sighup = True
@@ -378,7 +381,11 @@ class PredictorServer:
         if m == "stream_reset":
             a = schema.require(msg, (), optional=("x_hist", "u_hist"))
             key = self._stream_key(identity, msg)
-            st = p.stream(shadow=self.stream_reprime == "shadow")
+            st = self.streams.get(key)
+            if st is not None and st.pred_ is p:
+                st.reset()  # reuse its cache buffers: allocating and binding them costs milliseconds
+            else:
+                st = p.stream(shadow=self.stream_reprime == "shadow")
             if a:
                 if set(a) != {"x_hist", "u_hist"}:
                     raise schema.SchemaError(
