@@ -172,25 +172,32 @@ def _blocks(b: _Builder, w: _Weights, ln: str, h: str, past: list[str] | None) -
             ins += ["", past[i]]  # no mask_index
         att, present = b.op("Attention", ins, 2, MS, num_heads=c.n_heads, unidirectional=1)
         presents.append(present)
-        proj = b.op1("MatMul", [att, b.const(f"l{i}_w_o", lay["w_o"])])
-        ln2, h = _add_norm(
-            b,
-            proj,
-            h,
-            b.const(f"l{i}_ln2_g", lay["ln2_g"]),
-            b.const(f"l{i}_ln2_b", lay["ln2_b"]),
-            b.const(f"l{i}_b_o", lay["b_o"]),
-        )
-        f1 = b.op1("MatMul", [ln2, b.const(f"l{i}_w_f1", lay["w_f1"])])
-        g = b.op1("BiasGelu", [f1, b.const(f"l{i}_b_f1", lay["b_f1"])], domain=MS)
-        f2 = b.op1("MatMul", [g, b.const(f"l{i}_w_f2", lay["w_f2"])])
-        if i + 1 < len(w.layers):
-            nxt = w.layers[i + 1]
-            gamma, beta = b.const(f"l{i + 1}_ln1_g", nxt["ln1_g"]), b.const(f"l{i + 1}_ln1_b", nxt["ln1_b"])
-        else:
-            gamma, beta = b.const("lnf_g", w.lnf_g), b.const("lnf_b", w.lnf_b)
-        ln, h = _add_norm(b, f2, h, gamma, beta, b.const(f"l{i}_b_f2", lay["b_f2"]))
+        h, ln = _block_tail(b, w, i, att, h)
     return ln, presents
+
+
+def _block_tail(b: _Builder, w: _Weights, i: int, att: str, h: str) -> tuple[str, str]:
+    """Layer ``i`` after attention: output projection, residual, LN2, FFN, residual, next LN (or LN_f)."""
+    lay = w.layers[i]
+    proj = b.op1("MatMul", [att, b.const(f"l{i}_w_o", lay["w_o"])])
+    ln2, h = _add_norm(
+        b,
+        proj,
+        h,
+        b.const(f"l{i}_ln2_g", lay["ln2_g"]),
+        b.const(f"l{i}_ln2_b", lay["ln2_b"]),
+        b.const(f"l{i}_b_o", lay["b_o"]),
+    )
+    f1 = b.op1("MatMul", [ln2, b.const(f"l{i}_w_f1", lay["w_f1"])])
+    g = b.op1("BiasGelu", [f1, b.const(f"l{i}_b_f1", lay["b_f1"])], domain=MS)
+    f2 = b.op1("MatMul", [g, b.const(f"l{i}_w_f2", lay["w_f2"])])
+    if i + 1 < len(w.layers):
+        nxt = w.layers[i + 1]
+        gamma, beta = b.const(f"l{i + 1}_ln1_g", nxt["ln1_g"]), b.const(f"l{i + 1}_ln1_b", nxt["ln1_b"])
+    else:
+        gamma, beta = b.const("lnf_g", w.lnf_g), b.const("lnf_b", w.lnf_b)
+    ln, h = _add_norm(b, f2, h, gamma, beta, b.const(f"l{i}_b_f2", lay["b_f2"]))
+    return h, ln
 
 
 def _head(b: _Builder, w: _Weights, z: str, xc_t: str) -> str:
@@ -273,7 +280,93 @@ def build_full(system: torch.nn.Module) -> onnx.ModelProto:
 
 
 def build_step(system: torch.nn.Module) -> onnx.ModelProto:
-    """Step graph: x_win (B,p,n), u_win, obs_win, past_k/v (L,B,H,S,dh) -> pred (B,n), present_k/v (S+1)."""
+    """The ``buffer`` step graph: the KV cache lives in fixed-capacity per-layer buffers updated in place.
+
+    Inputs x_win (B,p,n), u_win (B,p,m), obs_win (B,p), past_len (B,) int32 (tokens already in each row's
+    cache = the new token's position), past_k_i / past_v_i (B,H,C,dh) for each layer i; outputs pred (B,n)
+    and present_k_i / present_v_i (B,H,C,dh). With the present outputs bound to the same buffers as the past
+    inputs (onnxruntime IOBinding) the step writes one token per row and copies nothing else; rows have their
+    own lengths, so two caches of one stream (live and shadow re-prime) advance in one call. Attention is
+    onnxruntime's ``GroupQueryAttention`` (kv_num_heads = num_heads, causal, per-row ``seqlens_k``).
+    """
+    w = _Weights(system)
+    c, n, m, p = w.cfg, w.n, w.m, w.cfg.patch
+    b = _Builder()
+    feat, xc = _features(b, w, "x_win", "u_win", "obs_win")
+    pos = b.op1("Cast", ["past_len"], to=TensorProto.INT64)  # (B,) position of each row's new token
+    # window rows before a row's stream start (index pos-p+1+i < 0) are ignored, like the front padding
+    idx = b.op1(
+        "Add",
+        [
+            b.op1("Unsqueeze", [pos, b.const("axis_last", [-1], np.int64)]),
+            b.const("win_offsets", np.arange(p) - (p - 1), np.int64),
+        ],
+    )
+    valid = b.op1(
+        "Cast", [b.op1("GreaterOrEqual", [idx, b.const("zero_i64s", 0, np.int64)])], to=TensorProto.FLOAT
+    )
+    feat = b.op1("Mul", [feat, b.op1("Unsqueeze", [valid, "axis_last"])])
+    tok = b.op1("Reshape", [feat, b.const("tok_shape", [0, 1, -1], np.int64)])  # (B,1,p*(n+m+1))
+    pe = b.op1("Gather", [b.const("emb_const", w.emb_const), pos], axis=0)  # (B,d)
+    ln, h = _embed_tail(b, w, tok, b.op1("Unsqueeze", [pe, b.const("axis_1", [1], np.int64)]))
+    total = b.op1("Add", [b.op1("ReduceMax", ["past_len"], keepdims=0), b.const("one_i32", 1, np.int32)])
+    past = [(f"past_k_{i}", f"past_v_{i}", f"present_k_{i}", f"present_v_{i}") for i in range(c.n_layers)]
+    z = _blocks_gqa(b, w, ln, h, past, total)
+    xc_t = b.op1(
+        "Slice",
+        [
+            xc,
+            b.const("last_start", [p - 1], np.int64),
+            b.const("last_end", [p], np.int64),
+            b.const("axis_t", [1], np.int64),
+        ],
+    )
+    pred = _head(b, w, z, xc_t)
+    b.nodes.append(helper.make_node("Squeeze", [pred, "axis_t"], ["pred"], name="Squeeze_pred"))
+    f = TensorProto.FLOAT
+    dh = c.d_model // c.n_heads
+    ins = [
+        helper.make_tensor_value_info("x_win", f, ["B", p, n]),
+        helper.make_tensor_value_info("u_win", f, ["B", p, m]),
+        helper.make_tensor_value_info("obs_win", f, ["B", p]),
+        helper.make_tensor_value_info("past_len", TensorProto.INT32, ["B"]),
+    ]
+    outs = [helper.make_tensor_value_info("pred", f, ["B", n])]
+    for pk, pv, qk, qv in past:
+        ins += [helper.make_tensor_value_info(nm, f, ["B", c.n_heads, "C", dh]) for nm in (pk, pv)]
+        outs += [helper.make_tensor_value_info(nm, f, ["B", c.n_heads, "C", dh]) for nm in (qk, qv)]
+    return _model(b, ins, outs, "rigfm_step")
+
+
+def _blocks_gqa(
+    b: _Builder, w: _Weights, ln: str, h: str, caches: list[tuple[str, str, str, str]], total: str
+) -> str:
+    """The decoder blocks over in-place KV buffers; returns LN_f of the last residual stream."""
+    c = w.cfg
+    for i, lay in enumerate(w.layers):
+        proj_qkv = b.op1("MatMul", [ln, b.const(f"l{i}_w_qkv", lay["w_qkv"])])
+        qkv = b.op1("Add", [proj_qkv, b.const(f"l{i}_b_qkv", lay["b_qkv"])])
+        pk, pv, qk, qv = caches[i]
+        att = f"att_{i}"
+        b.nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [qkv, "", "", pk, pv, "past_len", total],  # packed QKV; seqlens_k = past length per row
+                [att, qk, qv],
+                name=f"GroupQueryAttention_{i}",
+                domain=MS,
+                num_heads=c.n_heads,
+                kv_num_heads=c.n_heads,
+            )
+        )
+        h, ln = _block_tail(b, w, i, att, h)
+    return ln
+
+
+def build_step_concat(system: torch.nn.Module) -> onnx.ModelProto:
+    """The ``concat`` step graph (the traced exporters' layout): x_win (B,p,n), u_win, obs_win, past_k/v
+    (L,B,H,S,dh) -> pred (B,n), present_k/v (L,B,H,S+1,dh). Every call copies the whole cache several times;
+    the fused exporter writes :func:`build_step` instead (kept for measurements: bench_predictor)."""
     w = _Weights(system)
     c, n, m, p = w.cfg, w.n, w.m, w.cfg.patch
     b = _Builder()
@@ -328,7 +421,15 @@ def build_step(system: torch.nn.Module) -> onnx.ModelProto:
     return _model(b, ins, outs, "rigfm_step")
 
 
-def save_fused(system: torch.nn.Module, graph: str, path: str | Path) -> None:
-    """Write the fused ``full`` or ``step`` graph of ``system`` to ``path``."""
-    model = build_full(system) if graph == "full" else build_step(system)
+def save_fused(system: torch.nn.Module, graph: str, path: str | Path, step_cache: str = "buffer") -> None:
+    """Write the fused ``full`` or ``step`` graph of ``system`` to ``path`` (``step_cache``: ``buffer``, the
+    in-place KV layout, or ``concat``, the traced exporters' layout)."""
+    if graph == "full":
+        model = build_full(system)
+    elif step_cache == "buffer":
+        model = build_step(system)
+    elif step_cache == "concat":
+        model = build_step_concat(system)
+    else:
+        raise ValueError(f"step_cache must be 'buffer' or 'concat', got {step_cache!r}")
     onnx.save(model, str(path))

@@ -27,6 +27,7 @@ from export.onnx_runtime import (
     FULL_OUTPUTS,
     STEP_INPUTS,
     STEP_OUTPUTS,
+    run_step_graph,
 )
 
 DEFAULT_CONTEXT = 64
@@ -250,7 +251,7 @@ def _metadata(ck: LoadedCheckpoint, graph: str, context: int, exporter: str, ops
         "rigfm.checkpoint_sha256": ck.sha256,
         "rigfm.exporter": exporter,
         "rigfm.opset": str(opset),
-    }
+    } | ({"rigfm.step_cache": "buffer" if exporter == "fused" else "concat"} if graph == "step" else {})
 
 
 def _dummy_full(ck: LoadedCheckpoint, b: int = 2, t: int = 8) -> tuple[Tensor, Tensor, Tensor]:
@@ -361,7 +362,11 @@ def check_parity(ck: LoadedCheckpoint, graph: str, path: Path, tol: float = PARI
         args, names, module = (x, u, obs), FULL_INPUTS, FullWindowGraph(ck.system).eval()
     with torch.no_grad():
         ref = [t.numpy() for t in module(*args)]
-    got = sess.run(None, {k: a.numpy() for k, a in zip(names, args, strict=True)})
+    if graph == "step":
+        cache = sess.get_modelmeta().custom_metadata_map.get("rigfm.step_cache", "concat")
+        got = list(run_step_graph(sess, cache, *(a.numpy() for a in args)))
+    else:
+        got = sess.run(None, {k: a.numpy() for k, a in zip(names, args, strict=True)})
     err = max(
         float(np.abs(g - r).max() / max(float(np.abs(r).max()), 1e-6)) for g, r in zip(got, ref, strict=True)
     )

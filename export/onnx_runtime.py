@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from export.kv_slots import STEP_CACHES, BufferSlots, ConcatSlots, buffer_step_io
 from fm_core.angle_features import SinCosCodec
 
 FORMAT = "rigfm-onnx-v1"
@@ -20,7 +21,7 @@ EXPORTERS = ("fused", "torchscript", "dynamo")  # rigfm export --exporter (docs/
 DEFAULT_EXPORTER = "fused"
 FULL_INPUTS = ("x", "u", "obs")
 FULL_OUTPUTS = ("pred", "present_k", "present_v")
-STEP_INPUTS = ("x_win", "u_win", "obs_win", "past_k", "past_v")
+STEP_INPUTS = ("x_win", "u_win", "obs_win", "past_k", "past_v")  # a "concat" step graph (traced exporters)
 STEP_OUTPUTS = ("pred", "present_k", "present_v")
 
 
@@ -73,6 +74,7 @@ class ModelMeta:
     quantized: str
     step_file: str = ""
     angle_channels: tuple[int, ...] = ()
+    step_cache: str = ""  # step graphs: "buffer" (in-place KV buffers) or "concat" (export.kv_slots)
 
     @property
     def n_model(self) -> int:
@@ -159,9 +161,14 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
         quantized=props.get("rigfm.quantized", ""),
         step_file=props.get("rigfm.step_file", ""),
         angle_channels=angles,
+        step_cache=props.get("rigfm.step_cache", "concat") if props.get("rigfm.graph") == "step" else "",
     )
     if meta.graph not in ("full", "step"):
         raise ModelFileError(f"{path}: metadata 'rigfm.graph' must be 'full' or 'step', got {meta.graph!r}")
+    if meta.graph == "step" and meta.step_cache not in STEP_CACHES:
+        raise ModelFileError(
+            f"{path}: metadata 'rigfm.step_cache' must be one of {STEP_CACHES}, got {meta.step_cache!r}"
+        )
     if not (meta.patch <= meta.context <= meta.max_len):
         raise ModelFileError(
             f"{path}: metadata context={meta.context} outside [patch, max_len={meta.max_len}]"
@@ -223,6 +230,42 @@ def _f32(name: str, a: Any, shape: tuple[int | None, ...]) -> np.ndarray:
     return arr
 
 
+def run_step_graph(
+    sess: Any, step_cache: str, x_win: np.ndarray, u_win: np.ndarray, obs_win: np.ndarray, k: np.ndarray,
+    v: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One call of a step graph of either layout with stacked caches k, v (L,B,H,S,dh): returns pred (B,·)
+    and the caches grown to S+1 (a ``buffer`` graph runs in place on a copy with one free position)."""
+    if step_cache == "concat":
+        pred, k2, v2 = sess.run(
+            list(STEP_OUTPUTS), {"x_win": x_win, "u_win": u_win, "obs_win": obs_win, "past_k": k, "past_v": v}
+        )
+        return pred, k2, v2
+    import onnxruntime as ort
+
+    nl, b, _, s, _ = k.shape
+    grown = []
+    for c in (k, v):
+        g = np.zeros((*c.shape[:3], s + 1, c.shape[4]), np.float32)
+        g[..., :s, :] = c
+        grown.append(g)
+    io = sess.io_binding()
+    keep: list[Any] = []
+    feeds = (("x_win", x_win), ("u_win", u_win), ("obs_win", obs_win), ("past_len", np.full(b, s, np.int32)))
+    for name, arr in feeds:
+        keep.append(np.ascontiguousarray(arr))
+        io.bind_cpu_input(name, keep[-1])
+    io.bind_output("pred")
+    for i in range(nl):
+        for kind, g in zip("kv", grown, strict=True):
+            ov = ort.OrtValue.ortvalue_from_numpy(g[i])  # a contiguous view: updated in place
+            keep.append(ov)
+            io.bind_ortvalue_input(f"past_{kind}_{i}", ov)
+            io.bind_ortvalue_output(f"present_{kind}_{i}", ov)
+    sess.run_with_iobinding(io)
+    return io.copy_outputs_to_cpu()[0], grown[0], grown[1]
+
+
 class OnnxPredictor:
     """The full-window graph (and optionally the step graph) with validated numpy entry points."""
 
@@ -252,13 +295,18 @@ class OnnxPredictor:
             step_path = cand if cand.is_file() else None
         self.step_path: str | None = None
         self.step_sess: Any = None
+        self.step_meta: ModelMeta | None = None
         if step_path is not None:
             self.step_path = str(step_path)
             self.step_sess = make_session(self.step_path, threads, sequential)
             smeta = parse_metadata(self.step_sess.get_modelmeta().custom_metadata_map, self.step_path)
             if smeta.graph != "step":
                 raise ModelFileError(f"{self.step_path}: is a {smeta.graph!r} graph, expected the step graph")
-            _check_io(self.step_sess, self.step_path, STEP_INPUTS, STEP_OUTPUTS)
+            if smeta.step_cache == "buffer":
+                _check_io(self.step_sess, self.step_path, *buffer_step_io(smeta.n_layers))
+            else:
+                _check_io(self.step_sess, self.step_path, STEP_INPUTS, STEP_OUTPUTS)
+            self.step_meta = smeta
             if smeta.checkpoint_sha256 != me.checkpoint_sha256 or (
                 smeta.n,
                 smeta.m,
@@ -396,13 +444,22 @@ class OnnxPredictor:
     def step(
         self, x_win: np.ndarray, u_win: np.ndarray, obs_win: np.ndarray, k: np.ndarray, v: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One step-graph call: pred (B,n) and the caches grown by one position."""
-        if self.step_sess is None:
+        """One step-graph call: pred (B,n_model) and the caches k, v (L,B,H,S,dh) grown by one position.
+
+        The same contract for both step-graph layouts (a ``buffer`` graph runs on a copy of the cache with one
+        free position); streams use :meth:`new_slots` instead, which keeps the cache in place.
+        """
+        if self.step_sess is None or self.step_meta is None:
             raise ModelFileError(f"{self.full_path}: no streaming step graph loaded")
-        pred, k2, v2 = self.step_sess.run(
-            list(STEP_OUTPUTS), {"x_win": x_win, "u_win": u_win, "obs_win": obs_win, "past_k": k, "past_v": v}
-        )
-        return pred, k2, v2
+        return run_step_graph(self.step_sess, self.step_meta.step_cache, x_win, u_win, obs_win, k, v)
+
+    def new_slots(self, rows: int) -> BufferSlots | ConcatSlots:
+        """``rows`` (1 or 2) empty KV-cache slots of ``context`` tokens for a stream (export.kv_slots)."""
+        if self.step_sess is None or self.step_meta is None:
+            raise ModelFileError(f"{self.full_path}: no streaming step graph loaded")
+        if self.step_meta.step_cache == "buffer":
+            return BufferSlots(self.step_sess, self.meta, rows, self.meta.context)
+        return ConcatSlots(self.step, self.meta, rows)
 
     def stream(self, shadow: bool = False) -> StreamState:
         """A new, empty incremental stream (see :class:`StreamState`)."""
@@ -415,8 +472,9 @@ class StreamState:
     With the step graph each step is one KV-cache token. When the cache holds ``context`` tokens the stream is
     re-primed to the last ``keep = context // 2`` steps. ``shadow=False``: one full-window call over those
     steps (cheap on average, but that step costs a window of ``keep`` tokens). ``shadow=True``: a second
-    cache is grown one step-graph token per step over the ``keep`` steps before the re-prime and swapped in,
-    so no step ever costs more than two one-token calls (no latency spikes, ~2x the average compute).
+    cache slot is grown one token per step over the ``keep`` steps before the re-prime and swapped in, so no
+    step ever costs a full window. With a ``buffer`` step graph both slots advance in one batch-2 call, in
+    place (export.kv_slots); with a ``concat`` graph each slot costs its own call.
     Without a step graph every step recomputes the full window over the last ``context`` steps.
     The prediction after a step equals the full-window prediction over ``history[start:]`` (``self.start``).
     """
@@ -429,15 +487,24 @@ class StreamState:
         # the last `context` steps as the graph sees them (angles as sin, cos), oldest first
         self.x = np.zeros((me.context, me.n_model), np.float32)
         self.u = np.zeros((me.context, me.m), np.float32)
+        self.slots = predictor.new_slots(2 if self.shadow else 1) if predictor.has_step else None
         self.primes = 0
         self._clear()
+
+    def reset(self) -> None:
+        """Forget the history (keeps the cache buffers for reuse)."""
+        self._clear()
+        self.primes = 0
 
     def _clear(self) -> None:
         self.t = 0  # steps seen in total
         self.start = 0  # absolute index of the first step inside the current cache / window
-        self.k: np.ndarray | None = None
-        self.v: np.ndarray | None = None
-        self._sh: tuple[int, np.ndarray, np.ndarray] | None = None  # shadow cache: (start, k, v)
+        self.live = 0  # slot holding the live cache; the other one (shadow mode) holds the shadow
+        self.primed = False  # the live slot holds the cache of history[start:]
+        self.sh_start: int | None = None  # absolute index of the shadow cache's first step
+        if self.slots is not None:
+            for r in range(2 if self.shadow else 1):
+                self.slots.clear(r)
 
     def _append(self, x_t: np.ndarray, u_t: np.ndarray) -> None:
         c = self.x.shape[0]
@@ -464,72 +531,74 @@ class StreamState:
         p = self.pred_
         me = p.meta
         self._append(z_t, u_t)
-        if not p.has_step:
+        if self.slots is None:
             length = min(self.t, me.context)
             self.start = self.t - length
             xw, uw = self._window(length)
             xw, uw = np.ascontiguousarray(xw[None]), np.ascontiguousarray(uw[None])
             return p._run_full(xw, uw, np.ones((1, length), np.float32))[0, -1]
-        cached = 0 if self.k is None else self.k.shape[3]
-        if self.shadow and self.k is not None:
-            pred_sh = self._shadow_step()
-            if cached >= me.context and self._sh is not None and self._sh[1].shape[3] == self.keep:
-                self.start, self.k, self.v = self._sh  # the shadow holds exactly the last `keep` steps
-                self._sh = None
+        sl, live = self.slots, self.live
+        cached = sl.length(live) if self.primed else 0
+        shadow_due = self.shadow and self.primed and self._shadow_due()
+        if self.primed and cached < me.context:
+            rows = tuple(sorted((live, 1 - live))) if shadow_due else (live,)
+            return sl.step(rows, *self._step_window())[live]
+        if shadow_due:  # live cache full: only the shadow steps, then takes over
+            sh = 1 - live
+            pred = sl.step((sh,), *self._step_window())[sh]
+            if sl.length(sh) == self.keep:  # the shadow holds exactly the last `keep` steps
+                assert self.sh_start is not None
+                self.start, self.live, self.sh_start = self.sh_start, sh, None
+                sl.clear(live)
                 self.primes += 1
-                return pred_sh
-        if self.k is None or cached >= me.context:
-            self._sh = None
-            length = min(self.t, self.keep) if self.k is not None else 1
-            self.start = self.t - length
-            xw, uw = self._window(length)
-            pred, self.k, self.v = p.prime(
-                np.ascontiguousarray(xw[None]),
-                np.ascontiguousarray(uw[None]),
-                np.ones((1, length), np.float32),
-            )
-            if cached:
-                self.primes += 1
-            return pred[0, -1]
-        xw, uw, ow = self._step_window()
-        pred, self.k, self.v = p.step(xw, uw, ow, self.k, self.v)
-        return pred[0]
+                return pred
+        self.sh_start = None
+        length = min(self.t, self.keep) if self.primed else 1
+        self.start = self.t - length
+        xw, uw = self._window(length)
+        pred, k, v = p.prime(
+            np.ascontiguousarray(xw[None]),
+            np.ascontiguousarray(uw[None]),
+            np.ones((1, length), np.float32),
+        )
+        sl.load(live, k, v)
+        if self.primed:
+            self.primes += 1
+        self.primed = True
+        return pred[0, -1]
 
-    def _step_window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The step graph's input: the last ``patch`` steps (rows before the history start are zeros)."""
+    def _step_window(self) -> tuple[np.ndarray, np.ndarray]:
+        """The step graph's window: the last ``patch`` steps (rows before the history start are zeros)."""
         me = self.pred_.meta
         pw = me.patch
-        xw = np.zeros((1, pw, me.n_model), np.float32)
-        uw = np.zeros((1, pw, me.m), np.float32)
+        xw = np.zeros((pw, me.n_model), np.float32)
+        uw = np.zeros((pw, me.m), np.float32)
         take = min(pw, self.t, self.x.shape[0])
         xs, us = self._window(take)
-        xw[0, pw - take :], uw[0, pw - take :] = xs, us
-        return xw, uw, np.ones((1, pw), np.float32)
+        xw[pw - take :], uw[pw - take :] = xs, us
+        return xw, uw
 
-    def _shadow_step(self) -> np.ndarray | None:
-        """Grow the shadow cache by the current step once it falls inside the next re-prime's window.
-
-        The next re-prime happens at the step with index ``start + context`` and keeps the last ``keep``
-        steps, so the shadow starts at index ``start + context + 1 - keep``. The step graph ignores window
-        rows before the shadow's own start (its cache position decides), exactly like a full-window prime.
-        """
+    def _shadow_due(self) -> bool:
+        """Whether the shadow slot takes the current step: once the step falls inside the next re-prime's
+        window (re-prime at index ``start + context``, keeping ``keep`` steps, so the shadow starts at index
+        ``start + context + 1 - keep``). The step graph ignores window rows before the shadow's own start (its
+        cache position decides), exactly like a full-window prime."""
+        assert self.slots is not None
         me = self.pred_.meta
         i = self.t - 1  # index of the step just appended
         first = self.start + me.context + 1 - self.keep
         if i < first:
-            return None
-        if self._sh is None:
+            return False
+        sh = 1 - self.live
+        if self.sh_start is None:
             if i != first:  # started late (e.g. primed mid-way): the full re-prime covers it
-                return None
-            k0 = np.zeros((me.n_layers, 1, me.n_heads, 0, me.d_head), np.float32)
-            self._sh = (first, k0, k0)
-        start, k, v = self._sh
-        if k.shape[3] != i - start:
-            self._sh = None
-            return None
-        pred, k, v = self.pred_.step(*self._step_window(), k, v)
-        self._sh = (start, k, v)
-        return pred[0]
+                return False
+            self.slots.clear(sh)
+            self.sh_start = first
+        if self.slots.length(sh) != i - self.sh_start:
+            self.sh_start = None
+            return False
+        return True
 
     def prime_history(self, x_hist: Any, u_hist: Any) -> None:
         """Start the stream from a history (L,n)/(L,m) of steps (each u applied at its x); no output."""
@@ -540,12 +609,14 @@ class StreamState:
         self._clear()
         for xt, ut in zip(x_hist[-me.context :], u_hist[-me.context :], strict=True):
             self._append(xt, ut)
-        if self.t and self.pred_.has_step:
+        if self.t and self.slots is not None:
             length = min(self.t, self.keep if self.t > me.context - 1 else self.t)
             self.start = self.t - length
             xw, uw = self._window(length)
-            _, self.k, self.v = self.pred_.prime(
+            _, k, v = self.pred_.prime(
                 np.ascontiguousarray(xw[None]),
                 np.ascontiguousarray(uw[None]),
                 np.ones((1, length), np.float32),
             )
+            self.slots.load(self.live, k, v)
+            self.primed = True

@@ -11,8 +11,9 @@ import onnx
 import pytest
 import torch
 
+from export.kv_slots import buffer_step_io
 from export.onnx_export import ExportError, export_checkpoint, load_checkpoint, save_random_checkpoint
-from export.onnx_runtime import FULL_INPUTS, STEP_INPUTS, ModelFileError, OnnxPredictor, parse_metadata
+from export.onnx_runtime import FULL_INPUTS, ModelFileError, OnnxPredictor, parse_metadata
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_len": 64}
 CONTEXT = 16
@@ -71,7 +72,8 @@ def torch_full(system, x, u, obs) -> np.ndarray:
 
 def test_graphs_validate_and_carry_metadata(tiny):
     ck, res = tiny
-    for path, graph, inputs in ((res.full_path, "full", FULL_INPUTS), (res.step_path, "step", STEP_INPUTS)):
+    step_inputs = buffer_step_io(TINY["n_layers"])[0]  # the fused exporter's in-place KV layout
+    for path, graph, inputs in ((res.full_path, "full", FULL_INPUTS), (res.step_path, "step", step_inputs)):
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)
         props = {p.key: p.value for p in model.metadata_props}
@@ -84,6 +86,7 @@ def test_graphs_validate_and_carry_metadata(tiny):
         assert meta.x_std != (1.0,) * 4  # non-trivial normalisation travelled into the file
         assert json.loads(props["rigfm.model_config"])["d_model"] == 32
         assert [i.name for i in model.graph.input] == list(inputs)
+        assert meta.step_cache == ("buffer" if graph == "step" else "")
     full_props = {p.key: p.value for p in onnx.load(str(res.full_path)).metadata_props}
     assert full_props["rigfm.step_file"] == res.step_path.name
 

@@ -1,0 +1,156 @@
+"""Where a stream's KV caches live between step-graph calls (torch-free).
+
+A stream (``export.onnx_runtime.StreamState``) has one or two cache *slots*: the live cache and, with shadow
+re-priming, the shadow cache grown next to it. Two implementations, chosen by the step graph's
+``rigfm.step_cache`` metadata:
+
+* :class:`BufferSlots` (``buffer`` step graphs, the fused exporter's): both slots are rows of fixed-capacity
+  per-layer buffers that onnxruntime updates in place (the present outputs are bound to the past inputs with
+  IOBinding), so a step writes one token per row and copies nothing else, and the live and the shadow slot
+  advance in **one** call (batch 2).
+* :class:`ConcatSlots` (``concat`` step graphs, the traced exporters'): each slot is a pair of
+  (L,1,H,S,dh) arrays replaced by the graph's grown copy on every call, one call per slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+STEP_CACHES = ("buffer", "concat")
+
+
+def buffer_step_io(n_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output names of a ``buffer`` step graph with ``n_layers`` layers."""
+    ins = ["x_win", "u_win", "obs_win", "past_len"]
+    outs = ["pred"]
+    for i in range(n_layers):
+        ins += [f"past_k_{i}", f"past_v_{i}"]
+        outs += [f"present_k_{i}", f"present_v_{i}"]
+    return tuple(ins), tuple(outs)
+
+
+class _Binding:
+    """One IOBinding over a fixed set of buffer rows, with its own input and output arrays."""
+
+    def __init__(self, sess: Any, rows: tuple[int, ...], bufs: list[tuple[np.ndarray, np.ndarray]], p: int,
+                 nz: int, m: int) -> None:
+        import onnxruntime as ort
+
+        b = len(rows)
+        self.rows = list(rows)
+        self.x = np.zeros((b, p, nz), np.float32)
+        self.u = np.zeros((b, p, m), np.float32)
+        self.plen = np.zeros(b, np.int32)
+        self.pred = np.zeros((b, nz), np.float32)
+        self.io = sess.io_binding()
+        obs = np.ones((b, p), np.float32)
+        self._keep: list[Any] = [obs]  # every array an OrtValue points into stays alive with the binding
+        lo, hi = rows[0], rows[-1] + 1
+        if list(range(lo, hi)) != self.rows:
+            raise ValueError(f"buffer rows must be consecutive, got {rows}")
+        for name, arr in (("x_win", self.x), ("u_win", self.u), ("obs_win", obs), ("past_len", self.plen)):
+            self._bind_in(ort, name, arr)
+        self._bind_out(ort, "pred", self.pred)
+        for i, (kb, vb) in enumerate(bufs):
+            for kind, buf in (("k", kb), ("v", vb)):
+                view = buf[lo:hi]  # leading-axis slice of a C-contiguous buffer: contiguous, same memory
+                ov = ort.OrtValue.ortvalue_from_numpy(view)
+                self._keep += [view, ov]
+                self.io.bind_ortvalue_input(f"past_{kind}_{i}", ov)
+                self.io.bind_ortvalue_output(f"present_{kind}_{i}", ov)  # in place: the cache is updated
+
+    def _bind_in(self, ort: Any, name: str, arr: np.ndarray) -> None:
+        ov = ort.OrtValue.ortvalue_from_numpy(arr)
+        self._keep.append(ov)
+        self.io.bind_ortvalue_input(name, ov)
+
+    def _bind_out(self, ort: Any, name: str, arr: np.ndarray) -> None:
+        ov = ort.OrtValue.ortvalue_from_numpy(arr)
+        self._keep.append(ov)
+        self.io.bind_ortvalue_output(name, ov)
+
+
+class BufferSlots:
+    """``rows`` cache slots in per-layer (rows, H, capacity, dh) buffers, stepped in place by a ``buffer``
+    step graph; any subset of the slots advances in one call."""
+
+    def __init__(self, sess: Any, meta: Any, rows: int, capacity: int) -> None:
+        if not 1 <= rows <= 2:
+            raise ValueError(f"rows must be 1 or 2, got {rows}")
+        self.sess = sess
+        self.capacity = int(capacity)
+        shape = (rows, meta.n_heads, self.capacity, meta.d_head)
+        self.bufs = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(meta.n_layers)]
+        self.len = np.zeros(rows, np.int32)
+        subsets = [(r,) for r in range(rows)] + ([(0, 1)] if rows == 2 else [])
+        self._bind = {s: _Binding(sess, s, self.bufs, meta.patch, meta.n_model, meta.m) for s in subsets}
+
+    def length(self, row: int) -> int:
+        """Tokens in the slot's cache."""
+        return int(self.len[row])
+
+    def clear(self, row: int) -> None:
+        """Empty the slot (its buffer rows are simply overwritten later)."""
+        self.len[row] = 0
+
+    def load(self, row: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Fill the slot from a full-window cache k, v (L,1,H,T,dh)."""
+        t = k.shape[3]
+        if t > self.capacity:
+            raise ValueError(f"cache of {t} tokens exceeds the slot capacity {self.capacity}")
+        for i, (kb, vb) in enumerate(self.bufs):
+            kb[row, :, :t] = k[i, 0]
+            vb[row, :, :t] = v[i, 0]
+        self.len[row] = t
+
+    def step(self, rows: tuple[int, ...], x_win: np.ndarray, u_win: np.ndarray) -> dict[int, np.ndarray]:
+        """One step-graph call advancing ``rows`` (sorted) by the window x_win (p, nz), u_win (p, m), both
+        rows seeing the same steps; returns each row's prediction (nz,)."""
+        bd = self._bind[rows]
+        if (self.len[bd.rows] >= self.capacity).any():
+            raise ValueError(f"stream cache full ({self.capacity} tokens): re-prime first")
+        bd.x[:] = x_win
+        bd.u[:] = u_win
+        bd.plen[:] = self.len[bd.rows]
+        self.sess.run_with_iobinding(bd.io)
+        self.len[bd.rows] += 1
+        return {r: bd.pred[j].copy() for j, r in enumerate(bd.rows)}
+
+
+class ConcatSlots:
+    """Cache slots for a ``concat`` step graph: (L,1,H,S,dh) arrays, one call per slot and step."""
+
+    def __init__(self, run_step: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]], meta: Any,
+                 rows: int) -> None:
+        self.run_step = run_step
+        self.meta = meta
+        self.k: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        for _ in range(rows):
+            self.k.append(self._empty())
+            self.v.append(self._empty())
+
+    def _empty(self) -> np.ndarray:
+        me = self.meta
+        return np.zeros((me.n_layers, 1, me.n_heads, 0, me.d_head), np.float32)
+
+    def length(self, row: int) -> int:
+        return int(self.k[row].shape[3])
+
+    def clear(self, row: int) -> None:
+        self.k[row] = self.v[row] = self._empty()
+
+    def load(self, row: int, k: np.ndarray, v: np.ndarray) -> None:
+        self.k[row], self.v[row] = k, v
+
+    def step(self, rows: tuple[int, ...], x_win: np.ndarray, u_win: np.ndarray) -> dict[int, np.ndarray]:
+        xw, uw = x_win[None], u_win[None]
+        ow = np.ones(xw.shape[:2], np.float32)
+        out = {}
+        for r in rows:
+            pred, self.k[r], self.v[r] = self.run_step(xw, uw, ow, self.k[r], self.v[r])
+            out[r] = pred[0]
+        return out
