@@ -311,6 +311,12 @@ def test_export_cli_with_quantize(tiny, tmp_path):
     assert fp.meta.context == 8 and qp.meta.quantized == "int8-dynamic"
     x, u = simulator_inputs(2, 8)
     assert rel_err(qp.predict(x, u), fp.predict(x, u)) < 0.2  # int8: close, not exact
+    qs = OnnxPredictor(q, tmp_path / "cli_step.int8.onnx")  # the int8 step graph keeps the in-place layout
+    assert qs.step_meta.step_cache == "buffer" and qs.step_meta.quantized == "int8-dynamic"
+    a, b = fp.stream(shadow=True), qs.stream(shadow=True)
+    for t in range(3 * 8):  # crosses re-primes (context 8)
+        assert rel_err(b.step(x[0, t % 8], u[0, t % 8]), a.step(x[0, t % 8], u[0, t % 8])) < 0.2, t
+    assert a.primes == b.primes >= 2
     r = subprocess.run(
         [sys.executable, "-m", "export.export_commands", "export", str(tmp_path / "nope.pt"), "-o", str(out)],
         capture_output=True,
