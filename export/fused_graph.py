@@ -279,6 +279,22 @@ def build_full(system: torch.nn.Module) -> onnx.ModelProto:
     return _model(b, ins, outs, "rigfm_full")
 
 
+def _step_pred(b: _Builder, w: _Weights, z: str, xc: str) -> None:
+    """The step graph's ``pred`` output (B,n): the head at the window's last (current) step."""
+    p = w.cfg.patch
+    xc_t = b.op1(
+        "Slice",
+        [
+            xc,
+            b.const("last_start", [p - 1], np.int64),
+            b.const("last_end", [p], np.int64),
+            b.const("axis_t", [1], np.int64),
+        ],
+    )
+    pred = _head(b, w, z, xc_t)
+    b.nodes.append(helper.make_node("Squeeze", [pred, "axis_t"], ["pred"], name="Squeeze_pred"))
+
+
 def build_step(system: torch.nn.Module) -> onnx.ModelProto:
     """The ``buffer`` step graph: the KV cache lives in fixed-capacity per-layer buffers updated in place.
 
@@ -312,17 +328,7 @@ def build_step(system: torch.nn.Module) -> onnx.ModelProto:
     total = b.op1("Add", [b.op1("ReduceMax", ["past_len"], keepdims=0), b.const("one_i32", 1, np.int32)])
     past = [(f"past_k_{i}", f"past_v_{i}", f"present_k_{i}", f"present_v_{i}") for i in range(c.n_layers)]
     z = _blocks_gqa(b, w, ln, h, past, total)
-    xc_t = b.op1(
-        "Slice",
-        [
-            xc,
-            b.const("last_start", [p - 1], np.int64),
-            b.const("last_end", [p], np.int64),
-            b.const("axis_t", [1], np.int64),
-        ],
-    )
-    pred = _head(b, w, z, xc_t)
-    b.nodes.append(helper.make_node("Squeeze", [pred, "axis_t"], ["pred"], name="Squeeze_pred"))
+    _step_pred(b, w, z, xc)
     f = TensorProto.FLOAT
     dh = c.d_model // c.n_heads
     ins = [
@@ -393,17 +399,7 @@ def build_step_concat(system: torch.nn.Module) -> onnx.ModelProto:
         b.op1("Gather", [past, b.const(f"layer_{i}", i, np.int64)], axis=1) for i in range(c.n_layers)
     ]
     z, presents = _blocks(b, w, ln, h, per_layer)
-    xc_t = b.op1(
-        "Slice",
-        [
-            xc,
-            b.const("last_start", [p - 1], np.int64),
-            b.const("last_end", [p], np.int64),
-            b.const("axis_t", [1], np.int64),
-        ],
-    )
-    pred = _head(b, w, z, xc_t)
-    b.nodes.append(helper.make_node("Squeeze", [pred, "axis_t"], ["pred"], name="Squeeze_pred"))
+    _step_pred(b, w, z, xc)
     _split_presents(b, presents)
     f = TensorProto.FLOAT
     ins = [

@@ -10,17 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx_helpers import TINY, rel_err
 
 from export.kv_slots import buffer_step_io
 from export.onnx_export import ExportError, export_checkpoint, load_checkpoint, save_random_checkpoint
 from export.onnx_runtime import FULL_INPUTS, ModelFileError, OnnxPredictor, parse_metadata
 
-TINY = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_len": 64}
 CONTEXT = 16
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 @pytest.fixture(scope="module")

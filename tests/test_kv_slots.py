@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx_helpers import TINY, rel_err
 
 from export.kv_slots import BufferSlots, ConcatSlots
 from export.onnx_export import export_checkpoint, save_random_checkpoint
 from export.onnx_runtime import OnnxPredictor
 
-TINY = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_len": 64}
 CONTEXT = 16
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 @pytest.fixture(scope="module")
