@@ -184,6 +184,7 @@ class PredictorServer:
             "model_path": p.full_path,
             "step_path": p.step_path,
             "streaming_graph": p.has_step,
+            "step_cache": p.step_meta.step_cache if p.step_meta is not None else "",
             "protocol_version": schema.PROTOCOL_VERSION,
             "model_sha256": p.meta.checkpoint_sha256,
             "pid": os.getpid(),

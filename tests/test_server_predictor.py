@@ -373,7 +373,9 @@ class _NoTorchProcess(PredictorProcess):
 def test_server_runs_without_torch_and_onnx(models, tmp_path):
     proc = _NoTorchProcess(models["a"].full_path, f"ipc://{tmp_path}/notorch.sock")
     with proc, proc.client(5000) as c:
-        assert c.info()["streaming_graph"]  # step graph found through the metadata, without the onnx package
+        info = c.info()
+        assert info["streaming_graph"]  # step graph found through the metadata, without the onnx package
+        assert info["step_cache"] == "buffer"  # the fused export's in-place layout, run without torch/onnx
         c.stream_reset()
         assert c.stream_step(np.zeros(4), np.zeros(1)).shape == (4,)
         x, u = rng_window(9)
