@@ -85,6 +85,11 @@ def test_graphs_validate_and_carry_metadata(tiny):
         assert meta.step_cache == ("buffer" if graph == "step" else "")
     full_props = {p.key: p.value for p in onnx.load(str(res.full_path)).metadata_props}
     assert full_props["rigfm.step_file"] == res.step_path.name
+    step_props = {p.key: p.value for p in onnx.load(str(res.step_path)).metadata_props}
+    with pytest.raises(ModelFileError, match="rigfm.step_cache"):
+        parse_metadata(step_props | {"rigfm.step_cache": "ring"}, "s.onnx")
+    older = {k: v for k, v in step_props.items() if k != "rigfm.step_cache"}
+    assert parse_metadata(older, "old.onnx").step_cache == "concat"  # files from before the buffer layout
 
 
 @pytest.mark.parametrize("which", ["tiny", "default_model"])
