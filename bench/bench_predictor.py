@@ -24,64 +24,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.latency import paced, pct, pin_process, timeit, timeit_interleaved
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CKPT = ROOT / "fm_core" / "weights" / "default.pt"
 
 
-def timeit(fn: Callable[[], object], iters: int, warmup: int = 20) -> np.ndarray:
-    """Per-call wall times in ms."""
-    for _ in range(warmup):
-        fn()
-    out = np.empty(iters)
-    for i in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        out[i] = (time.perf_counter() - t0) * 1e3
-    return out
-
-
-def timeit_interleaved(
-    fns: list[Callable[[], object]], iters: int, warmup: int = 10, block: int = 50
-) -> list[np.ndarray]:
-    """Call the functions in alternating blocks (A*block, B*block, C*block, A*block, ...).
-
-    Blocks keep each path warm (caches, branch predictors: the steady state a control loop sees) while the
-    alternation still spreads machine-load drift over all of them. ``block=1`` interleaves call by call,
-    which measures every path with caches evicted by the others.
-    """
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    out = [np.empty(iters) for _ in fns]
-    for start in range(0, iters, block):
-        stop = min(iters, start + block)
-        for fn, ts in zip(fns, out, strict=True):
-            for i in range(start, stop):
-                t0 = time.perf_counter()
-                fn()
-                ts[i] = (time.perf_counter() - t0) * 1e3
-    return out
-
-
 def paced_stream(client: Any, seq_x: np.ndarray, seq_u: np.ndarray, rate_hz: float, iters: int) -> np.ndarray:
-    """stream_step at a fixed rate: a control loop's pattern, one request per period, idle in between."""
+    """stream_step at a fixed rate, idle between ticks the way the real-time loop is (sleep, then spin)."""
     client.stream_reset()
-    period = 1.0 / rate_hz
-    out = np.empty(iters)
-    server = np.empty(iters)
-    nxt = time.perf_counter()
-    for i in range(iters):
-        nxt += period
-        while time.perf_counter() < nxt:  # spin to the tick like the real-time loop does
-            pass
-        t0 = time.perf_counter()
-        client.stream_step(seq_x[i % len(seq_x)], seq_u[i % len(seq_u)])
-        out[i] = (time.perf_counter() - t0) * 1e3
-        server[i] = client.last_server_us / 1e3
-    print(f"\nstream_step paced at {rate_hz:g} Hz ({iters} ticks)")
+    server: list[float] = []
+    it = iter(range(10**9))
+
+    def step() -> None:
+        i = next(it) % len(seq_x)
+        client.stream_step(seq_x[i], seq_u[i])
+        server.append(client.last_server_us / 1e3)
+
+    out = paced(step, rate_hz, iters)
+    print(f"\nstream_step paced at {rate_hz:g} Hz ({iters} ticks; sleep, then spin to each tick)")
     row("ZeroMQ stream_step round trip", out)
-    row("  server-side handling", server)
-    row("  transport (round trip - server)", out - server)
+    row("  server-side handling", np.asarray(server))
+    row("  transport (round trip - server)", out - np.asarray(server))
     return out
 
 
@@ -114,16 +78,6 @@ def steady(remote: Callable[[], None], server_ms: list[float], iters: int) -> fl
     row("ZeroMQ round trip, steady", t)
     row("  transport, steady", t - np.asarray(server_ms[-iters:]))
     return float(np.percentile(t, 99))
-
-
-def pin_process(pid: int, cpu: int) -> None:
-    """Pin every thread of process ``pid`` (Linux) to one CPU, e.g. the predictor on its own core."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), {cpu})
-
-
-def pct(ts: np.ndarray) -> tuple[float, float]:
-    return float(np.percentile(ts, 50)), float(np.percentile(ts, 99))
 
 
 def row(name: str, ts: np.ndarray) -> tuple[str, float, float]:

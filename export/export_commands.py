@@ -1,4 +1,5 @@
-"""``rigfm export`` (checkpoint -> ONNX, needs torch) and ``rigfm serve`` (onnxruntime predictor, torch-free).
+"""``rigfm export`` (checkpoint -> ONNX, needs torch), ``rigfm serve`` (onnxruntime predictor, torch-free) and
+``rigfm latency`` (the predictor timed on this machine, torch-free).
 
 Cheap to import: torch / onnxruntime / zmq load inside the handlers.
 """
@@ -54,6 +55,12 @@ def _export(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from export.server import run
+
+    return run(args)
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from export.latency import run
 
     return run(args)
 
@@ -136,6 +143,18 @@ def register(subparsers) -> None:
     )
     add_serve_arguments(s)
     s.set_defaults(func=_serve)
+
+    from export.latency import add_arguments
+
+    lat = subparsers.add_parser(
+        "latency",
+        help="time the predictor on this machine: round trip vs in-process, against the targets (no torch)",
+        description="Start the predictor for MODEL and time predict / stream_step at batch 1 over ZeroMQ vs "
+        "in-process onnxruntime, back to back and paced at the loop rate; check the latency targets "
+        "(docs/predictor.md). Run it on the rig PC.",
+    )
+    add_arguments(lat)
+    lat.set_defaults(func=_latency)
 
 
 def main(argv: list[str] | None = None) -> int:
