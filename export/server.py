@@ -250,8 +250,10 @@ class PredictorServer:
         assert self.sock is not None
         if ready:
             print(f"READY {self.endpoint}", flush=True)
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        sock = self.sock
+        sock.setsockopt(zmq.RCVTIMEO, 50)  # a blocking receive wakes at least every 50 ms to check the flags
+        poller = zmq.Poller()  # only for --spin-us: busy-poll between requests
+        poller.register(sock, zmq.POLLIN)
         spin_until = 0.0
         try:
             while not (self._signalled or self._stop.is_set()):
@@ -259,24 +261,20 @@ class PredictorServer:
                     self._sighup = False
                     self._start_reload(self.model_path, self.step_path, None)
                 self._finish_reload()
+                if self.spin_s > 0 and time.perf_counter() < spin_until and not poller.poll(0):
+                    continue  # stay hot: no scheduler wake-up for the next request of a fast loop
                 try:
-                    events = dict(poller.poll(0 if time.perf_counter() < spin_until else 50))
+                    # one blocking call per request: a poll, a non-blocking receive and an EVENTS check
+                    # cost ~2.5 µs more
+                    frames = sock.recv_multipart(copy=False)
+                except zmq.Again:  # 50 ms without a request
+                    continue
                 except zmq.ZMQError as exc:
                     if exc.errno == zmq.EINTR:  # signal arrived
                         continue
                     raise
-                if self.sock not in events:
-                    continue
-                sock = self.sock
-                for _ in range(256):  # drain a burst before checking flags again
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:  # spurious wake-up
-                        break
-                    self.handle(frames)
-                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a failing recv
-                        break
-                if self.spin_s > 0:  # stay hot: no scheduler wake-up for the next request of a fast loop
+                self.handle(frames)
+                if self.spin_s > 0:
                     spin_until = time.perf_counter() + self.spin_s
         finally:
             self.close()
