@@ -112,6 +112,7 @@ class Case:
     period_ms: float | None = None  # paced cases: the loop period
 
     def summary(self) -> dict[str, Any]:
+        """Percentiles (ms) of the round trip, transport and in-process reference; ticks over the period."""
         rtt50, rtt99 = pct(self.rtt_ms)
         tr50, tr99 = pct(self.rtt_ms - self.server_ms)
         out: dict[str, Any] = {
@@ -148,6 +149,7 @@ class Report:
         return verdicts(self.cases, self.max_rtt_p99_ms, self.max_overhead_ms)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: machine, model, limits, case summaries, verdicts, notes."""
         return {
             "machine": self.machine,
             "model": self.model,
