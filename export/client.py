@@ -86,6 +86,7 @@ class PredictorClient:
         self._hist: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque(maxlen=256)
         self.reconnects = 0
         self.last_server_us: float | None = None  # server-side handling time of the last reply (µs)
+        self.last_compute_us: float | None = None  # of which inside the model call (predict, rollout, step)
         self._stream_dirty = False
         self.stale_discarded = 0
         self._connect()
@@ -170,6 +171,7 @@ class PredictorClient:
                     self.stale_discarded += 1
                     continue
                 self.last_server_us = msg.header.get("server_us")
+                self.last_compute_us = msg.header.get("compute_us")
                 if not msg.header.get("ok"):
                     err = msg.header.get("error") or {}
                     raise PredictorRequestError(str(err.get("code", "?")), str(err.get("message", "")))

@@ -110,6 +110,7 @@ class Case:
     server_ms: np.ndarray
     local_ms: np.ndarray | None = None
     period_ms: float | None = None  # paced cases: the loop period
+    compute_ms: np.ndarray | None = None  # the part of server_ms inside the model call (reply's compute_us)
 
     def summary(self) -> dict[str, Any]:
         """Percentiles (ms) of the round trip, transport and in-process reference; ticks over the period."""
@@ -125,6 +126,11 @@ class Case:
             "transport_p50_ms": tr50,
             "transport_p99_ms": tr99,
         }
+        if self.compute_ms is not None and self.compute_ms.size == self.server_ms.size:
+            out.update(
+                server_compute_p50_ms=pct(self.compute_ms)[0],
+                server_other_p50_ms=pct(self.server_ms - self.compute_ms)[0],
+            )
         if self.local_ms is not None:
             loc50, loc99 = pct(self.local_ms)
             out.update(local_p50_ms=loc50, local_p99_ms=loc99, overhead_p50_ms=rtt50 - loc50)
@@ -260,23 +266,32 @@ def measure(
                 pin_process(proc.pid, server_cpu)
                 report.machine["server_cpu"] = server_cpu
             served: list[float] = []
+            computed: list[float] = []
+
+            def record() -> None:
+                served.append(client.last_server_us / 1e3)
+                computed.append((client.last_compute_us or float("nan")) / 1e3)
 
             def remote_predict() -> None:
                 client.predict(x, u)
-                served.append(client.last_server_us / 1e3)
+                record()
 
             bar.set_postfix_str(f"predict T={window}")
             t_loc, t_rem = timeit_interleaved(
                 [lambda: local.predict(x, u), remote_predict], iters, block=max(10, iters // 4)
             )
             report.cases.append(
-                Case(f"predict B1 T{window}", t_rem, np.asarray(served[-iters:]), t_loc).summary()
+                Case(
+                    f"predict B1 T{window}", t_rem, np.asarray(served[-iters:]), t_loc,
+                    compute_ms=np.asarray(computed[-iters:]),
+                ).summary()
             )
             bar.update()
             if local.has_step:
                 stream = local.stream(shadow=stream_reprime == "shadow")
                 client.stream_reset()
-                served = []
+                served.clear()
+                computed.clear()
                 idx = {"local": 0, "remote": 0}
 
                 def local_step() -> None:
@@ -286,21 +301,27 @@ def measure(
                 def remote_step() -> None:
                     i = idx["remote"] = (idx["remote"] + 1) % len(seq_x)
                     client.stream_step(seq_x[i], seq_u[i])
-                    served.append(client.last_server_us / 1e3)
+                    record()
 
                 bar.set_postfix_str("stream_step")
                 t_loc, t_rem = timeit_interleaved([local_step, remote_step], iters, block=max(10, iters // 4))
                 report.cases.append(
-                    Case("stream_step B1", t_rem, np.asarray(served[-iters:]), t_loc).summary()
+                    Case(
+                        "stream_step B1", t_rem, np.asarray(served[-iters:]), t_loc,
+                        compute_ms=np.asarray(computed[-iters:]),
+                    ).summary()
                 )
                 bar.update()
                 if rate_hz > 0:
                     bar.set_postfix_str(f"stream_step @{rate_hz:g} Hz")
                     client.stream_reset()
-                    served = []
+                    served.clear()
+                    computed.clear()
                     t_paced = paced(remote_step, rate_hz, iters)
-                    case = Case(f"stream_step @{rate_hz:g}Hz", t_paced, np.asarray(served))
-                    case.period_ms = 1e3 / rate_hz
+                    case = Case(
+                        f"stream_step @{rate_hz:g}Hz", t_paced, np.asarray(served),
+                        period_ms=1e3 / rate_hz, compute_ms=np.asarray(computed),
+                    )
                     report.cases.append(case.summary())
                     bar.update()
             else:
@@ -337,6 +358,17 @@ def format_report(report: Report) -> str:
             + (f"   ({c['over_period']} of {c['calls']} over the {c['period_ms']:g} ms period)"
                if "period_ms" in c else "")
         )
+    split = [c for c in report.cases if "server_compute_p50_ms" in c]
+    if split:
+        lines += ["", "where the round trip goes (p50, ms): transport + server decode/encode + inference"]
+        for c in split:
+            line = (
+                f"  {c['case']:<22s} {c['transport_p50_ms']:.3f} + {c['server_other_p50_ms']:.3f}"
+                f" + {c['server_compute_p50_ms']:.3f}"
+            )
+            if "local_p50_ms" in c:
+                line += f"   (the same inference in-process: {c['local_p50_ms']:.3f})"
+            lines.append(line)
     lines += [
         "",
         f"targets: round trip p99 <= {report.max_rtt_p99_ms:g} ms, "

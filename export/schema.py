@@ -150,17 +150,20 @@ def encode_reply(
     result: dict[str, Any] | None = None,
     delimiter: bool = True,
     server_us: float | None = None,
+    compute_us: float | None = None,
 ) -> list[Any]:
-    """A success reply; ``server_us``: server-side handling time (splits transport from compute)."""
+    """A success reply; ``server_us``: server-side handling time (splits transport from the server's work),
+    ``compute_us``: the part of it spent inside the model call (splits inference from decoding/validation)."""
     decls, bufs = _arrays(arrays)
     head = f'{{"v":{PROTOCOL_VERSION},"id":{_json_value(req_id)},"method":{_json_value(method)},"ok":true'
     if result is not None:
         head += ',"result":' + _JSON_ENCODER.encode(result)
-    if server_us is not None:
-        us = float(server_us)
-        if not math.isfinite(us):
-            raise ValueError(f"server_us must be finite, got {us}")
-        head += ',"server_us":' + repr(us)
+    for key, value in (("server_us", server_us), ("compute_us", compute_us)):
+        if value is not None:
+            us = float(value)
+            if not math.isfinite(us):
+                raise ValueError(f"{key} must be finite, got {us}")
+            head += f',"{key}":' + repr(us)
     frames: list[Any] = [b""] if delimiter else []
     frames.append((head + ',"arrays":' + decls + "}").encode())
     frames.extend(bufs)

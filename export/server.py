@@ -170,6 +170,7 @@ class PredictorServer:
         self._reload_result: tuple[Any, ...] | None = None
         self._reload_waiters: list[tuple[bytes, bool, str]] = []
         self._sighup = False
+        self._compute_s: float | None = None  # time inside the model call of the request being answered
 
     # ------------------------------------------------------------------------------------------ model
     def _load(self, model_path: str, step_path: str | None) -> OnnxPredictor:
@@ -310,6 +311,7 @@ class PredictorServer:
     def handle(self, frames: list[Any]) -> None:
         """Answer one ROUTER message; never raises (errors become error replies)."""
         t0 = time.perf_counter()
+        self._compute_s = None
         identity = frames[0].bytes if frames else b""
         delim, _ = schema.split_envelope(frames[1:])
         req_id: str | None = None
@@ -322,7 +324,11 @@ class PredictorServer:
                 reply = None
             else:
                 server_us = round((time.perf_counter() - t0) * 1e6, 1)
-                reply = schema.encode_reply(req_id, method, out[1], out[0], delim, server_us=server_us)
+                compute_us, self._compute_s = self._compute_s, None
+                reply = schema.encode_reply(
+                    req_id, method, out[1], out[0], delim, server_us=server_us,
+                    compute_us=None if compute_us is None else round(compute_us * 1e6, 1),
+                )
         except schema.SchemaError as exc:
             req_id = req_id or exc.req_id
             reply = self._error(req_id, exc.code, str(exc), delim)
@@ -371,11 +377,15 @@ class PredictorServer:
             return res, None
         if m == "predict":
             a = schema.require(msg, ("x", "u"), optional=("obs",))
+            t0 = time.perf_counter()
             pred = p.predict(a["x"], a["u"], a.get("obs"))
+            self._compute_s = time.perf_counter() - t0
             return None, {"pred": pred}
         if m == "rollout":
             a = schema.require(msg, ("x_hist", "u_hist", "u_plan"))
+            t0 = time.perf_counter()
             pred = p.rollout(a["x_hist"], a["u_hist"], a["u_plan"])
+            self._compute_s = time.perf_counter() - t0
             return None, {"pred": pred}
         if m == "stream_reset":
             a = schema.require(msg, (), optional=("x_hist", "u_hist"))
@@ -408,7 +418,9 @@ class PredictorServer:
                     rid,
                 )
             self.streams.move_to_end(key)
+            t0 = time.perf_counter()
             pred = st.step(a["x_t"], a["u_t"])
+            self._compute_s = time.perf_counter() - t0
             return {"t": st.t, "start": st.start}, {"pred": pred}
         if m == "reload":
             schema.require(msg, ())

@@ -110,6 +110,8 @@ def test_assembled_headers_equal_the_generic_encoder(req_id):
 def test_non_finite_values_never_reach_the_wire():
     with pytest.raises(ValueError, match="server_us must be finite"):
         schema.encode_reply("a", "predict", server_us=float("nan"))
+    with pytest.raises(ValueError, match="compute_us must be finite"):
+        schema.encode_reply("a", "predict", server_us=1.0, compute_us=float("inf"))
     with pytest.raises(ValueError):  # the JSON encoder refuses NaN inside a result
         schema.encode_reply("a", "health", result={"x": float("inf")})
 

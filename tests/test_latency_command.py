@@ -49,6 +49,8 @@ def test_latency_runs_without_torch_and_reports_consistent_numbers(model, tmp_pa
         # the server's handling time lies inside each round trip: 0 < transport < round trip
         assert 0 < c["transport_p50_ms"] < c["rtt_p50_ms"] <= c["rtt_p99_ms"] <= c["rtt_max_ms"]
         assert math.isfinite(c["server_p50_ms"]) and c["server_p50_ms"] > 0
+        # the model call is part of the server's handling time
+        assert 0 < c["server_compute_p50_ms"] <= c["server_p50_ms"] and c["server_other_p50_ms"] > 0
     for c in rep["cases"][:2]:  # in-process reference: overhead = round trip - in-process
         assert c["local_p50_ms"] > 0
         assert c["overhead_p50_ms"] == pytest.approx(c["rtt_p50_ms"] - c["local_p50_ms"])
@@ -56,6 +58,7 @@ def test_latency_runs_without_torch_and_reports_consistent_numbers(model, tmp_pa
     assert paced_case["period_ms"] == pytest.approx(5.0) and 0 <= paced_case["over_period"] <= 40
     assert len(rep["verdicts"]) == 6 and all(v["ok"] for v in rep["verdicts"])
     assert "targets: round trip p99 <= 1e+09 ms" in r.stdout and "ok  stream_step B1" in r.stdout
+    assert "where the round trip goes" in r.stdout and "(the same inference in-process:" in r.stdout
 
 
 def test_check_exits_1_when_a_limit_is_missed(model):

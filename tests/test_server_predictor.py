@@ -359,6 +359,21 @@ def test_curve_encrypted_loopback(models, tmp_path):
             plain.info()  # no CURVE handshake -> never connected
 
 
+def test_replies_split_the_servers_time_into_model_call_and_the_rest(server):
+    x, u = rng_window(5, b=1)
+    with server.client(5000) as c:
+        c.info()
+        assert c.last_compute_us is None  # no model call
+        for call in (lambda: c.predict(x, u), lambda: c.rollout(x[0], u[0], np.zeros((2, 3, 1))),
+                     lambda: (c.stream_reset(), c.stream_step(x[0, 0], u[0, 0]))):
+            call()
+            assert 0 < c.last_compute_us <= c.last_server_us
+        with pytest.raises(PredictorRequestError):
+            c.predict(x[..., :2], u)  # refused before the model call
+        c.health()
+        assert c.last_compute_us is None  # after an error reply, a request without a model call has none
+
+
 class _NoTorchProcess(PredictorProcess):
     """The server started with torch and onnx made unimportable: the deployment side needs neither."""
 
