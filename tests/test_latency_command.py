@@ -83,6 +83,16 @@ def test_bad_arguments_are_refused_by_name(model, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_model_without_step_graph_is_timed_on_predict_only(tmp_path):
+    ck = save_random_checkpoint(tmp_path / "tiny.pt", config=TINY, seed=4)
+    full = export_checkpoint(ck, tmp_path / "full_only.onnx", context=16).full_path
+    r = _latency([str(full), "--iters", "20", "--no-progress", "--window", "8", "--bind", "tcp://127.0.0.1:*"])
+    assert r.returncode == 0, r.stderr
+    assert "predict B1 T8" in r.stdout
+    assert "stream_step B1" not in r.stdout and "stream_step @" not in r.stdout
+    assert "note: no step graph next to the model: stream_step not measured" in r.stdout
+
+
 def test_missing_model_file_is_named(tmp_path):
     r = _latency([str(tmp_path / "nope.onnx")])
     assert r.returncode == 2 and "model file not found" in r.stderr and "nope.onnx" in r.stderr
