@@ -1,19 +1,29 @@
-"""Dynamic int8 quantisation (onnxruntime.quantization.quantize_dynamic): accuracy and speed vs float32.
+"""Dynamic int8 quantisation (export.quantize, the project's recipe): accuracy and speed vs float32.
 
-    python bench/bench_quantize.py [--checkpoint CKPT] [--iters 300]
+    python bench/bench_quantize.py [--checkpoint CKPT] [--data DATA.npz] [--iters 300]
+    taskset -c 0 python bench/bench_quantize.py --checkpoint fm_core/weights/cartpole.pt --data data.npz
 
-Accuracy: relative error of the int8 prediction vs the float32 ONNX model on simulator trajectories (cart-pole
-from rigs if available, else smooth signals), full window and 16-step masked rollouts.
-Speed: interleaved single-thread onnxruntime timings, batch 1 (T=16, T=64) and batch 256 (T=16).
+Each int8 model is compared with the float32 ONNX model of the same checkpoint: the shipped recipe (int8
+per-channel weights in the blocks; embedding and head float32) and, for reference, every MatMul in int8 with
+per-tensor scales (the recipe before 2026-12-02).
+Accuracy: |int8 - fp32| on simulator trajectories (cart-pole from rigs if available, else smooth signals),
+as a fraction of the state range and of the model's own one-step increment; with ``--data`` (a ``rigfm
+dataset build`` file of the checkpoint's rig) also ``rigfm score``'s MSE against the recorded truth, which is
+what matters for control.
+Speed: interleaved single-thread onnxruntime timings, batch 1 (T=16, T=context), batch 256 (T=16), the
+streaming step (shadow re-prime), and torch eager on the same B1 T16 window for the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
-import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,54 +58,123 @@ def trajectories(batch: int, t: int, n: int, m: int, seed: int = 0) -> tuple[np.
         return np.sin(tt + ph[..., :n]).astype(np.float32), np.cos(0.7 * tt + ph[..., :m]).astype(np.float32)
 
 
+def _previous_recipe(src: Path, dst: Path) -> None:
+    """Every MatMul in int8 with per-tensor scales: the recipe before 2026-12-02, for comparison."""
+    import warnings
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(
+            str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], iters: int) -> dict[str, float]:
+    """p50 in ms of each callable, timed in alternating blocks of 50 calls, as bench_predictor times."""
+    from export.latency import timeit_interleaved
+
+    out = timeit_interleaved(list(fns.values()), iters, block=min(50, iters))
+    return {k: float(np.median(ts)) for k, ts in zip(fns, out, strict=True)}
+
+
+def _accuracy(fp: Any, models: dict[str, Any]) -> None:
+    me = fp.meta
+    x, u = trajectories(32, me.context, me.n, me.m)
+    scale = np.maximum(np.abs(x).max(axis=(0, 1)), 1e-6)
+    ref = fp.predict(x, u)
+    incr = np.maximum(np.sqrt(((ref - x) ** 2).mean(axis=(0, 1))), 1e-9)
+    plan = u[:, -16:][:8]
+    rref = fp.rollout(x[0, :-16], u[0, :-17], plan)
+    print("\nvs float32 on simulator trajectories, per state: max |int8 - fp32| / max|x| one step | 16-step"
+          " rollout;\nrms |int8 - fp32| / rms one-step increment")
+    for name, p in models.items():
+        a = p.predict(x, u)
+        e1 = np.abs(a - ref).max(axis=(0, 1)) / scale
+        e16 = np.abs(p.rollout(x[0, :-16], u[0, :-17], plan) - rref).max(axis=(0, 1)) / scale
+        rel = np.sqrt(((a - ref) ** 2).mean(axis=(0, 1))) / incr
+        shown = [np.round(v.astype(float), d).tolist() for v, d in ((e1, 4), (e16, 4), (rel, 3))]
+        print(f"  {name:28s} {shown[0]} | {shown[1]}; {shown[2]}")
+
+
+def _speed(fp: Any, q8: Any, ckpt: Path, over: dict[str, Any], iters: int) -> None:
+    me = fp.meta
+    rng = np.random.default_rng(1)
+    print("\nlatency (alternating blocks, 1 thread)         fp32 p50    int8 p50   speed-up")
+    for bsz, t, n_it in ((1, 16, iters), (1, me.context, iters), (256, 16, max(5, iters // 30))):
+        xb = rng.normal(size=(bsz, t, me.n)).astype(np.float32)
+        ub = rng.normal(size=(bsz, t, me.m)).astype(np.float32)
+        r = _interleaved({"fp32": partial(fp.predict, xb, ub), "int8": partial(q8.predict, xb, ub)}, n_it)
+        print(f"  predict batch {bsz:3d} T={t:<3d}                 {r['fp32']:8.3f} ms {r['int8']:8.3f} ms"
+              f"  {r['fp32'] / r['int8']:5.2f}x")
+    xs, us = trajectories(1, 4 * me.context, me.n, me.m, seed=2)
+    steps = {}
+    for name, p in (("fp32", fp), ("int8", q8)):
+        stream, it = p.stream(shadow=True), itertools.cycle(range(xs.shape[1]))
+        steps[name] = lambda stream=stream, it=it: stream.step(*(a[0, next(it)] for a in (xs, us)))
+    r = _interleaved(steps, 4 * iters)
+    print(f"  stream step (shadow re-prime)               {r['fp32']:8.3f} ms {r['int8']:8.3f} ms"
+          f"  {r['fp32'] / r['int8']:5.2f}x")
+
+    import torch
+
+    from export.onnx_export import load_checkpoint
+
+    torch.set_num_threads(1)
+    system = load_checkpoint(ckpt, **over).system.eval()
+    xb = rng.normal(size=(1, 16, me.n)).astype(np.float32)
+    ub = rng.normal(size=(1, 16, me.m)).astype(np.float32)
+    # torch sees the graph's states: (sin, cos) for angle channels (fp.encode; the identity otherwise)
+    xt, ut, ot = torch.from_numpy(fp.encode(xb)), torch.from_numpy(ub), torch.ones(1, 16)
+
+    def eager() -> None:
+        with torch.no_grad():
+            system(xt, ut, ot)
+
+    r = _interleaved(
+        {"torch": eager, "fp32": partial(fp.predict, xb, ub), "int8": partial(q8.predict, xb, ub)}, iters
+    )
+    print(f"\ntorch eager B1 T16 p50 {r['torch']:.3f} ms; torch / onnxruntime: "
+          f"fp32 {r['torch'] / r['fp32']:.2f}x, int8 {r['torch'] / r['int8']:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--checkpoint", default=None, help="default: fm_core/weights/default.pt")
+    ap.add_argument("--data", default=None, help="rigfm dataset build .npz of the checkpoint's rig (truth)")
     ap.add_argument("--iters", type=int, default=300)
     args = ap.parse_args(argv)
-    from export.onnx_export import export_checkpoint, quantize_int8
+    from export.onnx_export import export_checkpoint
     from export.onnx_runtime import OnnxPredictor
+    from export.quantize import RECIPE, quantize_int8
 
     with tempfile.TemporaryDirectory(prefix="rigfm-q-") as d:
         tmp = Path(d)
         ckpt, label = get_checkpoint(args.checkpoint, tmp)
-        res = export_checkpoint(ckpt, tmp / "model.onnx", **system_overrides(ckpt))
-        quantize_int8(res.full_path, tmp / "model.int8.onnx")
-        fp = OnnxPredictor(res.full_path)
-        q8 = OnnxPredictor(tmp / "model.int8.onnx")
-        me = fp.meta
-        sizes = (res.full_path.stat().st_size, (tmp / "model.int8.onnx").stat().st_size)
-        print(f"model: {label}\nfile size: float32 {sizes[0] / 1e6:.2f} MB, int8 {sizes[1] / 1e6:.2f} MB")
-        x, u = trajectories(32, me.context, me.n, me.m)
-        scale = np.abs(x).max(axis=(0, 1))
-        a, b = q8.predict(x, u), fp.predict(x, u)
-        err = np.abs(a - b).max(axis=(0, 1)) / np.maximum(scale, 1e-6)
-        print(f"one-step prediction, max |int8 - fp32| / max|x| per state: {np.round(err, 5).tolist()}")
-        plan = u[:, -16:][:8]
-        ra = q8.rollout(x[0, :-16], u[0, :-17], plan)
-        rb = fp.rollout(x[0, :-16], u[0, :-17], plan)
-        err = np.abs(ra - rb).max(axis=(0, 1)) / np.maximum(scale, 1e-6)
-        print(f"16-step rollout,     max |int8 - fp32| / max|x| per state: {np.round(err, 5).tolist()}")
-        rng = np.random.default_rng(1)
-        print("\nlatency (interleaved, 1 thread)      fp32 p50    int8 p50   speed-up")
-        for bsz, t, n_it in (
-            (1, 16, args.iters),
-            (1, me.context, args.iters),
-            (256, 16, max(5, args.iters // 30)),
-        ):
-            xb = rng.normal(size=(bsz, t, me.n)).astype(np.float32)
-            ub = rng.normal(size=(bsz, t, me.m)).astype(np.float32)
-            ts: dict[str, list[float]] = {"fp32": [], "int8": []}
-            for i in range(n_it + 5):
-                for name, p in (("fp32", fp), ("int8", q8)):
-                    t0 = time.perf_counter()
-                    p.predict(xb, ub)
-                    if i >= 5:
-                        ts[name].append((time.perf_counter() - t0) * 1e3)
-            f50, q50 = np.median(ts["fp32"]), np.median(ts["int8"])
-            print(
-                f"  batch {bsz:3d} T={t:<3d}                  {f50:8.3f} ms {q50:8.3f} ms   {f50 / q50:5.2f}x"
-            )
+        over = system_overrides(ckpt)
+        res = export_checkpoint(ckpt, tmp / "model.onnx", streaming=tmp / "model_step.onnx", **over)
+        assert res.step_path is not None
+        q_full, q_step = tmp / "model.int8.onnx", tmp / "model_step.int8.onnx"
+        q_all = tmp / "model.int8-all.onnx"
+        quantize_int8(res.step_path, q_step)
+        quantize_int8(res.full_path, q_full, step_file=q_step.name)
+        _previous_recipe(res.full_path, q_all)
+        fp, q8 = OnnxPredictor(res.full_path, res.step_path), OnnxPredictor(q_full, q_step)
+        print(f"model: {label}\nint8 recipe: {RECIPE}")
+        sizes = [f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in (res.full_path, q_full)]
+        print("file size: " + ", ".join(sizes))
+        _accuracy(fp, {"int8 (shipped recipe)": q8, "int8, every MatMul per-tensor": OnnxPredictor(q_all)})
+        if args.data:
+            from export.score import markdown, score
+
+            for ctx, hor in ((32, 32), (30, 50)):
+                print()
+                table = markdown(score([res.full_path, q_full, q_all], args.data, context=ctx, horizon=hor))
+                print(table, end="")
+        _speed(fp, q8, ckpt, over, args.iters)
     return 0
 
 

@@ -15,7 +15,8 @@ from export.onnx_runtime import DEFAULT_EXPORTER, EXPORTERS
 
 
 def _export(args: argparse.Namespace) -> int:
-    from export.onnx_export import ExportError, export_checkpoint, quantize_int8
+    from export.onnx_export import ExportError, export_checkpoint
+    from export.quantize import RECIPE, quantize_int8
 
     try:
         res = export_checkpoint(
@@ -44,13 +45,20 @@ def _export(args: argparse.Namespace) -> int:
         shown = ", ".join(names[i] for i in angles)
         print(f"angles: {shown} as (sin, cos) inside the graph; the predictor takes and returns raw states")
     if args.quantize:
-        for path in (res.full_path, res.step_path):
-            if path is None:
-                continue
-            q = Path(path).with_name(Path(path).stem + ".int8.onnx")
-            quantize_int8(path, q)
-            print(f"int8: {q}")
+        q_step = None if res.step_path is None else _int8_name(res.step_path)
+        try:
+            if res.step_path is not None and q_step is not None:
+                quantize_int8(res.step_path, q_step)
+            quantize_int8(res.full_path, _int8_name(res.full_path), None if q_step is None else q_step.name)
+        except ValueError as exc:
+            print(f"rigfm export --quantize: {exc}", file=sys.stderr)
+            return 2
+        print(f"int8: {_int8_name(res.full_path)}" + (f" and {q_step}" if q_step else "") + f" ({RECIPE})")
     return 0
+
+
+def _int8_name(path: str | Path) -> Path:
+    return Path(path).with_name(Path(path).stem + ".int8.onnx")
 
 
 def _serve(args: argparse.Namespace) -> int:

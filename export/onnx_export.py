@@ -462,29 +462,3 @@ def export_loaded(
         times[graph] = time.perf_counter() - t0
         nodes[graph] = len(onnx.load(str(path)).graph.node)
     return ExportResult(out, step_path, times, nodes, meta, parity)
-
-
-def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """Dynamic int8 quantisation of the MatMul weights (onnxruntime.quantization), metadata kept."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    src, dst = Path(src), Path(dst)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            # the fused graphs' contrib operators have no ONNX type inference: their outputs are float32
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-    model = onnx.load(str(dst))
-    props = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
-    props["rigfm.quantized"] = "int8-dynamic"
-    del model.metadata_props[:]
-    for k, v in props.items():
-        model.metadata_props.add(key=k, value=v)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(dst))
-    return dst

@@ -310,6 +310,8 @@ def test_export_cli_with_quantize(tiny, tmp_path):
     fp = OnnxPredictor(out, tmp_path / "cli_step.onnx")
     qp = OnnxPredictor(q)
     assert fp.meta.context == 8 and qp.meta.quantized == "int8-dynamic"
+    assert qp.meta.step_file == "cli_step.int8.onnx"  # int8 windows pair with the int8 step graph
+    assert "int8 per-channel weights in the blocks" in r.stdout
     x, u = simulator_inputs(2, 8)
     assert rel_err(qp.predict(x, u), fp.predict(x, u)) < 0.2  # int8: close, not exact
     qs = OnnxPredictor(q, tmp_path / "cli_step.int8.onnx")  # the int8 step graph keeps the in-place layout
