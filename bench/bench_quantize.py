@@ -9,7 +9,7 @@ per-tensor scales (the recipe before 2026-12-02).
 Accuracy: |int8 - fp32| on simulator trajectories (cart-pole from rigs if available, else smooth signals),
 as a fraction of the state range and of the model's own one-step increment; with ``--data`` (a ``rigfm
 dataset build`` file of the checkpoint's rig) also ``rigfm score``'s MSE against the recorded truth, which is
-what matters for control.
+what matters for control, for the window graph (``rigfm score``'s table) and for the stream.
 Speed: interleaved single-thread onnxruntime timings, batch 1 (T=16, T=context), batch 256 (T=16), the
 streaming step (shadow re-prime), and torch eager on the same B1 T16 window for the ratio.
 """
@@ -100,6 +100,26 @@ def _accuracy(fp: Any, models: dict[str, Any]) -> None:
         print(f"  {name:28s} {shown[0]} | {shown[1]}; {shown[2]}")
 
 
+def _stream_scores(models: dict[str, Any], data: str) -> None:
+    """One-step MSE of each model's stream (step graph, shadow re-prime) over every test run of ``data``, in
+    raw units / train std (rigfm score's units)."""
+    from fm_core.trajfile import load_trajectories
+
+    ts = load_trajectories(data)
+    split = np.asarray(ts.split)
+    x, u = ts.x[split == "test"].astype(np.float32), ts.u[split == "test"].astype(np.float32)
+    train = ts.x[split == "train"] if (split == "train").any() else ts.x
+    scale = np.maximum(train.reshape(-1, x.shape[-1]).std(0), 1e-6)
+    print(f"\nstream one-step MSE over {x.shape[0]} test runs of {x.shape[1]} steps (raw units / train std)")
+    for name, p in models.items():
+        se = []
+        for w in range(x.shape[0]):
+            stream = p.stream(shadow=True)
+            pred = np.array([stream.step(x[w, t], u[w, t]) for t in range(x.shape[1] - 1)])
+            se.append(((pred - x[w, 1:]) / scale) ** 2)
+        print(f"  {name:30s} {float(np.mean(se)):.6f}")
+
+
 def _speed(fp: Any, q8: Any, ckpt: Path, over: dict[str, Any], iters: int) -> None:
     me = fp.meta
     rng = np.random.default_rng(1)
@@ -110,6 +130,14 @@ def _speed(fp: Any, q8: Any, ckpt: Path, over: dict[str, Any], iters: int) -> No
         r = _interleaved({"fp32": partial(fp.predict, xb, ub), "int8": partial(q8.predict, xb, ub)}, n_it)
         print(f"  predict batch {bsz:3d} T={t:<3d}                 {r['fp32']:8.3f} ms {r['int8']:8.3f} ms"
               f"  {r['fp32'] / r['int8']:5.2f}x")
+    k_plans, horizon = 16, 8  # one MPC rollout request (controllers/tuning.toml: samples x horizon)
+    xh = rng.normal(size=(me.context, me.n)).astype(np.float32)
+    uh = rng.normal(size=(xh.shape[0], me.m)).astype(np.float32)
+    plans = rng.normal(size=(k_plans, horizon, me.m)).astype(np.float32)
+    r = _interleaved({"fp32": partial(fp.rollout, xh, uh, plans), "int8": partial(q8.rollout, xh, uh, plans)},
+                     max(5, iters // 10))
+    print(f"  rollout K={k_plans} H={horizon} (MPC request)           {r['fp32']:8.3f} ms {r['int8']:8.3f} ms"
+          f"  {r['fp32'] / r['int8']:5.2f}x")
     xs, us = trajectories(1, 4 * me.context, me.n, me.m, seed=2)
     steps = {}
     for name, p in (("fp32", fp), ("int8", q8)):
@@ -161,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         q_all = tmp / "model.int8-all.onnx"
         quantize_int8(res.step_path, q_step)
         quantize_int8(res.full_path, q_full, step_file=q_step.name)
+        q_all_step = tmp / "model_step.int8-all.onnx"
         _previous_recipe(res.full_path, q_all)
+        _previous_recipe(res.step_path, q_all_step)
         fp, q8 = OnnxPredictor(res.full_path, res.step_path), OnnxPredictor(q_full, q_step)
         print(f"model: {label}\nint8 recipe: {RECIPE}")
         sizes = [f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in (res.full_path, q_full)]
@@ -174,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 print()
                 table = markdown(score([res.full_path, q_full, q_all], args.data, context=ctx, horizon=hor))
                 print(table, end="")
+            _stream_scores({"float32": fp, "int8 (shipped recipe)": q8,
+                            "int8, every MatMul per-tensor": OnnxPredictor(q_all, q_all_step)}, args.data)
         _speed(fp, q8, ckpt, over, args.iters)
     return 0
 

@@ -127,16 +127,28 @@ def _sim_window(rig: str, t: int = 64) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("rig", ["cartpole", "furuta"])
 def test_int8_of_a_shipped_rig_model_predicts_as_well_as_float32(rig, tmp_path):
-    """Against the simulator: int8's one-step error is float32's within 5 %, and the int8 - float32 gap is
-    under a fifth of the model's own one-step increment on every channel (every MatMul in int8 with
-    per-tensor scales, the previous recipe, gives 0.32-0.61 on the cart-pole)."""
-    res = export_checkpoint(WEIGHTS / f"{rig}.pt", tmp_path / "m.onnx")
-    fp = OnnxPredictor(res.full_path)
-    q8 = OnnxPredictor(quantize_int8(res.full_path, tmp_path / "m.int8.onnx"))
-    x, u = _sim_window(rig)
-    a, b = q8.predict(x, u)[0, :-1], fp.predict(x, u)[0, :-1]
-    truth = x[0, 1:]
-    err_q, err_f = ((a - truth) ** 2).mean(0), ((b - truth) ** 2).mean(0)
-    assert err_q.sum() <= 1.05 * err_f.sum(), (err_q, err_f)
-    gap = np.sqrt(((a - b) ** 2).mean(0)) / np.sqrt(((b - x[0, :-1]) ** 2).mean(0))
-    assert (gap < 0.2).all(), gap
+    """Against the simulator, for a window and for the stream: int8's one-step error is float32's within 10 %
+    (held-out runs: within 0.3 %, docs/predictor.md), and the int8 - float32 gap is under a fifth of the
+    model's own one-step increment on every channel (every MatMul in int8 with per-tensor scales, the previous
+    recipe, gives 0.32-0.61 on the cart-pole)."""
+    res = export_checkpoint(WEIGHTS / f"{rig}.pt", tmp_path / "m.onnx", streaming=tmp_path / "m_step.onnx")
+    assert res.step_path is not None
+    q_step = quantize_int8(res.step_path, tmp_path / "m_step.int8.onnx")
+    fp = OnnxPredictor(res.full_path, res.step_path)
+    q8 = OnnxPredictor(quantize_int8(res.full_path, tmp_path / "m.int8.onnx", q_step.name), find_step=True)
+    x, u = _sim_window(rig, 150)
+
+    def close(a: np.ndarray, b: np.ndarray, what: str) -> None:
+        truth = x[0, -a.shape[0]:]
+        err_q, err_f = ((a - truth) ** 2).mean(0), ((b - truth) ** 2).mean(0)
+        assert err_q.sum() <= 1.1 * err_f.sum(), (what, err_q, err_f)
+        gap = np.sqrt(((a - b) ** 2).mean(0)) / np.sqrt(((b - x[0, -a.shape[0] - 1 : -1]) ** 2).mean(0))
+        assert (gap < 0.2).all(), (what, gap)
+
+    xw, uw = x[:, -64:], u[:, -64:]  # a window of the model's context
+    close(q8.predict(xw, uw)[0, :-1], fp.predict(xw, uw)[0, :-1], "window")
+    # the int8 step graph, streamed across re-primes of the 64-step context, as the control loop uses it
+    streams = [p.stream(shadow=True) for p in (q8, fp)]
+    a, b = (np.array([s.step(x[0, t], u[0, t]) for t in range(x.shape[1] - 1)]) for s in streams)
+    assert streams[0].primes == streams[1].primes >= 2
+    close(a, b, "stream")
