@@ -130,8 +130,9 @@ def _speed(fp: Any, q8: Any, ckpt: Path, over: dict[str, Any], iters: int) -> No
         r = _interleaved({"fp32": partial(fp.predict, xb, ub), "int8": partial(q8.predict, xb, ub)}, n_it)
         print(f"  predict batch {bsz:3d} T={t:<3d}                 {r['fp32']:8.3f} ms {r['int8']:8.3f} ms"
               f"  {r['fp32'] / r['int8']:5.2f}x")
-    k_plans, horizon = 16, 8  # one MPC rollout request (controllers/tuning.toml: samples x horizon)
-    xh = rng.normal(size=(me.context, me.n)).astype(np.float32)
+    # one MPC rollout request: samples x horizon of controllers/tuning.toml after the MPC's 16-step history
+    k_plans, horizon = 16, 8
+    xh = rng.normal(size=(16, me.n)).astype(np.float32)
     uh = rng.normal(size=(xh.shape[0], me.m)).astype(np.float32)
     plans = rng.normal(size=(k_plans, horizon, me.m)).astype(np.float32)
     r = _interleaved({"fp32": partial(fp.rollout, xh, uh, plans), "int8": partial(q8.rollout, xh, uh, plans)},
