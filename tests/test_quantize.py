@@ -152,3 +152,15 @@ def test_int8_of_a_shipped_rig_model_predicts_as_well_as_float32(rig, tmp_path):
     a, b = (np.array([s.step(x[0, t], u[0, t]) for t in range(x.shape[1] - 1)]) for s in streams)
     assert streams[0].primes == streams[1].primes >= 2
     close(a, b, "stream")
+
+
+def test_traced_graphs_keep_the_same_ends_float(tmp_path):
+    """The selection is structural (LayerNormalization positions), so a torchscript graph keeps exactly its
+    embedding and head projections float too."""
+    ck = save_random_checkpoint(tmp_path / "t.pt", config=TINY, seed=3)
+    res = export_checkpoint(ck, tmp_path / "ts.onnx", context=8, exporter="torchscript")
+    keep = float_kept_nodes(onnx.load(str(res.full_path)))
+    ends = [f"/{blk}/{fc}/MatMul" for blk in ("embed", "head") for fc in ("fc1", "fc2", "skip")]
+    assert sorted(keep) == sorted(ends)
+    q = OnnxPredictor(quantize_int8(res.full_path, tmp_path / "ts.int8.onnx"))
+    assert q.meta.quantized == QUANTIZED and q.meta.exporter == "torchscript"
