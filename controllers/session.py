@@ -75,6 +75,105 @@ class RunResult:
         return self.fault is None
 
 
+class RunSetupError(ValueError):
+    """The run cannot start: a bad option for this rig, an unreachable rig or predictor, a model that does not
+    fit the rig.  One line naming the cause and what to check; ``rigfm run`` exits 2, nothing was actuated."""
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return bool(np.isfinite(float(v)))
+    except (TypeError, ValueError):
+        return False
+
+
+def check_run_options(opts: RunOptions, cfg: Any) -> None:
+    """Refuse numeric options that make no sense for this rig (RunSetupError naming the option and range).
+
+    ``--rate``: at most the rig's STATE rate (``sample_rate_hz``) and at least two commands per device
+    watchdog period (``2000 / watchdog_ms`` Hz), and with a learned model at least one tick per model step;
+    ``--stale-ms``: longer than two control periods and two STATE periods; ``--latency-comp-ms`` in
+    [0, 50]; ``--predictor-timeout-ms`` in (0, 10000]; ``--duration`` finite and > 0."""
+    from controllers.run_commands import MAX_LATENCY_COMP_MS, MAX_TIMEOUT_MS
+
+    if opts.duration_s is not None and not (_finite(opts.duration_s) and opts.duration_s > 0):
+        raise RunSetupError(f"--duration must be a finite number of seconds > 0, got {opts.duration_s!r}")
+    lo = 2000.0 / cfg.watchdog_ms
+    hi = float(cfg.sample_rate_hz)
+    if opts.model or opts.endpoint:
+        lo = max(lo, 1.0 / cfg.model_dt)
+    if not (_finite(opts.rate_hz) and lo <= opts.rate_hz <= hi):
+        raise RunSetupError(
+            f"--rate must be in [{lo:g}, {hi:g}] Hz for rig {cfg.name!r} (at most its STATE rate "
+            f"sample_rate_hz, at least two commands per {cfg.watchdog_ms} ms watchdog"
+            + (f" and one tick per {cfg.model_dt:g} s model step" if opts.model or opts.endpoint else "")
+            + f"), got {opts.rate_hz!r}")
+    min_stale = 2000.0 * max(1.0 / opts.rate_hz, 1.0 / cfg.control_rate_hz)
+    if not (_finite(opts.stale_ms) and min_stale < opts.stale_ms <= MAX_TIMEOUT_MS):
+        raise RunSetupError(f"--stale-ms must be in ({min_stale:g}, {MAX_TIMEOUT_MS:g}] ms (more than two "
+                            f"control and STATE periods), got {opts.stale_ms!r}")
+    if not (_finite(opts.latency_ms) and 0 <= opts.latency_ms <= MAX_LATENCY_COMP_MS):
+        raise RunSetupError(f"--latency-comp-ms must be in [0, {MAX_LATENCY_COMP_MS:g}] ms, got "
+                            f"{opts.latency_ms!r}")
+    t = opts.predictor_timeout_ms
+    if t is not None and not (_finite(t) and 0 < t <= MAX_TIMEOUT_MS):
+        raise RunSetupError(f"--predictor-timeout-ms must be in (0, {MAX_TIMEOUT_MS:g}] ms, got {t!r}")
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _open_predictor(opts: RunOptions, cfg: Any, stack: contextlib.ExitStack) -> tuple[Any, str, Any, dict]:
+    """Start (``--model``) or reach (``--endpoint``) the predictor, check its model against the rig.
+
+    Returns ``(process or None, endpoint, client, info)``; RunSetupError naming the cause otherwise."""
+    import zmq
+
+    from export.client import PredictorClient, PredictorError, PredictorProcess
+    from export.model_check import ModelMismatch, check_model_fits
+
+    proc = None
+    what = f"--model {opts.model}" if opts.model else f"--endpoint {opts.endpoint}"
+    if opts.model:
+        proc = PredictorProcess(opts.model)
+        stack.callback(proc.__exit__, None, None, None)
+        try:
+            proc.start()
+        except PredictorError as exc:
+            code = proc.proc.returncode if proc.proc is not None else None
+            why = _last_line("\n".join(proc.stderr_lines)) or _last_line(str(exc))
+            raise RunSetupError(f"{what}: the predictor failed before READY (exit code {code}): "
+                                f"{why}") from None
+        endpoint = proc.endpoint
+    else:
+        endpoint = str(opts.endpoint)
+        if endpoint.startswith("ipc://") and not Path(endpoint[len("ipc://"):]).exists():
+            raise RunSetupError(f"{what}: no such socket file {endpoint[len('ipc://'):]!r}: is `rigfm serve "
+                                f"MODEL --bind {endpoint}` running (on this machine)?")
+    try:
+        client = PredictorClient(endpoint, timeout_ms=5000.0)  # generous for the handshake only
+    except zmq.ZMQError as exc:
+        raise RunSetupError(f"{what}: ZeroMQ cannot use this endpoint ({exc.strerror}); give "
+                            "ipc:///path/to.sock or tcp://HOST:PORT") from None
+    stack.callback(client.close)
+    try:
+        info = client.info()
+    except PredictorError as exc:
+        raise RunSetupError(f"{what}: no answer from the predictor ({exc}): is `rigfm serve` running and "
+                            "bound there, and CURVE/keys as the server expects?") from None
+    if int(info.get("n", cfg.n)) != cfg.n or int(info.get("m", cfg.m)) != cfg.m:
+        raise RunSetupError(f"{what}: the predictor's model has n={info.get('n')}, m={info.get('m')}; rig "
+                            f"{cfg.name} needs n={cfg.n}, m={cfg.m}")
+    try:
+        check_model_fits(info, model=what, target=f"rig config {cfg.name!r}", rig=(cfg.name, cfg.kind),
+                         state_names=cfg.state_names, dt=cfg.model_dt)
+    except ModelMismatch as exc:
+        raise RunSetupError(str(exc)) from None
+    return proc, endpoint, client, info
+
+
 def status_printer(stream: Any = sys.stderr) -> Callable[[dict[str, Any]], None]:
     """Live one-line status (rate, jitter, mode, prediction error) rewritten in place."""
 
@@ -152,31 +251,47 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
     if opts.model and not Path(opts.model).is_file():
         raise FileNotFoundError(f"--model {opts.model}: no such file")
     cfg = rigs.load_config(opts.rig)
+    check_run_options(opts, cfg)
     model = rigs.make_model(cfg, opts.model_params or None)
     tuning = load_tuning(cfg.kind, opts.tuning)
     dt = 1.0 / opts.rate_hz
 
     with contextlib.ExitStack() as stack:
+        # -- predictor first: a run that cannot use it never touches the rig, nor leaves a log ------
+        proc = None
+        errors: tuple = ()
+        endpoint = None
+        if opts.model or opts.endpoint:
+            from export.client import PredictorError
+
+            errors = (PredictorError,)
+            proc, endpoint, tap_client, info = _open_predictor(opts, cfg, stack)
+
         # -- the rig ----------------------------------------------------------------------------------
         port = opts.port
-        if opts.virtual:
-            from hardware.virtual_rig_process import VirtualRigProcess
+        from hardware.driver import RigConnection, RigError
+        from hardware.virtual_rig_process import VirtualRigError
 
-            vr = VirtualRigProcess(opts.rig, params=opts.virtual_params or None, init=opts.init,
-                                   seed=opts.seed)
-            stack.enter_context(vr)
-            port = vr.port
-            if opts.realtime and vr.proc is not None:
-                from controllers.realtime import realtime_process
+        try:
+            if opts.virtual:
+                from hardware.virtual_rig_process import VirtualRigProcess
 
-                realtime_process(vr.proc.pid, priority=49)  # the plant outranks everything but the loop
-        from hardware.driver import RigConnection
+                vr = VirtualRigProcess(opts.rig, params=opts.virtual_params or None, init=opts.init,
+                                       seed=opts.seed)
+                stack.enter_context(vr)
+                port = vr.port
+                if opts.realtime and vr.proc is not None:
+                    from controllers.realtime import realtime_process
 
-        # a new run clears the e-stop latch that the previous run's clean exit left (once, at first connect;
-        # never on a reconnect mid-run); the firmware still enforces its limits and watchdog
-        conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True))
+                    realtime_process(vr.proc.pid, priority=49)  # the plant outranks everything but the loop
+            # a new run clears the e-stop latch that the previous run's clean exit left (once, at first
+            # connect; never on a reconnect mid-run); the firmware still enforces its limits and watchdog
+            conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True))
+        except (RigError, VirtualRigError) as exc:
+            raise RunSetupError(_last_line(str(exc)) or type(exc).__name__) from None
         if conn.wait_state(timeout=5.0) is None:
-            raise RuntimeError(f"no STATE from the rig on {port} within 5 s")
+            raise RunSetupError(f"{port}: the rig answered HELLO but sent no STATE within 5 s: check the "
+                                "firmware's telemetry (state divider) and the link")
         rig = DryRunRig(conn) if opts.dry_run else conn
 
         # -- logger -----------------------------------------------------------------------------------
@@ -190,25 +305,13 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                 "model_dt": cfg.model_dt, "state_names": list(cfg.state_names)})
             stack.callback(logger.close)
 
-        # -- predictor --------------------------------------------------------------------------------
-        endpoint = opts.endpoint
-        proc = None
-        errors: tuple = ()
-        if opts.model:
-            from export.client import PredictorProcess
-
-            proc = stack.enter_context(PredictorProcess(opts.model))
-            endpoint = proc.endpoint
+        # -- predictor tap ----------------------------------------------------------------------------
         tap = None
         monitor = None
         mpc_rollout = None
         if endpoint:
-            from export.client import PredictorClient, PredictorError
+            from export.client import PredictorClient
 
-            errors = (PredictorError,)
-            tap_client = PredictorClient(endpoint, timeout_ms=5000.0)  # generous for the handshake only
-            stack.callback(tap_client.close)
-            info = tap_client.info()
             model_dt = float(info.get("dt") or cfg.model_dt)
             # a one-step prediction is only useful if it arrives before the step it predicts
             tap_client.timeout_ms = opts.predictor_timeout_ms or 800.0 * model_dt
@@ -221,9 +324,6 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                 finally:
                     client.timeout_ms = step_budget
 
-            if int(info.get("n", cfg.n)) != cfg.n or int(info.get("m", cfg.m)) != cfg.m:
-                raise ValueError(f"predictor model has n={info.get('n')}, m={info.get('m')}; rig "
-                                 f"{cfg.name} needs n={cfg.n}, m={cfg.m}")
             monitor = PredictionMonitor(_monitor_scale(cfg), horizons=(1, 10),
                                         angle_channels=(pendulum_index(model),))
             tap = PredictorTap(PredictorRollout(tap_client), model_dt, monitor=monitor, logger=logger,
@@ -259,11 +359,22 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         killed_at: list[float] = []
         first_fb: list[float] = []
         inner = loop.tick
+        watch = None
+        if tap is not None:
+            from controllers.predictor_watch import PredictorWatch
+
+            fallback = ("MPC falls back to LQR" if opts.controller == "mpc"
+                        else f"{opts.controller} goes on without predictions")
+            if isinstance(forecaster, PredictorForecaster):
+                fallback += ", latency forecast from physics only"
+            watch = PredictorWatch(tap, proc, t0=t_start, fallback=fallback)
 
         def tick(now: float) -> bool:
             if kill_at is not None and not killed_at and now >= kill_at and proc is not None:
                 proc.proc.kill()  # SIGKILL, as a crash would (reaped by PredictorProcess.stop)
                 killed_at.append(time.monotonic())
+            if watch is not None:
+                watch.poll(now)
             ok = inner(now)
             if loop.last.x is not None:
                 traj.append((now - t_start, loop.last.u, *loop.last.x))
@@ -307,6 +418,8 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             loop.stats.predictor_late = tap.late
         summary = loop.stats.summary()
         pred = tap.status() if tap is not None else {}
+        if watch is not None:
+            pred["pred_down_events"] = [list(e) for e in watch.events]
         if hasattr(controller, "fallbacks"):
             pred["mpc_fallback_ticks"] = controller.fallbacks
             pred["mpc_plans"] = controller.plans

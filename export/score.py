@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from export.model_check import ModelMismatch, check_model_fits
 from export.onnx_runtime import ModelFileError, OnnxPredictor
+from fm_core.cli_types import int_range
 
 
 class ScoreError(ValueError):
@@ -95,8 +97,11 @@ def score(models: Sequence[str | Path], data: str | Path, split: str = "test", c
     rows = []
     for path in models:
         pred = OnnxPredictor(path, self_test=False)
-        if pred.meta.rig not in ("", "synthetic", "unknown") and ts.rig and pred.meta.rig != ts.rig:
-            raise ScoreError(f"{path} is a {pred.meta.rig!r} model but {data} holds {ts.rig!r} data")
+        try:
+            check_model_fits(pred.meta.to_dict(), model=str(path), target=f"the data in {data}", rig=ts.rig,
+                             state_names=ts.state_names, dt=ts.dt)
+        except ModelMismatch as exc:
+            raise ScoreError(str(exc)) from None
         rows.append(score_model(pred, x, u, scale, context, horizon))
     return {"data": str(data), "split": split, "state_names": list(ts.state_names), "scale": scale.tolist(),
             "models": rows}
@@ -132,8 +137,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("models", nargs="+", help=".onnx full-window graphs")
     p.add_argument("--data", required=True, help="trajectory .npz (rigfm dataset build)")
     p.add_argument("--split", default="test", help="which split to score (default test)")
-    p.add_argument("--context", type=int, default=30, help="observed steps before the rollout (default 30)")
-    p.add_argument("--horizon", type=int, default=50, help="open-loop rollout steps (default 50)")
+    p.add_argument("--context", type=int_range(1, 65_536), default=30,
+                   help="observed steps before the rollout (default 30)")
+    p.add_argument("--horizon", type=int_range(1, 65_536), default=50,
+                   help="open-loop rollout steps (default 50)")
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_handler)
 

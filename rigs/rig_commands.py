@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -31,6 +32,8 @@ def _parse_overrides(items: list[str]) -> dict[str, float]:
             raise ValueError(f"--override expects KEY=VALUE, got {item!r}")
         try:
             out[key.strip()] = float(value)
+            if not math.isfinite(out[key.strip()]):
+                raise ValueError
         except ValueError:
             raise ValueError(f"--override {key.strip()}: value must be a number, got {value!r}") from None
     return out

@@ -12,7 +12,6 @@ import pytest
 from fm_core.trajfile import load_trajectories
 from hardware.dataset_build import DatasetBuildError, build_dataset
 from hardware.log_commands import register
-from hardware.log_reader import LogFileError
 from hardware.logger import RunLogger
 
 T0 = 1_700_000_000_000_000_000
@@ -132,11 +131,11 @@ def test_applied_voltage_input(runs, tmp_path):
 def test_bad_inputs_name_the_file(runs, tmp_path):
     junk = tmp_path / "junk.mcap"
     junk.write_bytes(b"\x00" * 100)
-    with pytest.raises(LogFileError, match="junk.mcap.*not an MCAP file"):
+    with pytest.raises(DatasetBuildError, match="no usable run in 1 file.*junk.mcap.*not an MCAP file"):
         build_dataset([junk], tmp_path / "x.npz")
     with RunLogger(tmp_path / "ev", META, run_name="events_only") as log:
         log.write("/event", {"host_time_ns": T0, "name": "hello"})
-    with pytest.raises(DatasetBuildError, match=r"events_only.*no /state messages"):
+    with pytest.raises(DatasetBuildError, match=r"events_only.*no /state and /command messages"):
         build_dataset([tmp_path / "ev"], tmp_path / "x.npz")
     with pytest.raises(DatasetBuildError, match="no valid window of 100000 steps"):
         build_dataset([runs / "c"], tmp_path / "x.npz", window=100_000)

@@ -79,7 +79,8 @@ def test_bad_input_is_named(setup, tmp_path):
     furuta_data = tmp_path / "furuta.npz"
     save_trajectories(furuta_data, setup["x"], setup["u"], 0.01, NAMES, ["voltage"], ["test"] * 6,
                       [f"r{i}" for i in range(6)], "furuta")
-    with pytest.raises(ScoreError, match="is a 'cartpole' model but .*furuta.npz holds 'furuta' data"):
+    with pytest.raises(ScoreError, match="c.onnx was trained for rig 'cartpole', but the data "
+                                         "in .*furuta.npz is rig 'furuta'"):
         score([cartpole_model], furuta_data, context=10, horizon=20)
     assert score([cartpole_model], setup["data"], context=10, horizon=20)["models"][0]["windows"] == 9
 
