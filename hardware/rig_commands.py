@@ -74,6 +74,13 @@ def add_virtual_rig_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="write JSON statistics (incl. injected corruption) here periodically and on exit",
     )
+    p.add_argument(
+        "--voltage-log",
+        default=None,
+        metavar="FILE",
+        help="append '<monotonic ns> <applied V> <ns of the last COMMAND> <watchdog tripped>' to FILE each "
+        "time the applied voltage turns zero or non-zero (when the motor really stopped)",
+    )
     p.add_argument("--duration", type=finite_float(0, 1e7, lo_open=True, unit="s"), default=None, metavar="S",
                    help="exit after S seconds")
 
