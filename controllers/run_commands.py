@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from fm_core.cli_types import SEED, finite_float, name_value
+from fm_core.cli_types import SEED, finite_float, int_range, name_value
 
 # parse-time ranges of `rigfm run` (the rig-dependent limits are checked by controllers.session)
 MAX_DURATION_S = 1e7
@@ -54,6 +54,9 @@ def register(subparsers: Any) -> None:
                    default=None, help="deadline of one-step predictions (default: 0.8 model steps)")
     p.add_argument("--stale-ms", type=finite_float(0, MAX_TIMEOUT_MS, lo_open=True, unit="ms"), default=50.0,
                    help="e-stop when no new state for this long")
+    p.add_argument("--watchdog-ms", type=int_range(5, 1000, unit="ms"), default=None,
+                   help="device watchdog for this run: no COMMAND for this long -> 0 V (default: the rig "
+                        "config's watchdog_ms, 50; the motor's stop time when this process is killed)")
     p.add_argument("--realtime", action="store_true", help="SCHED_FIFO priority for the loop (if permitted)")
     p.add_argument("--seed", type=SEED, default=0, help="virtual rig seed")
     p.add_argument("--quiet", action="store_true", help="no live status line")
@@ -138,6 +141,7 @@ def run_handler(args: argparse.Namespace) -> int:
                       virtual_params=dict(args.virtual_param), model_params=dict(args.model_param),
                       tuning=args.tuning, latency_ms=args.latency_comp_ms, latency_source=args.latency_source,
                       predictor_timeout_ms=args.predictor_timeout_ms, stale_ms=args.stale_ms,
+                      watchdog_ms=args.watchdog_ms,
                       status=not args.quiet, seed=args.seed, realtime=args.realtime)
     try:
         result = run_session(opts)

@@ -48,6 +48,7 @@ class RunOptions:
     mpc_timeout_ms: float = 100.0
     mpc_max_plan_age_s: float = 0.1
     stale_ms: float = 50.0
+    watchdog_ms: int | None = None      # device watchdog for this run (default: the rig config's watchdog_ms)
     realtime: bool = False              # SCHED_FIFO for the control process (if permitted)
     status: bool = True
     seed: int = 0
@@ -91,21 +92,25 @@ def check_run_options(opts: RunOptions, cfg: Any) -> None:
     """Refuse numeric options that make no sense for this rig (RunSetupError naming the option and range).
 
     ``--rate``: at most the rig's STATE rate (``sample_rate_hz``) and at least two commands per device
-    watchdog period (``2000 / watchdog_ms`` Hz), and with a learned model at least one tick per model step;
-    ``--stale-ms``: longer than two control periods and two STATE periods; ``--latency-comp-ms`` in
-    [0, 50]; ``--predictor-timeout-ms`` in (0, 10000]; ``--duration`` finite and > 0."""
+    watchdog period (``2000 / watchdog_ms`` Hz; ``--watchdog-ms`` or the rig config's), and with a learned
+    model at least one tick per model step; ``--stale-ms``: longer than two control periods and two STATE
+    periods; ``--watchdog-ms`` in [5, 1000]; ``--latency-comp-ms`` in [0, 50]; ``--predictor-timeout-ms``
+    in (0, 10000]; ``--duration`` finite and > 0."""
     from controllers.run_commands import MAX_LATENCY_COMP_MS, MAX_TIMEOUT_MS
 
     if opts.duration_s is not None and not (_finite(opts.duration_s) and opts.duration_s > 0):
         raise RunSetupError(f"--duration must be a finite number of seconds > 0, got {opts.duration_s!r}")
-    lo = 2000.0 / cfg.watchdog_ms
+    wd = cfg.watchdog_ms if opts.watchdog_ms is None else opts.watchdog_ms
+    if not (isinstance(wd, int) and 5 <= wd <= 1000):
+        raise RunSetupError(f"--watchdog-ms must be an integer in [5, 1000] ms, got {wd!r}")
+    lo = 2000.0 / wd
     hi = float(cfg.sample_rate_hz)
     if opts.model or opts.endpoint:
         lo = max(lo, 1.0 / cfg.model_dt)
     if not (_finite(opts.rate_hz) and lo <= opts.rate_hz <= hi):
         raise RunSetupError(
             f"--rate must be in [{lo:g}, {hi:g}] Hz for rig {cfg.name!r} (at most its STATE rate "
-            f"sample_rate_hz, at least two commands per {cfg.watchdog_ms} ms watchdog"
+            f"sample_rate_hz, at least two commands per {wd} ms watchdog"
             + (f" and one tick per {cfg.model_dt:g} s model step" if opts.model or opts.endpoint else "")
             + f"), got {opts.rate_hz!r}")
     min_stale = 2000.0 * max(1.0 / opts.rate_hz, 1.0 / cfg.control_rate_hz)
@@ -287,6 +292,8 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             # a new run clears the e-stop latch that the previous run's clean exit left (once, at first
             # connect; never on a reconnect mid-run); the firmware still enforces its limits and watchdog
             conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True))
+            if opts.watchdog_ms is not None:
+                conn.configure(watchdog_ms=int(opts.watchdog_ms))  # kept across reconnects by the driver
         except (RigError, VirtualRigError) as exc:
             raise RunSetupError(_last_line(str(exc)) or type(exc).__name__) from None
         if conn.wait_state(timeout=5.0) is None:
