@@ -5,11 +5,12 @@ dead predictor would otherwise only show up in the summary's counters.  ``Predic
 called every tick and acts a few times a second: it reports
 
 * the predictor process (``--model``) having exited -- at once, with its exit code / signal, and
-* the tap's requests failing without a success for ``persist_s`` (an ``--endpoint`` predictor that died or
-  hangs; a single late reply on a busy machine is not reported),
+* the tap's requests failing without a success for ``persist_s`` (1 s: an ``--endpoint`` predictor that
+  died or hangs; late replies on a busy machine are not reported),
 
 as one line on ``stream``: ``rigfm run: predictor DOWN at 3.21 s: <why>; <what the run does now>``, and
-``predictor back at ...`` when requests succeed again.  ``events`` keeps ``(t, "down"|"up", why)``.
+``predictor back at ...`` once requests have succeeded for ``persist_s`` again.  ``events`` keeps
+``(t, "down"|"up", why)``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class PredictorWatch:
     """Poll the tap (and the predictor process) for a lasting failure; one line per change."""
 
     def __init__(self, tap: Any, proc: Any = None, *, t0: float = 0.0, fallback: str = "",
-                 persist_s: float = 0.25, check_hz: float = 10.0, stream: Any = None) -> None:
+                 persist_s: float = 1.0, check_hz: float = 10.0, stream: Any = None) -> None:
         self.tap = tap
         self.proc = proc
         self.t0 = float(t0)
@@ -35,6 +36,7 @@ class PredictorWatch:
         self.events: list[tuple[float, str, str]] = []
         self._next = 0.0
         self._fault_since: float | None = None
+        self._ok_since: float | None = None
         self._proc_reported = False
 
     def _exit_reason(self) -> str | None:
@@ -67,8 +69,10 @@ class PredictorWatch:
         fault = getattr(self.tap, "fault", None)
         if fault is None:
             self._fault_since = None
-        elif self._fault_since is None:
-            self._fault_since = now
+            self._ok_since = now if self._ok_since is None else self._ok_since
+        else:
+            self._ok_since = None
+            self._fault_since = now if self._fault_since is None else self._fault_since
         exited = None if self._proc_reported else self._exit_reason()
         if exited is not None:
             self._proc_reported = True
@@ -79,6 +83,7 @@ class PredictorWatch:
         if not self.down and self._fault_since is not None and now - self._fault_since >= self.persist_s:
             self.down = True
             self._say(now, "down", str(fault))
-        elif self.down and fault is None and not self._proc_reported:
+        elif (self.down and not self._proc_reported and self._ok_since is not None
+              and now - self._ok_since >= self.persist_s):
             self.down = False
             self._say(now, "up", "")
