@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,22 +75,26 @@ def fuzz_child(endpoint: str, rate: float, seconds: float, out: str) -> int:
     import numpy as np
     import zmq
 
+    stop = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))  # the soak ended early: report
     rng = np.random.default_rng(0)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
-    sent = replies = errors = info_ok = 0
+    sent = replies = errors = info_ok = refused = 0
     period = 1.0 / rate
     t_end = time.monotonic() + seconds
     nxt = time.monotonic()
     i = 0
-    while time.monotonic() < t_end:
-        if i % 50 == 49:
-            sock.send_multipart([b"", json.dumps({"v": 1, "id": f"i{i}", "method": "info"}).encode()])
-        else:
-            sock.send_multipart(_malformed(rng, i))
-        sent += 1
+    while time.monotonic() < t_end and not stop[0]:
+        msg = ([b"", json.dumps({"v": 1, "id": f"i{i}", "method": "info"}).encode()] if i % 50 == 49
+               else _malformed(rng, i))
         i += 1
+        try:
+            sock.send_multipart(msg, flags=zmq.NOBLOCK)
+            sent += 1
+        except zmq.Again:  # the server's queue is full (it is busy): counted, never blocks this process
+            refused += 1
         while sock.poll(0):
             frames = sock.recv_multipart()
             replies += 1
@@ -108,7 +113,7 @@ def fuzz_child(endpoint: str, rate: float, seconds: float, out: str) -> int:
         sock.recv_multipart()
         replies += 1
     Path(out).write_text(json.dumps({"sent": sent, "replies": replies, "error_replies": errors,
-                                     "info_ok": info_ok}))
+                                     "info_ok": info_ok, "refused_hwm": refused}))
     return 0
 
 
@@ -147,11 +152,14 @@ def main() -> int:
         fuzz = subprocess.Popen([sys.executable, __file__, "--fuzz-child", pred.endpoint, str(args.fuzz_rate),
                                  str(seconds), str(fuzz_out)])
         stop = threading.Event()
-        t0 = time.monotonic()
+        t0 = time.monotonic()  # RSS times below: seconds since the predictor was up (setup included)
 
         def sample() -> None:
             while not stop.wait(5.0):
-                samples.append((time.monotonic() - t0, rss_mb(), rss_mb(pred.pid)))
+                try:
+                    samples.append((time.monotonic() - t0, rss_mb(), rss_mb(pred.pid)))
+                except OSError as exc:  # the predictor died: the summary says so
+                    print(f"soak: RSS sample failed: {exc}", file=sys.stderr)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -162,11 +170,17 @@ def main() -> int:
         finally:
             stop.set()
             sampler.join()
-            fuzz.wait(timeout=30)
+            if fuzz.poll() is None:
+                fuzz.terminate()  # the fuzzer writes its counts and exits
+            try:
+                fuzz.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                fuzz.kill()
+                fuzz.wait()
         samples.append((time.monotonic() - t0, rss_mb(), rss_mb(pred.pid)))
         pred_alive = pred.proc is not None and pred.proc.poll() is None
     fz = json.loads(fuzz_out.read_text()) if fuzz_out.exists() else {}
-    warm = [s for s in samples if s[0] >= 10.0] or samples
+    warm = [r for r in samples if r[0] >= 10.0] or samples
     s, p, lg = res.stats, res.predictor, res.logger
     print(f"soak: {args.minutes:g} min, {args.rig} {args.controller}, predictor {model}, "
           f"fuzz {args.fuzz_rate:g}/s")
@@ -181,8 +195,9 @@ def main() -> int:
           f"late predictions {p.get('late_predictions')}, failures {p.get('pred_failures')}, "
           f"down events {len(p.get('pred_down_events', []))}")
     print(f"log: frames logged {lg.get('written')}, dropped {lg.get('dropped')}, files {len(res.log_files)}")
-    print(f"fuzz: sent {fz.get('sent')}, replies {fz.get('replies')}, error replies "
-          f"{fz.get('error_replies')}, info ok {fz.get('info_ok')}; predictor alive at the end: {pred_alive}")
+    print(f"fuzz: sent {fz.get('sent')}, refused (queue full) {fz.get('refused_hwm')}, replies "
+          f"{fz.get('replies')}, error replies {fz.get('error_replies')}, info ok {fz.get('info_ok')}; "
+          f"predictor alive at the end: {pred_alive}")
     tmp.cleanup()
     return 0 if res.ok and pred_alive else 1
 

@@ -259,3 +259,24 @@ def test_console_shows_one_line_and_no_traceback(tmp_path):
                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert r.returncode == 2, r.stderr
         _one_named_line(r.stderr, needle)
+
+
+def test_run_summary_shows_the_change_count_and_the_final_mode_not_a_cut_list():
+    import numpy as np
+
+    from controllers.run_commands import _jsonable, summary_table
+    from controllers.session import RunResult
+
+    stats = {"ticks": 10, "rate_hz": 500.0, "period_err_p50_us": 1.0, "period_err_p99_us": 2.0,
+             "period_err_max_us": 3.0, "jitter_us": 1.0, "overruns": 0, "overrun_pct": 0.0,
+             "busy_p50_us": 1.0, "busy_p99_us": 2.0}
+    modes = ["swingup", "balance"] * 63 + ["estop"]
+    changes = [(0.1 * i, modes[i - 1] if i else "idle", m) for i, m in enumerate(modes)]
+    pred = {"pred_requests": 5, "pred_late": 0, "pred_failures": 3, "pred_latency_p50_us": 500.0,
+            "pred_down_events": [[2.5, "down", "the predictor process was killed by SIGKILL"]]}
+    res = RunResult(stats, "limit: base beyond", changes, {}, np.zeros((0, 6)), modes, pred, {})
+    table = summary_table(res)
+    assert "127 / estop (last: swingup@12.40s, balance@12.50s, estop@12.60s)" in table  # not cut at 8
+    assert "predictor down" in table and "at 2.50 s: the predictor process was killed by SIGKILL" in table
+    js = _jsonable(res)
+    assert js["mode_change_count"] == 127 and js["final_mode"] == "estop"
