@@ -280,3 +280,24 @@ def test_run_summary_shows_the_change_count_and_the_final_mode_not_a_cut_list():
     assert "predictor down" in table and "at 2.50 s: the predictor process was killed by SIGKILL" in table
     js = _jsonable(res)
     assert js["mode_change_count"] == 127 and js["final_mode"] == "estop"
+
+
+def test_permission_denied_names_the_group_to_join():
+    """Root opens any tty, so the EACCES branch is driven with the error pyserial raises for a normal user."""
+    import grp
+
+    import serial
+
+    from hardware.driver import port_problem
+
+    master, slave = os.openpty()
+    try:
+        path = os.ttyname(slave)
+        group = grp.getgrgid(os.stat(path).st_gid).gr_name
+        exc = serial.SerialException(13, f"could not open port {path}: [Errno 13] Permission denied")
+        msg = port_problem(path, exc)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert msg == (f"{path}: permission denied: add your user to the {group!r} group "
+                   f"(sudo usermod -aG {group} $USER), then log in again")
