@@ -6,7 +6,7 @@
 * ``StaleStateWatch`` -- fault when no new state (new ``seq``) has arrived for ``stale_ms``.
 * ``MotorGuard`` -- context manager: motor to zero (then e-stop on faults) on normal exit, exceptions,
   Ctrl-C (SIGINT), SIGTERM and interpreter exit (atexit).
-* ``OverrunWatch`` -- fault when most ticks of a 1 s window overran (the loop cannot hold its rate).
+* ``OverrunWatch`` -- fault when > 90 % of the ticks of a 1 s window overran (the loop cannot hold its rate).
 * ``DryRunRig`` -- wraps a rig connection; reads pass through, commands are recorded, never sent.
 """
 
@@ -114,11 +114,12 @@ class OverrunWatch:
     """Fault when the loop cannot keep its rate: more than ``max_fraction`` of the ticks of a ``window_s``
     window overran their period (windows of fewer than ``min_ticks`` ticks are not judged).
 
-    Default: more than half of the ticks of any 1 s window.  A single host stall (one long tick) is one
-    overrun and never trips it; a loop whose every tick takes longer than its period (a rate the machine
-    cannot hold, a forecast too expensive for the period) trips it within about a second."""
+    Default: more than 90 % of the ticks of a 1 s window, i.e. (nearly) every tick takes longer than the
+    period: a rate the machine cannot hold, a forecast too expensive for the period.  That trips within
+    about a second.  Host stalls (one long tick each) and a loaded machine that preempts some ticks (60 %
+    overruns seen at load 9 on 2 cores without ``--realtime``) are counted in the summary, not a fault."""
 
-    def __init__(self, window_s: float = 1.0, max_fraction: float = 0.5, min_ticks: int = 10) -> None:
+    def __init__(self, window_s: float = 1.0, max_fraction: float = 0.9, min_ticks: int = 10) -> None:
         if not (window_s > 0 and 0 < max_fraction <= 1 and min_ticks >= 1):
             raise ValueError("OverrunWatch needs window_s > 0, 0 < max_fraction <= 1, min_ticks >= 1")
         self.window_s = float(window_s)
