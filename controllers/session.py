@@ -63,8 +63,8 @@ class RunResult:
     fault: str | None
     mode_changes: list[tuple[float, str, str]]
     monitor: dict[str, Any]
-    trajectory: np.ndarray          # (N, 2 + n): t, u, x
-    modes: list[str]
+    trajectory: np.ndarray          # (N, 2 + n): t, u, x -- the newest 2^20 ticks at most
+    modes: list[str]                # the mode of each trajectory row
     predictor: dict[str, Any]
     logger: dict[str, Any]
     first_fallback_after_kill_s: float | None = None
@@ -356,8 +356,9 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         from controllers.estimation import VelocityEstimator
 
         estimator = VelocityEstimator(cfg.n // 2, est_cut, angle_channels=(pendulum_index(model),))
-        traj: list[tuple] = []
-        modes: list[str] = []
+        from controllers.trajectory import TickRecorder
+
+        record = TickRecorder(cfg.n)  # bounded: the newest 2^20 ticks (RunResult.trajectory / .modes)
         loop = ControlLoop(rig, controller, model, cfg, rate_hz=opts.rate_hz, estimator=estimator,
                            stale_ms=opts.stale_ms, logger=logger, tap=tap, forecaster=forecaster,
                            dry_run=opts.dry_run, status_cb=status_printer() if opts.status else None)
@@ -384,8 +385,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                 watch.poll(now)
             ok = inner(now)
             if loop.last.x is not None:
-                traj.append((now - t_start, loop.last.u, *loop.last.x))
-                modes.append(loop.mode)
+                record.append(now - t_start, loop.last.u, loop.last.x, loop.mode)
                 if killed_at and not first_fb and "fallback" in loop.mode:
                     first_fb.append(now - killed_at[0])
             return ok
@@ -446,13 +446,14 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             log_stats = logger.close()
             files = [str(p) for p in logger.files]
         fault = None if loop.fault is None else f"{loop.fault.code}: {loop.fault.message}"
+        traj, modes = record.arrays()
         if interrupted and fault is None:
             fault = f"stopped by {interrupted} (motor zeroed, e-stop sent)"
         return RunResult(
             stats=summary, fault=fault,
             mode_changes=[(t - t_start, a, b) for t, a, b in loop.mode_changes],
             monitor=monitor.snapshot() if monitor else {},
-            trajectory=np.array(traj) if traj else np.zeros((0, 2 + cfg.n)), modes=modes, predictor=pred,
+            trajectory=traj, modes=modes, predictor=pred,
             logger=log_stats, first_fallback_after_kill_s=first_fb[0] if first_fb else None, log_files=files,
             rig_stats=rig_stats)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -274,3 +274,19 @@ def test_a_loop_that_overruns_every_tick_is_an_overrun_fault(cart, every, faults
     else:
         assert loop.fault is None, loop.fault
         assert stats.overruns > 0
+
+
+def test_tick_recorder_keeps_the_newest_rows_in_bounded_memory():
+    from controllers.trajectory import TickRecorder
+
+    rec = TickRecorder(4, capacity=1000, block=64)
+    for k in range(10_000):
+        rec.append(k * 0.002, float(k), np.full(4, float(k)), "swingup" if k < 9_500 else "balance")
+    rows, modes = rec.arrays()
+    assert rows.shape == (1000, 6) and rec.ticks == 10_000
+    assert rows[0, 1] == 9_000 and rows[-1, 1] == 9_999 and np.all(np.diff(rows[:, 1]) == 1)
+    assert np.all(rows[:, 2:] == rows[:, 1:2])
+    assert modes[:500] == ["swingup"] * 500 and modes[500:] == ["balance"] * 500
+    assert sum(b.nbytes for b in rec._rows) <= (1000 + 2 * 64) * 6 * 8  # never more than capacity + 2 blocks
+    empty = TickRecorder(4)
+    assert empty.arrays()[0].shape == (0, 6) and empty.arrays()[1] == []
