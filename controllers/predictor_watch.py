@@ -24,7 +24,8 @@ class PredictorWatch:
     """Poll the tap (and the predictor process) for a lasting failure; one line per change."""
 
     def __init__(self, tap: Any, proc: Any = None, *, t0: float = 0.0, fallback: str = "",
-                 persist_s: float = 1.0, check_hz: float = 10.0, stream: Any = None) -> None:
+                 persist_s: float = 1.0, check_hz: float = 10.0, stream: Any = None,
+                 clear_line: bool = False) -> None:
         self.tap = tap
         self.proc = proc
         self.t0 = float(t0)
@@ -32,6 +33,7 @@ class PredictorWatch:
         self.persist_s = float(persist_s)
         self.period = 1.0 / float(check_hz)
         self.stream = stream if stream is not None else sys.stderr
+        self.clear_line = clear_line  # a live status line is on the console: write over it
         self.down = False
         self.events: list[tuple[float, str, str]] = []
         self._next = 0.0
@@ -58,7 +60,7 @@ class PredictorWatch:
             line = f"rigfm run: predictor DOWN at {t:.2f} s: {why}; {self.fallback}"
         else:
             line = f"rigfm run: predictor back at {t:.2f} s: requests succeed again"
-        self.stream.write("\r\x1b[K" + line + "\n")  # over the live status line, which is redrawn after
+        self.stream.write(("\r\x1b[K" if self.clear_line else "") + line + "\n")
         self.stream.flush()
 
     def poll(self, now: float) -> None:

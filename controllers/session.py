@@ -375,7 +375,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                         else f"{opts.controller} goes on without predictions")
             if isinstance(forecaster, PredictorForecaster):
                 fallback += ", latency forecast from physics only"
-            watch = PredictorWatch(tap, proc, t0=t_start, fallback=fallback)
+            watch = PredictorWatch(tap, proc, t0=t_start, fallback=fallback, clear_line=opts.status)
 
         def tick(now: float) -> bool:
             if kill_at is not None and not killed_at and now >= kill_at and proc is not None:
