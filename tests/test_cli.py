@@ -41,12 +41,13 @@ def _run_main(argv: list[str], capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def _one_named_line(err: str, *needles: str) -> str:
-    """stderr holds one line (besides what a predictor process logged, echoed with its ``rigfm-serve:`` /
-    ``rigfm serve:`` prefix), no traceback, and that line names the problem."""
+def _one_named_line(err: str, *needles: str, predictor: bool = False) -> str:
+    """stderr holds one line (with ``predictor``: besides what the run's predictor process logged, echoed
+    with its ``rigfm-serve:`` / ``rigfm serve:`` prefix), no traceback, and that line names the problem."""
     text = err.strip()
     assert TRACE not in text, text
-    own = [ln for ln in text.splitlines() if not ln.startswith(("rigfm-serve: ", "rigfm serve: "))]
+    echoed = ("rigfm-serve: ", "rigfm serve: ") if predictor else ()
+    own = [ln for ln in text.splitlines() if not (echoed and ln.startswith(echoed))]
     assert len(own) == 1, text
     last = own[0]
     for n in needles:
@@ -223,7 +224,7 @@ def test_run_with_a_corrupt_model_shows_the_predictors_last_words(models, capsys
     # the predictor's own error (echoed from its stderr), then ours naming the model and repeating the cause
     assert "rigfm serve: " in err
     _one_named_line(err, f"rigfm run: --model {models['corrupt']}: the predictor failed before READY",
-                    "onnxruntime cannot load it")
+                    "onnxruntime cannot load it", predictor=True)
 
 
 @pytest.mark.parametrize(("name", "needle"), [
@@ -234,7 +235,7 @@ def test_run_with_a_corrupt_model_shows_the_predictors_last_words(models, capsys
 def test_run_refuses_a_model_made_for_another_rig(models, name, needle, capsys):
     rc, err = _run_main(RUN + ["--model", str(models[name]), "--duration", "1", "--quiet"], capsys)
     assert rc == 2
-    _one_named_line(err, f"rigfm run: --model {models[name]} ", needle)
+    _one_named_line(err, f"rigfm run: --model {models[name]} ", needle, predictor=True)
 
 
 def test_run_refuses_a_mismatched_model_behind_an_endpoint(models, capsys):
@@ -243,7 +244,7 @@ def test_run_refuses_a_mismatched_model_behind_an_endpoint(models, capsys):
     with PredictorProcess(models["furuta"]) as proc:
         rc, err = _run_main(RUN + ["--endpoint", proc.endpoint, "--duration", "1", "--quiet"], capsys)
     assert rc == 2
-    _one_named_line(err, f"--endpoint {proc.endpoint} was trained for rig 'furuta'")
+    _one_named_line(err, f"--endpoint {proc.endpoint} was trained for rig 'furuta'", predictor=True)
 
 
 def test_console_shows_one_line_and_no_traceback(tmp_path):

@@ -185,10 +185,15 @@ class _Run:
         self.vlog = tmp_path / "voltage.log"
         self.logdir = tmp_path / "logs"
         self.rig = VirtualRigProcess("cartpole", init="upright", voltage_log=str(self.vlog)).start()
+        from controllers.realtime import realtime_process
+
+        # as `rigfm run --realtime` does for its own virtual rig: the simulated firmware keeps real time on a
+        # loaded machine only at SCHED_FIFO (a starved rig runs its watchdog late, on its device clock)
+        self.rig_realtime = realtime_process(self.rig.proc.pid, priority=49)
         self.stdout_path, self.stderr_path = tmp_path / "run.out", tmp_path / "run.err"
         cmd = [sys.executable, "-m", "controllers.cli", "run", "cartpole", "--port", self.rig.port,
                "--controller", "lqr", "--stale-ms", "200", "--duration", str(duration), "--quiet",
-               "--log", str(self.logdir), *extra]
+               "--realtime", "--log", str(self.logdir), *extra]
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT,
                                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -249,10 +254,6 @@ def test_sigkilled_run_motor_zeroed_by_the_rig_watchdog_and_log_recoverable(tmp_
     print(f"\nSIGKILL (watchdog {watchdog_ms} ms): 0 V at the rig {after_kill_ms:.1f} ms after the kill, "
           f"{after_cmd_ms:.1f} ms after the last command it received")
     assert watchdog == 1  # the watchdog did it
-    assert after_cmd_ms <= watchdog_ms + 5.0  # one firmware tick + the rig's scheduling (device clock)
-    assert after_kill_ms <= watchdog_ms + 5.0
-    if watchdog_ms <= 45:
-        assert after_kill_ms <= 50.0
 
     files = sorted(run.logdir.glob("*.mcap"))
     assert len(files) == 1
@@ -267,6 +268,12 @@ def test_sigkilled_run_motor_zeroed_by_the_rig_watchdog_and_log_recoverable(tmp_
     lost_ms = (wall_kill - last_ns) / 1e6
     print(f"SIGKILL: last recovered /command {lost_ms:.0f} ms before the kill (chunk {CHUNK_MS:.0f} ms)")
     assert lost_ms <= CHUNK_MS + 50.0  # the open chunk, plus the writer thread's lag
+    if not run.rig_realtime:
+        pytest.skip("SCHED_FIFO not permitted: the virtual rig's own timing is not real time here")
+    assert after_cmd_ms <= watchdog_ms + 5.0  # one firmware tick + the rig's scheduling
+    assert after_kill_ms <= watchdog_ms + 5.0
+    if watchdog_ms <= 45:
+        assert after_kill_ms <= 50.0
 
 
 def test_sigterm_run_zeroes_the_motor_at_once_and_closes_the_log(tmp_path):
