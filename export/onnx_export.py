@@ -25,6 +25,7 @@ from export.onnx_runtime import (
     FORMAT,
     FULL_INPUTS,
     FULL_OUTPUTS,
+    ROLLOUT_MODES,
     STEP_INPUTS,
     STEP_OUTPUTS,
     run_step_graph,
@@ -147,8 +148,19 @@ def load_checkpoint(
         "x_std": core.x_std[:n].tolist(),
         "u_mean": core.u_mean[:m].tolist(),
         "u_std": core.u_std[:m].tolist(),
+        "rollout_mode": _rollout_mode(path, meta),
     }
     return LoadedCheckpoint(system, core.cfg.to_dict(), clean, file_sha256(path), path)
+
+
+def _rollout_mode(path: str, meta: dict[str, Any]) -> str:
+    """How the checkpoint makes multi-step predictions: ``meta.train.config.rollout_mode`` ("masked" when
+    absent: checkpoints from before autoregressive fine-tuning)."""
+    mode = meta.get("rollout_mode") or ((meta.get("train") or {}).get("config") or {}).get("rollout_mode")
+    mode = mode or "masked"
+    if mode not in ROLLOUT_MODES:
+        raise ExportError(f"{path}: meta rollout_mode must be one of {ROLLOUT_MODES}, got {mode!r}")
+    return str(mode)
 
 
 def _angle_meta(path: str, meta: dict[str, Any], n: int) -> tuple[list[int], list[str]]:
@@ -232,6 +244,7 @@ def _metadata(ck: LoadedCheckpoint, graph: str, context: int, exporter: str, ops
         "rigfm.m": str(m["m"]),
         "rigfm.state_names": json.dumps(m["raw_state_names"] if angles else m["state_names"]),
         "rigfm.angle_channels": json.dumps(angles),
+        "rigfm.rollout_mode": m.get("rollout_mode", "masked"),
         "rigfm.input_names": json.dumps(m["input_names"]),
         "rigfm.dt": repr(m["dt"]),
         "rigfm.rig": m["rig"],

@@ -29,6 +29,9 @@ class DataConfig:
     context_mask: bool = True    # TimesFM-style random zeroing of the first r in [0, p-1] history steps
     num_workers: int = 1         # DataLoader worker processes generating batches
     val_batches: int = 4         # fixed validation batches (seeded) evaluated on rank 0
+    # per-sample normalisation like fine-tuning: every system's x and u to zero mean / unit std, and the
+    # head's increment scale set to that system's one-step increment std (DynamicsFM.dx_scale)
+    normalize: bool = False
 
 
 @dataclass

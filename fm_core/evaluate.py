@@ -267,7 +267,8 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
         sc = score(pred, xw, uw, x_std, cfg.context, cfg.one_step_skip)
         info = {k: v for k, v in pred.info.items() if isinstance(v, int | float | str | type(None))}
         out["runs"].append(
-            {"model": m, "fraction": f, "seed": s, **sc, "info": info, "wall_s": round(time.time() - t0, 2)}
+            {"model": m, "fraction": f, "seed": s, **sc, "info": info, "wall_s": round(time.time() - t0, 2),
+             "val_curve": pred.info.get("history") or []}
         )
         if s == 0 and f == max(cfg.fractions):
             out["example"][m] = _example(pred, xw, uw, ex, cfg.context)

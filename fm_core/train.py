@@ -75,7 +75,7 @@ def batch_spec(cfg: FullConfig, mc: ModelConfig) -> BatchSpec:
     d = cfg.data
     return BatchSpec(batch_size=d.batch_size, seq_len=d.seq_len, patch=mc.patch, n_max=mc.n_max,
                      m_max=mc.m_max, noise_std=d.noise_std, mask_prob=d.mask_prob, min_context=d.min_context,
-                     context_mask=d.context_mask)
+                     context_mask=d.context_mask, normalize=d.normalize)
 
 
 def rkhs_config_dict(cfg: FullConfig, mc: ModelConfig) -> dict[str, Any]:
@@ -92,7 +92,8 @@ def batch_loss(
     """Forward one training batch -> (prediction, weighted Huber loss)."""
     if lead is None:
         lead = model.cfg.patch - 1
-    pred = model(b["x"], b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=lead)
+    pred = model(b["x"], b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=lead,
+                 dx_scale=b.get("dx_scale"))
     t = cfg.train
     loss = masked_huber_loss(pred, b["target"], b["state_mask"], b["hidden"], t.huber_delta, t.hidden_weight)
     return pred, loss
@@ -193,7 +194,10 @@ def pretrain(
             return
         samples = step * spec.batch_size * world
         train_meta = {"steps": step, "samples": samples, "world_size": world, "elapsed_s": elapsed(),
-                      "seed": t.seed, "config_source": config_source}
+                      "seed": t.seed, "config_source": config_source,
+                      # what fine-tuning and zero-shot use to match pretraining (fm_core.finetune "auto")
+                      "recipe": {"normalize": bool(cfg.data.normalize),
+                                 "mask_prob": float(cfg.data.mask_prob)}}
         meta = {"train": train_meta}
         ts = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
               "history": history, "elapsed_s": elapsed()}
