@@ -28,6 +28,8 @@ class EvaluateError(ValueError):
 
 
 ANGLE_FEATURES = ("raw", "sincos")
+# every model the fine-tuned FM must beat at every fraction (verdict question 2)
+BASELINES = ("specialist", "linreg", "ffn", "small_tf", "sindy")
 
 
 def angle_codec(rig: str, td: Any) -> SinCosCodec:
@@ -249,6 +251,9 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
         pred = wrap(fit_model(m, tr_fit, va_fit, s, cfg.budget, f, ckpt=ckpt))
         sc = score(pred, xw, uw, x_std, cfg.context, cfg.one_step_skip)
         info = {k: v for k, v in pred.info.items() if isinstance(v, int | float | str | type(None))}
+        report = getattr(getattr(pred, "inner", pred), "rollout_report", None)
+        if report is not None:  # SINDy: test windows whose rollout hit its state envelope / diverged
+            info.update(report())
         out["runs"].append(
             {"model": m, "fraction": f, "seed": s, **sc, "info": info, "wall_s": round(time.time() - t0, 2)}
         )
@@ -322,7 +327,9 @@ def aggregate(rig_res: dict[str, Any]) -> dict[tuple[str, float], dict[str, floa
         agg: dict[str, float] = {"n": len(rows)}
         for k in ("one_step_mse", "multi_step_mse"):
             v = np.array([row[k] for row in rows], dtype=float)
-            agg[f"{k}_mean"], agg[f"{k}_std"] = float(v.mean()), float(v.std())
+            # a diverged seed (inf) makes mean and std inf (numpy's std would be NaN)
+            std = float(v.std()) if np.isfinite(v).all() else float("inf")
+            agg[f"{k}_mean"], agg[f"{k}_std"] = float(v.mean()), std
         out[key] = agg
     return out
 
@@ -350,7 +357,7 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
             }
         losses = []
         for f in fr:
-            for m in ("specialist", "linreg", "ffn", "small_tf"):
+            for m in BASELINES:
                 if (m, f) in agg and not agg[("fm", f)]["multi_step_mse_mean"] < agg[(m, f)][
                     "multi_step_mse_mean"
                 ]:

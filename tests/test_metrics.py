@@ -1,5 +1,6 @@
-"""The shared metric (fm_core/metrics.py): its definition by hand, and `rigfm evaluate` and `rigfm score` giving
-the same numbers for the same model on the same data (a torch model and its ONNX export, raw and sin/cos)."""
+"""The shared metric (fm_core/metrics.py): its definition by hand, and `rigfm evaluate` and `rigfm score`
+giving the same numbers for the same model on the same data (a torch model and its ONNX export, raw and
+sin/cos)."""
 
 from __future__ import annotations
 
