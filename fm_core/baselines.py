@@ -17,6 +17,8 @@ All in physical units. Models:
 * ``small_tf``: ``DynamicsFM`` with a tiny config (d_model 32, 2 layers) trained from scratch with
   :func:`fm_core.finetune.finetune` (masked multi-step objective); rollout in one masked forward pass.
 * ``specialist``: ``DynamicsFM`` with the foundation model's architecture, trained from scratch the same way.
+* ``sindy``: SINDy with control (pysindy, :mod:`fm_core.sindy`): sparse polynomial x (sin, cos of the angles)
+  model of ``x[t+1] - x[t]``, sparsity threshold picked on val; recursive rollout, divergence reported as inf.
 * ``fm``: the pretrained foundation model fine-tuned with :func:`finetune` (``fm0``: zero-shot, no training).
 
 Window models see the subset picked by :func:`fm_core.finetune.subsample` with the same fraction and seed
@@ -396,7 +398,7 @@ def fit_ffn(
     )
 
 
-MODELS = ("fm", "specialist", "linreg", "ffn", "small_tf")
+MODELS = ("fm", "specialist", "linreg", "ffn", "small_tf", "sindy")
 
 
 def fit_model(
@@ -409,6 +411,10 @@ def fit_model(
         return fit_ffn(train, val, seed, budget, fraction)
     if name == "small_tf":
         return fit_transformer(name, None, train, val, seed, budget, fraction, SMALL_TF)
+    if name == "sindy":
+        from fm_core.sindy import fit_sindy  # pysindy is imported only when SINDy is fitted
+
+        return fit_sindy(train, val, seed, budget, fraction)  # type: ignore[return-value]
     if ckpt is None:
         raise ValueError(f"model {name!r} needs the pretrained checkpoint (ckpt=...)")
     if name == "fm":

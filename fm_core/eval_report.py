@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-ORDER = ("fm0", "fm", "specialist", "small_tf", "ffn", "linreg")
+ORDER = ("fm0", "fm", "specialist", "small_tf", "ffn", "linreg", "sindy")
 LABELS = {
     "fm": "FM (fine-tuned)",
     "fm0": "FM zero-shot",
@@ -17,6 +17,7 @@ LABELS = {
     "linreg": "Linear regression (ridge)",
     "ffn": "FFN (MLP)",
     "small_tf": "Small transformer",
+    "sindy": "SINDy with control",
 }
 
 
@@ -50,6 +51,7 @@ def rig_table(rig_res: dict[str, Any]) -> str:
 
 def verdict_md(v: dict[str, Any]) -> str:
     """The verdict section in words and numbers."""
+    from fm_core.evaluate import BASELINES
 
     def yn(h: Any) -> str:
         return "n/a" if h is None else ("**YES**" if h else "**NO**")
@@ -73,7 +75,7 @@ def verdict_md(v: dict[str, Any]) -> str:
             f"{'holds' if d['holds'] else 'fails'}"
         )
     out.append(
-        f"2. FM beats every baseline (specialist, small transformer, FFN, linear) at every fraction "
+        f"2. FM beats every baseline ({', '.join(LABELS[m] for m in BASELINES)}) at every fraction "
         f"(multi-step MSE, mean over seeds): {yn(q2['holds'])}"
     )
     for rig, d in q2["per_rig"].items():
@@ -115,7 +117,10 @@ def _plots(rig_res: dict[str, Any], d: Path) -> list[str]:
                 continue
             mean = np.array([agg[(m, f)][f"{metric}_mean"] for f in fr])
             std = np.array([agg[(m, f)][f"{metric}_std"] for f in fr])
-            ax.errorbar(fr, mean, yerr=std, marker="o", capsize=3, label=LABELS[m])
+            ok = np.isfinite(mean) & np.isfinite(std)  # a diverged model (inf): no point, the table says so
+            if not ok.any():
+                continue
+            ax.errorbar(np.asarray(fr)[ok], mean[ok], yerr=std[ok], marker="o", capsize=3, label=LABELS[m])
         if ("fm0", 0.0) in agg:
             ax.axhline(agg[("fm0", 0.0)][f"{metric}_mean"], color="gray", ls="--", label=LABELS["fm0"])
         ax.set_xscale("log")
@@ -141,7 +146,8 @@ def _plots(rig_res: dict[str, Any], d: Path) -> list[str]:
             ax.plot(t, truth[:, i], "k-", lw=1.5, label="truth")
             for m in ORDER:
                 if m in ex:
-                    p = np.asarray(ex[m])
+                    p = np.asarray(ex[m], dtype=float)
+                    p = np.where(np.isfinite(p), p, np.nan)  # a diverged rollout: the line stops there
                     ax.plot(t[c:], p[:, i], lw=1, label=LABELS[m])
             ax.axvline(t[c - 1], color="gray", ls=":")
             ax.set_ylabel(names[i])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -21,6 +20,7 @@ import numpy as np
 from fm_core.angle_features import SinCosCodec, SinCosPredictor
 from fm_core.baselines import MODELS, Budget, Predictor, fit_model, zero_shot
 from fm_core.eval_report import write_outputs
+from fm_core.metrics import ONE_STEP_SKIP, channel_scale, metric_windows, prediction_errors
 
 
 class EvaluateError(ValueError):
@@ -28,6 +28,8 @@ class EvaluateError(ValueError):
 
 
 ANGLE_FEATURES = ("raw", "sincos")
+# every model the fine-tuned FM must beat at every fraction (verdict question 2)
+BASELINES = ("specialist", "linreg", "ffn", "small_tf", "sindy")
 
 
 def angle_codec(rig: str, td: Any) -> SinCosCodec:
@@ -58,7 +60,7 @@ class EvalConfig:
     window: int = 200  # dataset window (steps); stride = window (no overlap)
     context: int = 30
     horizon: int = 50
-    one_step_skip: int = 10  # first targets of a window left out of the one-step metric (short history)
+    one_step_skip: int = ONE_STEP_SKIP  # first targets of a window left out of the one-step metric
     budget: Budget = field(default_factory=Budget)
     out: str = "results"
     work: str | None = None
@@ -149,13 +151,11 @@ def load_splits(path: Path, cfg: EvalConfig) -> tuple[Any, Any, Any, Any]:
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def eval_windows(td: Any, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-overlapping windows of ``length`` steps from every test trajectory."""
-    starts = range(0, td.x.shape[1] - length + 1, length)
-    return (
-        np.concatenate([td.x[:, s : s + length] for s in starts]),
-        np.concatenate([td.u[:, s : s + length] for s in starts]),
-    )
+def metric_setup(tr: Any, te: Any, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(test windows x, u, scale): the inputs of the shared metric (``fm_core.metrics``), as ``rigfm score``
+    builds them from the same file: windows of context + horizon steps, train-split std in raw units."""
+    xw, uw = metric_windows(te.x, te.u, cfg.context + cfg.horizon)
+    return xw, uw, channel_scale(tr.x)
 
 
 def score(
@@ -167,27 +167,15 @@ def score(
     skip: int,
     batch: int = 128,
 ) -> dict[str, Any]:
-    """One-step (teacher-forced) and multi-step (open-loop from ``context`` steps) MSE in normalised units
-    (divided by the train-split std per channel; means cancel in the difference)."""
-    one, multi = [], []
+    """One-step (teacher-forced) and multi-step (open-loop from ``context`` steps) MSE of ``pred`` on the
+    windows, by :func:`fm_core.metrics.prediction_errors` (the definition ``rigfm score`` uses)."""
+    one, roll = [], []
     for b in range(0, len(xw), batch):
         x, u = xw[b : b + batch], uw[b : b + batch]
-        p1 = pred.one_step(x, u)
-        one.append((((p1 - x[:, 1:]) / x_std) ** 2)[:, skip:])
-        r = pred.rollout(x[:, :context], u[:, : context - 1], u[:, context - 1 : -1])
-        se = ((r - x[:, context:]) / x_std) ** 2
-        multi.append(se)
-    one_a, se_a = np.concatenate(one), np.concatenate(multi)
-    res = {
-        "one_step_mse": float(one_a.mean()),
-        "multi_step_mse": float(se_a.mean()),
-        "per_step_mse": se_a.mean(axis=(0, 2)).tolist(),
-        "per_channel_multi": se_a.mean(axis=(0, 1)).tolist(),
-    }
-    for k in ("one_step_mse", "multi_step_mse"):
-        if not math.isfinite(res[k]):
-            res[k] = float("inf")  # a diverged rollout is reported as inf, not NaN
-    return res
+        one.append(pred.one_step(x, u))
+        roll.append(pred.rollout(x[:, :context], u[:, : context - 1], u[:, context - 1 : -1]))
+    res = prediction_errors(np.concatenate(one), np.concatenate(roll), xw, x_std, context, skip)
+    return {k: res[k] for k in ("one_step_mse", "multi_step_mse", "per_step_mse", "per_channel_multi")}
 
 
 # ------------------------------------------------------------------------------------------- one rig
@@ -197,21 +185,18 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
     from tqdm import tqdm
 
     from fm_core.checkpoint import load_checkpoint
-    from fm_core.finetune import normalisation_stats
 
     torch.set_num_threads(max(1, cfg.threads))
     t_rig = time.time()
     path = prepare_data(rig, cfg)
     ts, tr, va, te = load_splits(path, cfg)
-    x_std = np.asarray(normalisation_stats(tr)["x_std"])
     codec = angle_codec(rig, tr) if cfg.angle_features == "sincos" else None
     tr_fit, va_fit = (codec.encode_data(tr), codec.encode_data(va)) if codec else (tr, va)
 
     def wrap(p: Predictor) -> Predictor:
         return SinCosPredictor(p, codec) if codec else p  # type: ignore[return-value]
 
-    length = cfg.context + cfg.horizon
-    xw, uw = eval_windows(te, length)
+    xw, uw, x_std = metric_setup(tr, te, cfg)
     need_ckpt = any(m in ("fm", "specialist") for m in cfg.models)
     ckpt = None
     if need_ckpt:
@@ -266,6 +251,9 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
         pred = wrap(fit_model(m, tr_fit, va_fit, s, cfg.budget, f, ckpt=ckpt))
         sc = score(pred, xw, uw, x_std, cfg.context, cfg.one_step_skip)
         info = {k: v for k, v in pred.info.items() if isinstance(v, int | float | str | type(None))}
+        report = getattr(getattr(pred, "inner", pred), "rollout_report", None)
+        if report is not None:  # SINDy: test windows whose rollout hit its state envelope / diverged
+            info.update(report())
         out["runs"].append(
             {"model": m, "fraction": f, "seed": s, **sc, "info": info, "wall_s": round(time.time() - t0, 2),
              "val_curve": pred.info.get("history") or []}
@@ -340,7 +328,9 @@ def aggregate(rig_res: dict[str, Any]) -> dict[tuple[str, float], dict[str, floa
         agg: dict[str, float] = {"n": len(rows)}
         for k in ("one_step_mse", "multi_step_mse"):
             v = np.array([row[k] for row in rows], dtype=float)
-            agg[f"{k}_mean"], agg[f"{k}_std"] = float(v.mean()), float(v.std())
+            # a diverged seed (inf) makes mean and std inf (numpy's std would be NaN)
+            std = float(v.std()) if np.isfinite(v).all() else float("inf")
+            agg[f"{k}_mean"], agg[f"{k}_std"] = float(v.mean()), std
         out[key] = agg
     return out
 
@@ -368,7 +358,7 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
             }
         losses = []
         for f in fr:
-            for m in ("specialist", "linreg", "ffn", "small_tf"):
+            for m in BASELINES:
                 if (m, f) in agg and not agg[("fm", f)]["multi_step_mse_mean"] < agg[(m, f)][
                     "multi_step_mse_mean"
                 ]:

@@ -24,6 +24,7 @@ MODEL_ROWS = (
     "Small transformer",
     "FFN (MLP)",
     "Linear regression",
+    "SINDy with control",
 )
 
 
@@ -46,7 +47,7 @@ def test_quick_run_writes_tables_plots_json_and_verdict(quick_results):
     for rig in ("cartpole", "furuta"):
         table = (out / rig / "table.md").read_text()
         rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
-        assert len(rows) == 1 + 5 * 3  # zero-shot + 5 models x 3 fractions
+        assert len(rows) == 1 + 6 * 3  # zero-shot + 6 models x 3 fractions
         for name in MODEL_ROWS:
             assert name in table
         for frac in ("0.02", "0.1", "| 1 |"):
@@ -55,11 +56,12 @@ def test_quick_run_writes_tables_plots_json_and_verdict(quick_results):
             data = (out / rig / png).read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     summary = (out / "summary.md").read_text()
+    assert "SINDy with control) at every fraction" in summary  # SINDy is one of the verdict's baselines
     assert "## Verdict" in summary and summary.count("**YES**") + summary.count("**NO**") == 3
     raw = json.loads((out / "results.json").read_text())
     assert set(raw["rigs"]) == {"cartpole", "furuta"} and raw["config"]["quick"] is True
     for rr in raw["rigs"].values():
-        assert len(rr["runs"]) == 1 + 5 * 3
+        assert len(rr["runs"]) == 1 + 6 * 3
         assert rr["n_trajectories"]["test"] >= 1 and rr["test_windows"] >= 1
         for run in rr["runs"]:
             assert math.isfinite(run["one_step_mse"]) and run["one_step_mse"] >= 0
@@ -152,6 +154,15 @@ def test_verdict_logic_on_known_numbers():
     exc = v["fm_beats_every_baseline_every_fraction"]["per_rig"]["a"]["exceptions"]
     assert exc == [{"fraction": 1.0, "model": "linreg", "fm_multi": 0.5, "other_multi": 0.4}]
     assert v["fm_std_smaller_than_specialist"]["holds"] is True  # 0.05 < 2.0 and 0.0 < 0.5
+    # SINDy is one of the baselines: better at 2 % is an exception; a diverged seed (inf) at 100 % is not
+    good["runs"] += runs("sindy", 0.02, [0.9, 0.95]) + runs("sindy", 1.0, [math.inf, 0.3])
+    q2 = verdict({"rigs": {"a": good}})["fm_beats_every_baseline_every_fraction"]
+    exc = q2["per_rig"]["a"]["exceptions"]
+    assert [(e["model"], e["fraction"]) for e in exc] == [("sindy", 0.02), ("linreg", 1.0)]
+    from fm_core.evaluate import aggregate
+
+    agg = aggregate(good)[("sindy", 1.0)]
+    assert agg["multi_step_mse_mean"] == math.inf and agg["multi_step_mse_std"] == math.inf
 
 
 def test_missing_checkpoint_is_named(quick_results, tmp_path):
