@@ -100,6 +100,22 @@ class Predictor:
         raise NotImplementedError
 
 
+class PersistencePredictor(Predictor):
+    """Hold the last observed state: x[t+1] = x[t]; a rollout repeats the current state."""
+
+    name = "persistence"
+
+    def __init__(self) -> None:
+        self.info = {"params": 0, "train_s": 0.0}
+
+    def one_step(self, x: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return np.asarray(x[:, :-1], np.float32)
+
+    def rollout(self, x_ctx: np.ndarray, u_ctx: np.ndarray, u_future: np.ndarray) -> np.ndarray:
+        last = np.asarray(x_ctx[:, -1:], np.float32)
+        return np.repeat(last, u_future.shape[1], axis=1)
+
+
 # ------------------------------------------------------------------------------------ transformers
 class TransformerPredictor(Predictor):
     """A ``DynamicsFM`` fixed to (n, m): causal one-step pass and one-pass masked rollout."""
