@@ -4,9 +4,9 @@ Everything runs for real (pty, predictor subprocess, MCAP logger) for a fixed ti
 (no orphan processes, motor at 0 V), and leaves in ``runs/demo-<timestamp>/``: the MCAP log, ``summary.txt``,
 ``summary.json`` and three plots (states, predictions vs measured, predictor latency histogram).
 
-The model (unless ``--model`` is given): the shipped ONNX pair of the rig (``fm_core/weights/<rig>.onnx``,
-no torch needed) while it matches ``fm_core/weights/<rig>.pt``; otherwise that checkpoint (or the pretrained
-``default.pt``) exported into the run folder, which needs torch.
+The model (unless ``--model`` is given): the shipped ONNX pair of the rig
+(``fm_core/weights/<rig>.int8.onnx``, no torch needed) while it matches ``fm_core/weights/<rig>.pt``;
+otherwise that checkpoint (or the pretrained ``default.pt``) exported into the run folder, which needs torch.
 """
 
 from __future__ import annotations

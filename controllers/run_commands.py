@@ -64,7 +64,7 @@ def register(subparsers: Any) -> None:
     d.add_argument("rig", nargs="?", default="cartpole")
     d.add_argument("--duration", type=float, default=20.0)
     d.add_argument("--model", default=None,
-                   help=".onnx model (default: the rig's shipped ONNX, fm_core/weights/<rig>.onnx)")
+                   help=".onnx model (default: the rig's shipped ONNX, fm_core/weights/<rig>.int8.onnx)")
     d.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>)")
     d.add_argument("--controller", choices=("lqr", "swingup", "mpc"), default="swingup")
     d.add_argument("--no-plots", action="store_true")

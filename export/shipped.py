@@ -15,7 +15,7 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "fm_core" / "weights"
 SHIPPED_RIGS = ("cartpole", "furuta")
 REGENERATE = "python bench/ship_onnx.py"
 # the full-window graph of a rig, in order of preference (the step graph is named in its metadata)
-_NAMES = ("{rig}.onnx", "{rig}.int8.onnx")
+_NAMES = ("{rig}.int8.onnx", "{rig}.onnx")
 
 
 def checkpoint_path(rig: str) -> Path:
