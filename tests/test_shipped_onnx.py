@@ -249,3 +249,36 @@ def test_model_shipped_names_a_rig_without_one(tmp_path):
         resolve_model(RunOptions(rig=str(toml), virtual=True, model="shipped"))
     opts = resolve_model(RunOptions(rig="cartpole", virtual=True, model="shipped"))
     assert opts.model == str(WEIGHTS / "cartpole.int8.onnx")
+
+
+def test_demo_model_choice_with_a_stale_pair(tmp_path, monkeypatch, capsys):
+    """A pair whose checkpoint changed: exported afresh from the checkpoint when torch is there, served with a
+    warning when it is not; neither a pair nor torch: a clear error."""
+    import controllers.demo as demo
+    import export.shipped as shipped
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    full = shipped_onnx("cartpole")
+    for name in (full.name, metadata(full)["rigfm.step_file"]):
+        shutil.copyfile(full.with_name(name), weights / name)
+    shutil.copyfile(checkpoint_path("furuta"), weights / "cartpole.pt")  # another checkpoint: pair stale
+    monkeypatch.setattr(shipped, "WEIGHTS", weights)
+    monkeypatch.setattr(demo, "WEIGHTS", weights)
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    assert staleness(weights / full.name) is not None
+
+    out = tmp_path / "run"
+    out.mkdir()
+    path, note = demo.demo_model(out, "cartpole")  # torch is installed here: export the checkpoint
+    assert path == out / "model.onnx" and path.is_file() and "weights/cartpole.pt exported" in note
+    assert metadata(path)["rigfm.checkpoint_sha256"] == file_sha256(weights / "cartpole.pt")
+    assert "shipped ONNX is stale" in capsys.readouterr().err
+
+    monkeypatch.setattr(demo, "_torch_available", lambda: False)
+    path, note = demo.demo_model(out, "cartpole")
+    assert path == weights / full.name and "WARNING" in note and REGENERATE in note
+    for name in (full.name, metadata(full)["rigfm.step_file"]):
+        (weights / name).unlink()
+    with pytest.raises(RuntimeError, match="no shipped ONNX model for rig 'cartpole' and no torch"):
+        demo.demo_model(out, "cartpole")
