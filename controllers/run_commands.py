@@ -31,7 +31,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds "
                                                                             "(default: until Ctrl-C)")
     p.add_argument("--rate", type=float, default=500.0, help="control rate in Hz (default 500)")
-    p.add_argument("--model", default=None, help="learned model (.onnx): starts a predictor process")
+    p.add_argument("--model", default=None,
+                   help="learned model (.onnx) or 'shipped' (the rig's ONNX pair in fm_core/weights, no "
+                        "torch needed): starts a predictor process")
     p.add_argument("--endpoint", default=None, help="use a running predictor (e.g. ipc:///tmp/pred.sock)")
     p.add_argument("--log", default=None, metavar="DIR", help="write an MCAP run log into DIR")
     p.add_argument("--dry-run", action="store_true", help="compute and log, never actuate")
@@ -61,7 +63,8 @@ def register(subparsers: Any) -> None:
                               help="virtual rig + predictor + swing-up/balance + logger, then a report")
     d.add_argument("rig", nargs="?", default="cartpole")
     d.add_argument("--duration", type=float, default=20.0)
-    d.add_argument("--model", default=None, help=".onnx model (default: export fm_core/weights/default.pt)")
+    d.add_argument("--model", default=None,
+                   help=".onnx model (default: the rig's shipped ONNX, fm_core/weights/<rig>.int8.onnx)")
     d.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>)")
     d.add_argument("--controller", choices=("lqr", "swingup", "mpc"), default="swingup")
     d.add_argument("--no-plots", action="store_true")

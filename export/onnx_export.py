@@ -28,6 +28,7 @@ from export.onnx_runtime import (
     ROLLOUT_MODES,
     STEP_INPUTS,
     STEP_OUTPUTS,
+    op_domains,
     run_step_graph,
 )
 
@@ -245,6 +246,8 @@ def _metadata(ck: LoadedCheckpoint, graph: str, context: int, exporter: str, ops
         "rigfm.state_names": json.dumps(m["raw_state_names"] if angles else m["state_names"]),
         "rigfm.angle_channels": json.dumps(angles),
         "rigfm.rollout_mode": m.get("rollout_mode", "masked"),
+        # the graph's own x / x_win / pred channels, in order: each angle as (sin, cos) (docs/predictor.md)
+        "rigfm.input_layout": json.dumps(m["state_names"]),
         "rigfm.input_names": json.dumps(m["input_names"]),
         "rigfm.dt": repr(m["dt"]),
         "rigfm.rig": m["rig"],
@@ -391,6 +394,7 @@ def check_parity(ck: LoadedCheckpoint, graph: str, path: Path, tol: float = PARI
 def _finalise(path: Path, metadata: dict[str, str]) -> None:
     model = onnx.load(str(path))
     del model.metadata_props[:]
+    metadata["rigfm.op_domains"] = json.dumps(op_domains(model))
     for k, v in metadata.items():
         model.metadata_props.add(key=k, value=v)
     model.doc_string = "rigfm dynamics model (docs/predictor.md)"

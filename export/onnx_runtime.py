@@ -79,6 +79,8 @@ class ModelMeta:
     angle_channels: tuple[int, ...] = ()
     step_cache: str = ""  # step graphs: "buffer" (in-place KV buffers) or "concat" (export.kv_slots)
     rollout_mode: str = "masked"  # ROLLOUT_MODES; files without the key were trained for "masked"
+    input_layout: tuple[str, ...] = ()  # the graph's x / pred channels, e.g. (p, sin(theta), cos(theta), ...)
+    op_domains: tuple[str, ...] = ()  # operator domains beyond the ONNX standard, e.g. ("com.microsoft",)
 
     @property
     def n_model(self) -> int:
@@ -90,6 +92,13 @@ class ModelMeta:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
         out["n_model"] = self.n_model
         return out
+
+
+def op_domains(model: Any) -> list[str]:
+    """Operator domains of an ``onnx.ModelProto`` beyond the ONNX standard (``[]``: any ONNX runtime runs
+    it; ``["com.microsoft"]``: the fused graphs' onnxruntime contrib operators). Written as
+    ``rigfm.op_domains``."""
+    return sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
 
 
 def _get(props: dict[str, str], key: str, path: str) -> str:
@@ -167,6 +176,9 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
         angle_channels=angles,
         step_cache=props.get("rigfm.step_cache", "concat") if props.get("rigfm.graph") == "step" else "",
         rollout_mode=props.get("rigfm.rollout_mode", "masked"),
+        # both optional: files exported before they were written lack them
+        input_layout=js("input_layout", nz, str) if "rigfm.input_layout" in props else (),
+        op_domains=_str_list(props.get("rigfm.op_domains", "[]"), "op_domains", path),
     )
     if meta.rollout_mode not in ROLLOUT_MODES:
         raise ModelFileError(
@@ -183,6 +195,17 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
             f"{path}: metadata context={meta.context} outside [patch, max_len={meta.max_len}]"
         )
     return meta
+
+
+def _str_list(raw: str, key: str, path: str) -> tuple[str, ...]:
+    """Parse a JSON list of strings (any length) from ``rigfm.<key>``."""
+    try:
+        val = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{path}: metadata 'rigfm.{key}' is not JSON: {raw!r}") from None
+    if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+        raise ModelFileError(f"{path}: metadata 'rigfm.{key}' must be a JSON list of strings, got {raw!r}")
+    return tuple(val)
 
 
 def _angle_channels(raw: str, n: int, path: str) -> tuple[int, ...]:

@@ -10,10 +10,13 @@ int8.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import onnx
+
+from export.onnx_runtime import op_domains
 
 QUANTIZED = "int8-dynamic"  # rigfm.quantized metadata value
 RECIPE = (
@@ -75,6 +78,7 @@ def quantize_int8(src: str | Path, dst: str | Path, step_file: str | None = None
         )
     model = onnx.load(str(dst))
     props["rigfm.quantized"] = QUANTIZED
+    props["rigfm.op_domains"] = json.dumps(op_domains(model))
     props["rigfm.quantize_recipe"] = RECIPE
     del model.metadata_props[:]
     for k, v in props.items():

@@ -312,7 +312,7 @@ def test_export_cli_with_quantize(tiny, tmp_path):
     qp = OnnxPredictor(q)
     assert fp.meta.context == 8 and qp.meta.quantized == "int8-dynamic"
     assert qp.meta.step_file == "cli_step.int8.onnx"  # int8 windows pair with the int8 step graph
-    assert RECIPE in r.stdout
+    assert RECIPE in r.stdout  # the recipe is named (export/quantize.py)
     x, u = simulator_inputs(2, 8)
     assert rel_err(qp.predict(x, u), fp.predict(x, u)) < 0.2  # int8: close, not exact
     qs = OnnxPredictor(q, tmp_path / "cli_step.int8.onnx")  # the int8 step graph keeps the in-place layout
