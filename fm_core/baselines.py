@@ -85,6 +85,9 @@ class Budget:
     pushforward: int = 0  # transformers: extra training passes on their own predictions
     loss_scale: str = "state"  # transformers: "state" | "increment" units of the training loss
     max_minutes: float = 0.0  # wall-time cap of one fit (every trained model; 0 = none)
+    ft_mode: str = "full"  # the FM's fine-tuning mode: "full" | "head" | "lora"
+    lora_rank: int = 8
+    synthetic_mix: float = 0.0  # the FM: share of synthetic windows in every fine-tuning batch
 
 
 class Predictor:
@@ -140,10 +143,12 @@ class TransformerPredictor(Predictor):
 
 
 def _ft_cfg(
-    budget: Budget, fraction: float, seed: int, lr: float, model: dict[str, Any] | None
+    budget: Budget, fraction: float, seed: int, lr: float, model: dict[str, Any] | None, pretrained: bool,
 ) -> FinetuneConfig:
     return FinetuneConfig(
-        mode="full",
+        mode=budget.ft_mode if pretrained else "full",
+        lora_rank=budget.lora_rank,
+        synthetic_mix=budget.synthetic_mix if pretrained else 0.0,
         steps=budget.steps,
         lr=lr,
         warmup_steps=min(50, budget.steps // 5 + 1),
@@ -188,7 +193,7 @@ def fit_transformer(
 ) -> TransformerPredictor:
     """Fine-tune ``init`` (checkpoint / model) or train ``model_cfg`` from scratch (``init=None``)."""
     lr = budget.lr_scratch if init is None else budget.lr_finetune
-    model, hist = finetune(init, train, val, _ft_cfg(budget, fraction, seed, lr, model_cfg))
+    model, hist = finetune(init, train, val, _ft_cfg(budget, fraction, seed, lr, model_cfg, init is not None))
     tr = as_trajdata(train)
     return TransformerPredictor(name, model, tr.x.shape[-1], tr.u.shape[-1], _tf_info(model, hist))
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from fm_core.checkpoint import load_checkpoint, save_checkpoint
-from fm_core.data import BatchSpec, masked_huber_loss, windows_to_batch
+from fm_core.data import BatchSpec, make_batch, masked_huber_loss, windows_to_batch
+from fm_core.lora import add_lora, merge_lora
 from fm_core.model import DynamicsFM, ModelConfig, SystemModel
 
 
@@ -39,11 +40,14 @@ class TrajData:
     rig: str = ""
 
 
+FINETUNE_MODES = ("full", "head", "lora")
+
+
 @dataclass
 class FinetuneConfig:
     """Hyper-parameters of :func:`finetune`. ``model`` is only used when training from scratch."""
 
-    mode: str = "full"             # "full" | "head" (embedding + output head only)
+    mode: str = "full"             # "full" | "head" (embedding + output head only) | "lora" (fm_core/lora.py)
     steps: int = 2000              # maximum optimiser steps
     lr: float = 3e-4
     warmup_steps: int = 50
@@ -76,10 +80,18 @@ class FinetuneConfig:
     # units of the training loss: "state" (the normalised state) | "increment" (units of dx_scale)
     loss_scale: str = "state"
     max_minutes: float = 0.0       # wall-time cap (checked at validations; 0 = none)
+    lora_rank: int = 8             # mode "lora": rank of the blocks' weight updates
+    # share of every training batch drawn from synthetic RKHS systems (per-sample normalised, as in
+    # pretraining): a regulariser against forgetting the prior when the rig data is tiny (0 = off)
+    synthetic_mix: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("full", "head"):
-            raise ValueError(f"FinetuneConfig.mode must be 'full' or 'head', got {self.mode!r}")
+        if self.mode not in FINETUNE_MODES:
+            raise ValueError(f"FinetuneConfig.mode must be one of {FINETUNE_MODES}, got {self.mode!r}")
+        if self.lora_rank < 1:
+            raise ValueError(f"FinetuneConfig.lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0.0 <= self.synthetic_mix < 1.0:
+            raise ValueError(f"FinetuneConfig.synthetic_mix must be in [0, 1), got {self.synthetic_mix}")
         if not (0.0 < self.fraction <= 1.0):
             raise ValueError(f"FinetuneConfig.fraction must be in (0, 1], got {self.fraction}")
         for name in ("steps", "batch_size", "seq_len", "val_every", "patience", "val_windows"):
@@ -222,6 +234,24 @@ def rollout_windows(td: TrajData, length: int) -> tuple[np.ndarray, np.ndarray]:
             np.concatenate([td.u[:, s : s + length] for s in starts]))
 
 
+def _mix_synthetic(
+    rng: np.random.Generator, b: dict[str, torch.Tensor], model: DynamicsFM, spec: BatchSpec, k: int,
+) -> dict[str, torch.Tensor]:
+    """Append ``k`` synthetic RKHS windows (per-sample normalised, their own increment scales) to a rig batch;
+    the rig rows keep the model's ``dx_scale``."""
+    from fm_core.rkhs import RKHSConfig
+
+    c = model.cfg
+    syn = make_batch(rng, spec, RKHSConfig(n_max=c.n_max, m_max=c.m_max, mechanical_fraction=0.5,
+                                           angle_fraction=0.5))
+    rows = b["x"].shape[0]
+    out = dict(b)
+    out["dx_scale"] = model.dx_scale.detach().unsqueeze(0).expand(rows, -1)
+    for key in ("x", "u", "obs", "target", "hidden", "state_mask", "input_mask", "dx_scale"):
+        out[key] = torch.cat([out[key], syn[key].to(out[key].dtype)], 0)
+    return out
+
+
 def _mask_horizon(
     rng: np.random.Generator, b: dict[str, torch.Tensor], mask_prob: float, lo_hi: tuple[int, int], lead: int,
 ) -> None:
@@ -247,11 +277,14 @@ def _train_loss(
     trick), the situation of an autoregressive rollout. With ``cfg.loss_scale == "increment"`` the error is
     measured in units of ``dx_scale`` (per channel), as the window baselines measure theirs.
     """
-    scale = model.dx_scale if cfg.loss_scale == "increment" else None
+    dx = b.get("dx_scale")
+    scale = None
+    if cfg.loss_scale == "increment":
+        scale = model.dx_scale if dx is None else dx.unsqueeze(1)
     x_in = b["x"]
     total = 0.0
     for k in range(cfg.pushforward + 1):
-        pred = model(x_in, b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=lead)
+        pred = model(x_in, b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=lead, dx_scale=dx)
         tgt = b["target"]
         pr = pred if scale is None else pred / scale
         tg = tgt if scale is None else tgt / scale
@@ -306,8 +339,13 @@ def finetune(
     seq = max(1, min(cfg.seq_len, t_len - p, c.max_len))
     spec = BatchSpec(batch_size=cfg.batch_size, seq_len=seq, patch=p, n_max=c.n_max, m_max=c.m_max,
                      noise_std=cfg.noise_std, mask_prob=cfg.mask_prob, min_context=1, context_mask=True)
+    n_syn = int(round(cfg.synthetic_mix * cfg.batch_size))
+    n_syn = min(n_syn, cfg.batch_size - 1)
+    syn_spec = replace(spec, batch_size=n_syn, mask_prob=0.0, normalize=True) if n_syn else None
+    if n_syn:
+        spec = replace(spec, batch_size=cfg.batch_size - n_syn)
     xtr, utr = _normalised_padded(model, tr)
-    sm, im = _masks(model, n, m, cfg.batch_size)
+    sm, im = _masks(model, n, m, spec.batch_size)
 
     val_batches = []
     val_roll: tuple[np.ndarray, np.ndarray] | None = None
@@ -329,6 +367,8 @@ def finetune(
     if cfg.mode == "head":
         for name, prm in model.named_parameters():
             prm.requires_grad = name.startswith(("embed.", "head."))
+    elif cfg.mode == "lora":
+        add_lora(model, cfg.lora_rank)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     def lr_factor(s: int) -> float:
@@ -378,10 +418,12 @@ def finetune(
         pbar = tqdm(total=cfg.steps, desc=f"finetune[{cfg.mode}]", dynamic_ncols=True)
     try:
         for step in range(1, cfg.steps + 1):
-            wx, wu = _sample_windows(rng, xtr, utr, cfg.batch_size, seq + p)
+            wx, wu = _sample_windows(rng, xtr, utr, spec.batch_size, seq + p)
             b = windows_to_batch(rng, wx, wu, sm, im, spec)
             if lo_hi is not None:
                 _mask_horizon(rng, b, cfg.mask_prob, lo_hi, p - 1)
+            if n_syn:
+                b = _mix_synthetic(rng, b, model, syn_spec, n_syn)
             loss = _train_loss(model, b, cfg, p - 1)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite fine-tuning loss at step {step}")
@@ -418,6 +460,8 @@ def finetune(
             pbar.close()
     if has_val:
         model.load_state_dict(best[1])
+    if cfg.mode == "lora":
+        merge_lora(model)
     for prm in model.parameters():
         prm.requires_grad = True
     model.eval()

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
                         "train a specialist from scratch")
     f.add_argument("--data", required=True, help="trajectory .npz (fm_core.trajfile; splits train/val)")
     f.add_argument("--fraction", type=float, default=1.0, help="share of training trajectories (seeded)")
-    f.add_argument("--mode", choices=("full", "head"), default="full", help="train everything or head+embed")
+    f.add_argument("--mode", choices=("full", "head", "lora"), default="full",
+                   help="train everything, head+embed only, or low-rank block updates + head/embed (lora)")
     f.add_argument("--steps", type=int, default=None, help="maximum steps (default from FinetuneConfig)")
     f.add_argument("--lr", type=float, default=None)
     f.add_argument("--seed", type=int, default=0)
