@@ -55,7 +55,7 @@ def register(subparsers) -> None:
     e.add_argument(
         "--models",
         default=None,
-        help="comma-separated subset of fm,specialist,linreg,ffn,small_tf (default all)",
+        help="comma-separated subset of fm,specialist,linreg,ffn,small_tf,sindy (default all)",
     )
     e.add_argument(
         "--data",

@@ -31,7 +31,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rate", type=finite_float(0, MAX_RATE_HZ, lo_open=True, unit="Hz"), default=500.0,
                    help="control rate in Hz (default 500; at most the rig's STATE rate, and at least two "
                         "commands per device watchdog period)")
-    p.add_argument("--model", default=None, help="learned model (.onnx): starts a predictor process")
+    p.add_argument("--model", default=None,
+                   help="learned model (.onnx) or 'shipped' (the rig's ONNX pair in fm_core/weights, no "
+                        "torch needed): starts a predictor process")
     p.add_argument("--endpoint", default=None, help="use a running predictor (e.g. ipc:///tmp/pred.sock)")
     p.add_argument("--log", default=None, metavar="DIR", help="write an MCAP run log into DIR")
     p.add_argument("--dry-run", action="store_true", help="compute and log, never actuate")
@@ -67,7 +69,8 @@ def register(subparsers: Any) -> None:
                               help="virtual rig + predictor + swing-up/balance + logger, then a report")
     d.add_argument("rig", nargs="?", default="cartpole")
     d.add_argument("--duration", type=finite_float(0, MAX_DURATION_S, lo_open=True, unit="s"), default=20.0)
-    d.add_argument("--model", default=None, help=".onnx model (default: export fm_core/weights/default.pt)")
+    d.add_argument("--model", default=None,
+                   help=".onnx model (default: the rig's shipped ONNX, fm_core/weights/<rig>.int8.onnx)")
     d.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>)")
     d.add_argument("--controller", choices=("lqr", "swingup", "mpc"), default="swingup")
     d.add_argument("--no-plots", action="store_true")

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,28 @@ def build_controller(name: str, model: Any, cfg: Any, tuning: dict, dt: float, m
                     max_plan_age_s=max_plan_age_s)
 
 
+SHIPPED = "shipped"  # --model shipped: the rig's ONNX pair in fm_core/weights (export/shipped.py)
+
+
+def resolve_model(opts: RunOptions) -> RunOptions:
+    """``--model shipped`` -> the rig's shipped ONNX pair (fm_core/weights, export/shipped.py), with a note on
+    stderr (and a warning when it no longer matches its checkpoint). Raises ValueError when the rig ships
+    none. Other options are returned unchanged."""
+    if opts.model != SHIPPED:
+        return opts
+    import rigs
+    from export.shipped import shipped_onnx, staleness
+
+    name = rigs.load_config(opts.rig).name
+    path = shipped_onnx(name)
+    if path is None:
+        raise ValueError(f"--model shipped: no shipped ONNX model for rig {name!r} in fm_core/weights")
+    stale = staleness(path)
+    print(f"model: {path} (shipped ONNX of {name}.pt{'; WARNING: ' + stale if stale else ''})",
+          file=sys.stderr)
+    return replace(opts, model=str(path))
+
+
 def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunResult:
     """Run one session (see module docstring); returns its result.  Raises on setup errors."""
     import rigs
@@ -241,6 +263,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
     from controllers.safety import DryRunRig, MotorGuard
     from controllers.tuning import load_tuning
 
+    opts = resolve_model(opts)
     if opts.controller not in CONTROLLERS:
         raise ValueError(f"unknown controller {opts.controller!r}; choose one of {', '.join(CONTROLLERS)}")
     if (opts.port is None) == (not opts.virtual):
@@ -248,7 +271,8 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
     if opts.model and opts.endpoint:
         raise ValueError("give at most one of --model and --endpoint")
     if opts.controller == "mpc" and not (opts.model or opts.endpoint):
-        raise ValueError("controller 'mpc' needs the learned model: pass --model model.onnx (or --endpoint)")
+        raise ValueError("controller 'mpc' needs the learned model: pass --model model.onnx, --model shipped "
+                         "(the rig's shipped ONNX) or --endpoint")
     if opts.latency_source not in ("physics", "predictor"):
         raise ValueError(f"unknown latency source {opts.latency_source!r}; choose physics or predictor")
     if opts.latency_source == "predictor" and opts.latency_ms > 0 and not (opts.model or opts.endpoint):

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     f.add_argument("--data", required=True, help="trajectory .npz (fm_core.trajfile; splits train/val)")
     f.add_argument("--fraction", type=finite_float(0, 1, lo_open=True), default=1.0,
                    help="share of training trajectories (seeded)")
-    f.add_argument("--mode", choices=("full", "head"), default="full", help="train everything or head+embed")
+    f.add_argument("--mode", choices=("full", "head", "lora"), default="full",
+                   help="train everything, head+embed only, or low-rank block updates + head/embed (lora)")
     f.add_argument("--steps", type=int_range(1, 10**9), default=None,
                    help="maximum steps (default from FinetuneConfig)")
     f.add_argument("--lr", type=finite_float(0, 10, lo_open=True), default=None)
