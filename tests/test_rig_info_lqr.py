@@ -70,7 +70,7 @@ def test_rig_info_text_prints_k_poles_and_step(capsys):
 
 def test_rig_info_bad_rate_and_tuning_are_named(tmp_path, capsys):
     assert main(["rig-info", "cartpole", "--rate", "0"]) == 2
-    assert "--rate must be a positive number" in capsys.readouterr().err
+    assert "argument --rate: must be a finite number in (0, 10000] Hz, got '0'" in capsys.readouterr().err
     bad = tmp_path / "t.toml"
     bad.write_text("[cartpole.lqr]\nq = [1.0, 2.0]\n")
     assert main(["rig-info", "cartpole", "--tuning", str(bad)]) == 2
