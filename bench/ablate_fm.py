@@ -23,11 +23,9 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fm_core.evaluate import EvalConfig, angle_codec, eval_windows, load_splits, score  # noqa: E402
+from fm_core.evaluate import EvalConfig, angle_codec, load_splits, metric_setup, score  # noqa: E402
 
 
 def _value(text: str):
@@ -69,15 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     from fm_core.angle_features import SinCosPredictor
     from fm_core.baselines import fit_model
     from fm_core.checkpoint import load_checkpoint
-    from fm_core.finetune import normalisation_stats
 
     torch.set_num_threads(a.threads)
     cfg = EvalConfig(rigs=[a.rig], angle_features=a.angle_features)
     _, tr, va, _ = load_splits(Path(a.data), cfg)
-    x_std = np.asarray(normalisation_stats(tr)["x_std"])
     codec = angle_codec(a.rig, tr) if a.angle_features == "sincos" else None
     tr_fit, va_fit = (codec.encode_data(tr), codec.encode_data(va)) if codec else (tr, va)
-    xw, uw = eval_windows(va, cfg.context + cfg.horizon)
+    xw, uw, x_std = metric_setup(tr, va, cfg)  # the evaluation's metric, on the VAL split
     budget_keys = {f.name for f in fields(cfg.budget)}
     ckpts: dict[str, object] = {}
     rows = []
