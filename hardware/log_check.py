@@ -306,6 +306,16 @@ def recover_file(path: str | Path, out: str | Path | None = None) -> tuple[Path,
     out = Path(out) if out is not None else recovered_path_for(path)
     tmp = out.with_name(out.name + ".tmp")
     n = [0]
+    try:
+        _write_recovered(path, tmp, n)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    return out, n[0]
+
+
+def _write_recovered(path: Path, tmp: Path, n: list[int]) -> None:
     with open(tmp, "wb") as f:
         writer = Writer(f, compression=CompressionType.ZSTD, enable_data_crcs=True)
         writer.start(profile="", library="rigfm-logs-recover")
@@ -342,5 +352,3 @@ def recover_file(path: str | Path, out: str | Path | None = None) -> tuple[Path,
             },
         )
         writer.finish()
-    tmp.replace(out)
-    return out, n[0]

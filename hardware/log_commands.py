@@ -75,7 +75,15 @@ def _check(args: argparse.Namespace) -> int:
             rc = 1
             continue
         if not rep.ok and args.recover:
-            rep.recovered_path, rep.recovered_messages = recover_file(path)
+            try:
+                rep.recovered_path, rep.recovered_messages = recover_file(path)
+            except OSError as exc:
+                print(f"ERROR {path}: cannot write the recovered file: {exc}", file=sys.stderr)
+                rc = 1
+            else:
+                if rep.recovered_messages == 0:  # nothing readable: recovering did not help
+                    print(f"ERROR {path}: no readable message to recover", file=sys.stderr)
+                    rc = 1
         elif not rep.ok:
             rc = 1
         reports.append(rep)

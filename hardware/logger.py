@@ -67,7 +67,7 @@ STANDARD_METADATA_KEYS = (
 )
 MIN_FREE_BYTES = 1 << 20  # a new part after a file error only with this much free disk space
 _SEQ_TOPICS = frozenset({"/state", "/command"})
-_MIRRORED = frozenset({"/mode", "/fault", "/event"})  # -> /log lines
+MIRRORED = frozenset({"/mode", "/fault", "/event"})  # -> /log lines
 _COMPRESSION = {"zstd": CompressionType.ZSTD, "lz4": CompressionType.LZ4, "none": CompressionType.NONE}
 _POLL_S = 0.005
 _BATCH = 32  # records encoded per GIL hold (~0.25 ms)
@@ -141,13 +141,37 @@ class PartFile:
             os.close(fd)
 
 
-def _foxglove_log() -> tuple[Any, Any] | None:
+def foxglove_log_schema() -> tuple[Any, Any] | None:
     """(foxglove.messages module, foxglove.Log schema) or None without foxglove-sdk."""
     try:
         from foxglove import messages
     except ImportError:
         return None
     return messages, messages.Log.get_schema()
+
+
+def log_line(messages: Any, topic: str, record: dict[str, Any], log_time_ns: int) -> bytes:
+    """The encoded foxglove.Log line (``messages`` = ``foxglove.messages``) of a /mode, /fault or /event
+    record: faults at level ERROR, a change to estop / fault at WARNING, prediction_monitor at DEBUG."""
+    m = messages
+    level = m.LogLevel.Info
+    if topic == "/mode":
+        text = f"mode {record.get('previous', '?')} -> {record['mode']}"
+        text += f" ({record['reason']})" if record.get("reason") else ""
+        if record["mode"] in ("estop", "fault"):
+            level = m.LogLevel.Warning
+    elif topic == "/fault":
+        text = f"fault {record['code']}: {record.get('message', '')}"
+        level = m.LogLevel.Error
+    else:
+        data = record.get("data")
+        text = str(record["name"])
+        if data:
+            text += " " + json.dumps(data, sort_keys=True, default=str)[:500]
+        if record["name"] == "prediction_monitor":
+            level = m.LogLevel.Debug
+    sec, nsec = divmod(int(log_time_ns), 1_000_000_000)
+    return m.Log(timestamp=m.Timestamp(sec=sec, nsec=nsec), level=level, message=text, name=topic).encode()
 
 
 class RunLogger:
@@ -188,7 +212,7 @@ class RunLogger:
         self._qmax = int(queue_size)
         self._required = {t: frozenset(REQUIRED[t]) for t in TOPICS}
         self._file_factory = file_factory
-        self._fox = _foxglove_log() if foxglove_log else None
+        self._fox = foxglove_log_schema() if foxglove_log else None
 
         meta = dict(metadata)
         for key in STANDARD_METADATA_KEYS:
@@ -373,7 +397,7 @@ class RunLogger:
             self._writer.add_message(self._channels[topic], log_time_ns, data, log_time_ns, seq)
             self._pending.append(topic)
             added = True
-            if self._fox is not None and topic in _MIRRORED:
+            if self._fox is not None and topic in MIRRORED:
                 self._add_log_line(topic, record, log_time_ns)
         except Exception as exc:  # noqa: BLE001
             self._fail(f"writing {topic}", exc, lost_topic=None if added else topic)
@@ -383,27 +407,9 @@ class RunLogger:
 
     def _add_log_line(self, topic: str, record: dict[str, Any], log_time_ns: int) -> None:
         """The foxglove.Log line of a /mode, /fault or /event record."""
-        m = self._fox[0]
-        level = m.LogLevel.Info
-        if topic == "/mode":
-            text = f"mode {record.get('previous', '?')} -> {record['mode']}"
-            text += f" ({record['reason']})" if record.get("reason") else ""
-            if record["mode"] in ("estop", "fault"):
-                level = m.LogLevel.Warning
-        elif topic == "/fault":
-            text = f"fault {record['code']}: {record.get('message', '')}"
-            level = m.LogLevel.Error
-        else:
-            data = record.get("data")
-            text = str(record["name"])
-            if data:
-                text += " " + json.dumps(data, sort_keys=True, default=str)[:500]
-            if record["name"] == "prediction_monitor":
-                level = m.LogLevel.Debug
-        sec, nsec = divmod(int(log_time_ns), 1_000_000_000)
-        msg = m.Log(timestamp=m.Timestamp(sec=sec, nsec=nsec), level=level, message=text, name=topic)
+        data = log_line(self._fox[0], topic, record, log_time_ns)
         seq = self._seq_counters[LOG_TOPIC] = (self._seq_counters[LOG_TOPIC] + 1) & 0xFFFFFFFF
-        self._writer.add_message(self._channels[LOG_TOPIC], log_time_ns, msg.encode(), log_time_ns, seq)
+        self._writer.add_message(self._channels[LOG_TOPIC], log_time_ns, data, log_time_ns, seq)
         self._pending.append(LOG_TOPIC)
 
     def _flush_chunk(self, now: int) -> None:
@@ -474,14 +480,19 @@ class RunLogger:
                 self._drop_part_file(f.path)
                 return
             f.truncate(self._good_offset)
-            b = RecordBuilder()
-            Metadata(name=END_METADATA_NAME, metadata=self._end_metadata()).write(b)
-            DataEnd(0).write(b)
-            Footer(0, 0, 0).write(b)
-            try:
-                f.write(b.end() + MAGIC)
-            except OSError:
-                f.truncate(self._good_offset)  # still readable up to the last chunk (logs check --recover)
+            for with_metadata in (True, False):  # the end metadata only if it fits: the footer matters more
+                b = RecordBuilder()
+                if with_metadata:
+                    Metadata(name=END_METADATA_NAME, metadata=self._end_metadata()).write(b)
+                DataEnd(0).write(b)
+                Footer(0, 0, 0).write(b)
+                try:
+                    f.write(b.end() + MAGIC)
+                    break
+                except OSError:
+                    f.truncate(self._good_offset)
+            else:  # no room even for a footer: readable up to the last chunk (rigfm logs check --recover)
+                self._last_error += f"; {f.path} ends without a footer (rigfm logs check --recover)"
             self._bytes_done += f.tell()
         except OSError as exc:
             self._last_error = f"{self._last_error}; closing the part failed too: {exc}"
