@@ -416,7 +416,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         gc.freeze()  # long-lived objects out of the collector's way; no cyclic GC pauses in the loop
         gc.disable()
         interrupted = None
-        feed.drain()  # frames from before the run (handshake, predictor start) are not part of it
+        feed.keep_latest()  # frames from before the run (handshake, predictor start) are not part of it
         try:
             with MotorGuard(_LoggedShutdown(rig, loop)) as guard:
                 loop.runner.run(tick, opts.duration_s, stop)

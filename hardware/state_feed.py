@@ -61,6 +61,14 @@ class StateFeed:
             self.overflow += 1
         self._dq.append(item)
 
+    def keep_latest(self) -> int:
+        """Drop every queued frame but the newest (before a run starts); returns how many were dropped."""
+        n = 0
+        while len(self._dq) > 1:
+            self._dq.popleft()
+            n += 1
+        return n
+
     def drain(self) -> list[tuple[Any, int, int | None]]:
         """Every queued ``(sample, rx_index, link_lost)``, oldest first (control-loop thread)."""
         out = []
