@@ -175,8 +175,8 @@ class CheckReport:
                     f"{sl.link_lost} lost on the link, {sl.other_frames} other device frames (no loss)"
                 )
             else:
-                lines.append("  /state gaps: no rx_index/link_lost fields (log format v1): logger and link "
-                             "losses cannot be told apart")
+                lines.append("  /state gaps: records without rx_index/link_lost (log format v1, or not "
+                             "written through a StateFeed): logger and link losses cannot be told apart")
         if self.run_end:
             line = "  logger: written {w}, dropped {d}, write errors {e}".format(
                 w=self.run_end.get("written_total", "?"),

@@ -95,10 +95,25 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
 
 
+_SLOW_TOPICS = frozenset({"/prediction", "/event"})  # reshaped fields: always the full to_file
+
+
 def encode_record(record: dict[str, Any], topic: str | None = None) -> bytes:
-    """Compact JSON of one record in its file shape (``to_file`` when ``topic`` is given; numpy values
-    converted, NaN/Inf left out or written as null)."""
-    rec = to_file(topic, record) if topic is not None else to_file("", record)
+    """Compact JSON of one record in its file shape (``log_schema.to_file``: {sec, nsec} times, numpy values
+    converted, NaN/Inf left out or written as null). Plain records take a fast path with the same result."""
+    topic = topic or ""
+    if topic not in _SLOW_TOPICS:
+        rec = {k: v for k, v in record.items() if v is not None}
+        t = rec.pop("host_time_ns", None)
+        if t is not None:
+            sec, nsec = divmod(int(t), 1_000_000_000)
+            rec["timestamp"] = {"sec": sec, "nsec": nsec}
+        if "ref_host_time_ns" not in rec:
+            try:  # no numpy, no NaN: this is already the file record
+                return json.dumps(rec, separators=(",", ":"), allow_nan=False).encode()
+            except (TypeError, ValueError):
+                pass
+    rec = to_file(topic, record)
     return json.dumps(rec, separators=(",", ":"), allow_nan=False, default=_default).encode()
 
 
