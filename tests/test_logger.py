@@ -300,8 +300,10 @@ def _chunked_file(tmp_path: Path, name: str, n: int = 600) -> Path:
     with RunLogger(tmp_path, META, run_name=name, chunk_ms=10) as log:
         for i in range(n):
             log.write("/state", state(i))
-            if i % 100 == 99:
-                time.sleep(0.03)  # several chunks
+            if i % 100 == 99:  # several chunks: wait until this batch is in a closed chunk
+                deadline = time.monotonic() + 30
+                while log.stats()["written"] < i + 1 and time.monotonic() < deadline:
+                    time.sleep(0.005)
     return log.files[0]
 
 
