@@ -6,7 +6,7 @@ between two ticks. ``StateFeed`` is the driver's ``on_state`` callback: it queue
 * ``rx_index``: the host's count of STATE frames received (0, 1, 2, ...), so a gap in the logged
   ``rx_index`` is a frame the host had but did not log;
 * ``link_lost``: the driver's cumulative count of device frames missing on the serial link
-  (``RigStats.frames_missed``) when the frame arrived.
+  (``RigStats.frames_missed``), read when the loop drains the queue (once per tick).
 
 ``rigfm logs check`` uses both to tell a lossy logger from a lossy link (hardware.log_check.StateLoss).
 
@@ -53,8 +53,8 @@ class StateFeed:
             return None
 
     def __call__(self, sample: Any) -> None:
-        """``on_state`` callback (driver reader thread): queue one frame."""
-        item = (sample, self.received, self._link_lost())
+        """``on_state`` callback (driver reader thread): queue one frame (kept short: no lock, no copy)."""
+        item = (sample, self.received)
         self.received += 1
         if len(self._dq) >= self.maxlen:
             self._dq.popleft()
@@ -70,9 +70,14 @@ class StateFeed:
         return n
 
     def drain(self) -> list[tuple[Any, int, int | None]]:
-        """Every queued ``(sample, rx_index, link_lost)``, oldest first (control-loop thread)."""
-        out = []
+        """Every queued ``(sample, rx_index, link_lost)``, oldest first (control-loop thread). The link-loss
+        count is read once per drain: frames drained together carry the same value."""
         dq = self._dq
+        if not dq:
+            return []
+        link = self._link_lost()
+        out = []
         while dq:
-            out.append(dq.popleft())
+            sample, rx = dq.popleft()
+            out.append((sample, rx, link))
         return out
