@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("controllers.run_commands", "controllers.experiment_commands", "controllers.flywheel",)
+_MODULES = ("controllers.rig_info", "controllers.run_commands", "controllers.experiment_commands",
+            "controllers.flywheel")
 
 
 def register(subparsers) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,6 +330,8 @@ def parse_params(items: list[str] | None) -> dict[str, float]:
             if not sep or not key.strip():
                 raise ValueError
             out[key.strip()] = float(val)
+            if not math.isfinite(out[key.strip()]):
+                raise ValueError
         except ValueError:
             raise CollectError(f"--param {item!r}: expected KEY=NUMBER (e.g. pole_mass_scale=1.4)") from None
     return out
@@ -337,18 +340,22 @@ def parse_params(items: list[str] | None) -> dict[str, float]:
 def main_collect(args: argparse.Namespace) -> int:
     """CLI handler of ``rigfm collect``."""
     t0 = time.time()
-    opts = CollectOptions(
-        rig=args.rig,
-        runs=args.runs,
-        duration_s=args.duration,
-        out=Path(args.out),
-        seed=args.seed,
-        params=parse_params(args.param),
-        rate_hz=args.rate,
-        upright_fraction=args.upright_fraction,
-        progress=not args.quiet,
-    )
-    res = collect(opts)
+    try:
+        opts = CollectOptions(
+            rig=args.rig,
+            runs=args.runs,
+            duration_s=args.duration,
+            out=Path(args.out),
+            seed=args.seed,
+            params=parse_params(args.param),
+            rate_hz=args.rate,
+            upright_fraction=args.upright_fraction,
+            progress=not args.quiet,
+        )
+        res = collect(opts)
+    except ValueError as exc:  # CollectError, RigConfigError: the message names the option / file
+        print(f"rigfm collect: {exc}", file=sys.stderr)
+        return 2
     faults = sum(r["fault"] is not None for r in res)
     summary = {
         "rig": args.rig,

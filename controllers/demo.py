@@ -1,9 +1,12 @@
 """``rigfm demo``: a virtual rig, the predictor with the shipped model, swing-up + balance, the logger.
 
 Everything runs for real (pty, predictor subprocess, MCAP logger) for a fixed time, is shut down cleanly
-(no orphan processes, motor at 0 V), and leaves in ``runs/demo-<timestamp>/``: the MCAP log, the ONNX
-model (exported from ``fm_core/weights/default.pt`` unless ``--model`` is given), ``summary.txt``,
+(no orphan processes, motor at 0 V), and leaves in ``runs/demo-<timestamp>/``: the MCAP log, ``summary.txt``,
 ``summary.json`` and three plots (states, predictions vs measured, predictor latency histogram).
+
+The model (unless ``--model`` is given): the shipped ONNX pair of the rig
+(``fm_core/weights/<rig>.int8.onnx``, no torch needed) while it matches ``fm_core/weights/<rig>.pt``;
+otherwise that checkpoint (or the pretrained ``default.pt``) exported into the run folder, which needs torch.
 """
 
 from __future__ import annotations
@@ -54,6 +57,39 @@ def export_default_model(out_dir: Path, rig: str, model_dt: float = 0.01) -> tup
     if proc.returncode != 0:
         raise RuntimeError(f"exporting the model failed (needs torch):\n{proc.stderr[-2000:]}")
     return out_dir / "model.onnx", note
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # sys.modules["torch"] = None (blocked) raises ValueError
+        return False
+
+
+def demo_model(out_dir: Path, rig: str, model_dt: float = 0.01) -> tuple[Path, str]:
+    """The ONNX model the demo serves and a one-line note saying which and why.
+
+    The shipped pair of ``rig`` when it matches its checkpoint; else an export of the checkpoint (torch);
+    without torch a stale shipped pair is served with a warning. Raises RuntimeError when there is neither
+    a shipped pair nor torch to export one."""
+    from export.shipped import shipped_onnx, staleness
+
+    shipped = shipped_onnx(rig)
+    stale = staleness(shipped) if shipped is not None else None
+    if shipped is not None and stale is None:
+        return shipped, f"model: {shipped.relative_to(ROOT)} (shipped ONNX of {rig}.pt)"
+    if _torch_available():
+        if stale:
+            print(f"rigfm demo: shipped ONNX is stale ({stale}); exporting the checkpoint", file=sys.stderr)
+        return export_default_model(out_dir, rig, model_dt)
+    if shipped is not None:
+        note = f"WARNING: {stale}; serving it anyway (no torch to export the checkpoint)"
+        print(note, file=sys.stderr)
+        return shipped, f"model: {shipped.relative_to(ROOT)} ({note})"
+    raise RuntimeError(f"no shipped ONNX model for rig {rig!r} and no torch to export "
+                       f"{shipped_checkpoint(rig).relative_to(ROOT)}: pass --model model.onnx")
 
 
 def _plots(out: Path, result: Any, log_files: list[str], state_names: tuple[str, ...],
@@ -137,7 +173,11 @@ def run_demo(rig: str = "cartpole", duration_s: float = 20.0, model: str | None 
     out_dir = Path(out or ROOT / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model_path, note = export_default_model(out_dir, cfg.name, cfg.model_dt)
+        try:
+            model_path, note = demo_model(out_dir, cfg.name, cfg.model_dt)
+        except RuntimeError as exc:
+            print(f"rigfm demo: {exc}", file=sys.stderr)
+            return 2
     else:
         model_path, note = Path(model), f"model: {model}"
     print(f"rigfm demo: {cfg.name}, {controller}, {duration_s:g} s -> {out_dir}", file=sys.stderr)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from fm_core.cli_types import SEED, finite_float, int_range
+
 
 def _collect(args: argparse.Namespace) -> int:
     from controllers.collect import main_collect
@@ -24,20 +26,22 @@ def register(subparsers) -> None:
     """Add `collect` and `evaluate` to the umbrella parser."""
     p = subparsers.add_parser("collect", help="simulated excitation runs logged as MCAP (one file per run)")
     p.add_argument("rig", help="cartpole | furuta | path/to/rig.toml")
-    p.add_argument("--runs", type=int, default=40, help="number of runs (default 40)")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds per run (default 20)")
+    p.add_argument("--runs", type=int_range(1, 1_000_000), default=40, help="number of runs (default 40)")
+    p.add_argument("--duration", type=finite_float(0, 1e6, lo_open=True, unit="s"), default=20.0,
+                   help="seconds per run (default 20)")
     p.add_argument("-o", "--out", required=True, help="output directory for the .mcap files")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument(
         "--param",
         action="append",
         metavar="KEY=VALUE",
         help="simulator physics override, e.g. pole_mass_scale=1.4 (repeatable)",
     )
-    p.add_argument("--rate", type=float, default=None, help="loop rate in Hz (default: rig control_rate_hz)")
+    p.add_argument("--rate", type=finite_float(0, 10_000, lo_open=True, unit="Hz"), default=None,
+                   help="loop rate in Hz (default: rig control_rate_hz)")
     p.add_argument(
         "--upright-fraction",
-        type=float,
+        type=finite_float(0, 1),
         default=0.25,
         help="share of runs starting near upright under LQR (default 0.25)",
     )
@@ -47,11 +51,11 @@ def register(subparsers) -> None:
     e = subparsers.add_parser("evaluate", help="foundation model vs baselines at several data fractions")
     e.add_argument("--rigs", default="cartpole,furuta", help="comma-separated rig names")
     e.add_argument("--fractions", default="0.02,0.1,1.0", help="training-data fractions")
-    e.add_argument("--seeds", type=int, default=5, help="seeds per (model, fraction)")
+    e.add_argument("--seeds", type=int_range(1, 1000), default=5, help="seeds per (model, fraction)")
     e.add_argument(
         "--models",
         default=None,
-        help="comma-separated subset of fm,specialist,linreg,ffn,small_tf (default all)",
+        help="comma-separated subset of fm,specialist,linreg,ffn,small_tf,sindy (default all)",
     )
     e.add_argument(
         "--data",
@@ -61,19 +65,24 @@ def register(subparsers) -> None:
         help="use this dataset instead of collecting (repeat per rig: cartpole=a.npz)",
     )
     e.add_argument("--checkpoint", default="fm_core/weights/default.pt", help="pretrained foundation model")
-    e.add_argument("--runs", type=int, default=None, help="collected runs per rig (default by budget)")
-    e.add_argument("--duration", type=float, default=None, help="seconds per collected run")
-    e.add_argument("--steps", type=int, default=None, help="max optimiser steps per trained model")
-    e.add_argument("--context", type=int, default=None, help="context steps of the multi-step metric")
-    e.add_argument("--horizon", type=int, default=None, help="open-loop horizon of the multi-step metric")
+    e.add_argument("--runs", type=int_range(1, 1_000_000), default=None,
+                   help="collected runs per rig (default by budget)")
+    e.add_argument("--duration", type=finite_float(0, 1e6, lo_open=True, unit="s"), default=None,
+                   help="seconds per collected run")
+    e.add_argument("--steps", type=int_range(1, 10**9), default=None,
+                   help="max optimiser steps per trained model")
+    e.add_argument("--context", type=int_range(1, 65_536), default=None,
+                   help="context steps of the multi-step metric")
+    e.add_argument("--horizon", type=int_range(1, 65_536), default=None,
+                   help="open-loop horizon of the multi-step metric")
     e.add_argument(
         "--angle-features",
         choices=("raw", "sincos"),
         default="raw",
         help="pendulum angle as logged (raw, unwrapped) or as (sin, cos) for every model (metric unchanged)",
     )
-    e.add_argument("--jobs", type=int, default=1, help="rigs evaluated in parallel processes")
-    e.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    e.add_argument("--jobs", type=int_range(1, 256), default=1, help="rigs evaluated in parallel processes")
+    e.add_argument("--threads", type=int_range(1, 1024), default=1, help="torch threads per process")
     e.add_argument("--resume", action="store_true", help="reuse finished fits from OUT/<rig>/partial.json")
     e.add_argument("--quick", action="store_true", help="tiny CI budget (1 seed, few steps)")
     e.add_argument("--out", default="results", help="output directory (default results/)")

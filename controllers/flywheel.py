@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from fm_core.cli_types import SEED, finite_float, int_range, name_value
+
 DEFAULT_PARAMS = {"pole_mass_scale": 1.4, "friction_scale": 2.0}
 NOMINAL_WEIGHTS = {"cartpole": "fm_core/weights/cartpole.pt", "furuta": "fm_core/weights/furuta.pt"}
 PRETRAINED = "fm_core/weights/default.pt"
@@ -238,16 +240,6 @@ def summary_markdown(r: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _param(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    try:
-        if not sep or not name:
-            raise ValueError
-        return name.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a number, got {text!r}") from None
-
-
 def register(subparsers: Any) -> None:
     """Add ``flywheel``."""
     p = subparsers.add_parser("flywheel", help="run -> log -> dataset -> fine-tune -> export -> hot reload "
@@ -259,15 +251,18 @@ def register(subparsers: Any) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rig", default="cartpole")
     p.add_argument("--controller", choices=("lqr", "swingup"), default="swingup")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds per run (default 60)")
-    p.add_argument("--steps", type=int, default=300, help="fine-tune steps (default 300)")
+    p.add_argument("--duration", type=finite_float(0, 1e6, lo_open=True, unit="s"), default=60.0,
+                   help="seconds per run (default 60)")
+    p.add_argument("--steps", type=int_range(1, 10**9), default=300, help="fine-tune steps (default 300)")
     p.add_argument("--init", default=None, help="v1 checkpoint (default fm_core/weights/<rig>.pt, else "
                                                 "the pretrained default.pt)")
-    p.add_argument("--virtual-param", type=_param, action="append", default=None, metavar="NAME=VALUE",
+    p.add_argument("--virtual-param", type=name_value("--virtual-param"), action="append", default=None,
+                   metavar="NAME=VALUE",
                    help="plant mismatch (default pole_mass_scale=1.4 friction_scale=2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stale-ms", type=float, default=200.0)
-    p.add_argument("--window", type=int, default=None, help="dataset window (default fits the run)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--stale-ms", type=finite_float(0, 10_000, lo_open=True, unit="ms"), default=200.0)
+    p.add_argument("--window", type=int_range(2, 10**7), default=None,
+                   help="dataset window (default fits the run)")
     p.add_argument("--out", default="runs/flywheel", help="output folder (default runs/flywheel)")
     p.add_argument("--status", action="store_true", help="live status line during the runs")
     p.add_argument("--angle-features", choices=("auto", "raw", "sincos"), default="auto",

@@ -6,8 +6,9 @@ then spins; a tick that ends after the next deadline is an overrun and the misse
 
 ``ControlLoop.tick`` does, per tick: read the latest state -> watch for staleness -> estimate velocities ->
 check soft limits -> (latency forecast) -> controller -> clamp -> send the command (unless dry-run) ->
-hand the predictor tap and the logger their records (both non-blocking).  On a fault it e-stops and
-returns False; ``ControlLoop.run`` stops then.  ``MotorGuard`` (controllers.safety) wraps ``run`` in
+hand the predictor tap and the logger their records (both non-blocking).  A loop whose ticks overrun
+most of a 1 s window is a fault too (``OverrunWatch``).  On a fault it e-stops and returns False;
+``ControlLoop.run`` stops then.  ``MotorGuard`` (controllers.safety) wraps ``run`` in
 the CLI so the motor goes to zero however the run ends.
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from controllers.base import ControlOutput, pendulum_index
 from controllers.estimation import VelocityEstimator
-from controllers.safety import SafetyFault, SoftLimits, StaleStateWatch
+from controllers.safety import OverrunWatch, SafetyFault, SoftLimits, StaleStateWatch
 from hardware import log_clock
 
 DEVICE_CLOCK_WRAP_US = 1 << 32
@@ -168,6 +169,7 @@ class ControlLoop:
         npos = model.n // 2
         self.estimator = estimator or VelocityEstimator(npos, angle_channels=(pendulum_index(model),))
         self.stale = StaleStateWatch(stale_ms)
+        self.overrun_watch = OverrunWatch()
         self.logger = logger
         self.tap = tap
         self.forecaster = forecaster
@@ -272,6 +274,10 @@ class ControlLoop:
     def tick(self, now: float) -> bool:
         """One control period at time ``now`` (s); False when the run must stop (fault)."""
         if self.fault is not None:
+            return False
+        fault = self.overrun_watch.update(self.stats.ticks, self.stats.overruns, now)
+        if fault is not None:
+            self.trip(fault, now)
             return False
         s = self.rig.latest_state()
         seq = None if s is None else int(s.seq)

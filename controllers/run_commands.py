@@ -7,15 +7,13 @@ import json
 import sys
 from typing import Any
 
+from fm_core.cli_types import SEED, finite_float, int_range, name_value
 
-def _param(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    try:
-        return name.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name}: value {value!r} is not a number") from None
+# parse-time ranges of `rigfm run` (the rig-dependent limits are checked by controllers.session)
+MAX_DURATION_S = 1e7
+MAX_RATE_HZ = 10_000.0
+MAX_LATENCY_COMP_MS = 50.0
+MAX_TIMEOUT_MS = 10_000.0
 
 
 def register(subparsers: Any) -> None:
@@ -28,10 +26,14 @@ def register(subparsers: Any) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--port", help="serial port of the rig (e.g. /dev/ttyUSB0 or a pty)")
     where.add_argument("--virtual", action="store_true", help="start a virtual rig on a pty and use it")
-    p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds "
-                                                                            "(default: until Ctrl-C)")
-    p.add_argument("--rate", type=float, default=500.0, help="control rate in Hz (default 500)")
-    p.add_argument("--model", default=None, help="learned model (.onnx): starts a predictor process")
+    p.add_argument("--duration", type=finite_float(0, MAX_DURATION_S, lo_open=True, unit="s"), default=None,
+                   metavar="S", help="stop after S seconds (default: until Ctrl-C)")
+    p.add_argument("--rate", type=finite_float(0, MAX_RATE_HZ, lo_open=True, unit="Hz"), default=500.0,
+                   help="control rate in Hz (default 500; at most the rig's STATE rate, and at least two "
+                        "commands per device watchdog period)")
+    p.add_argument("--model", default=None,
+                   help="learned model (.onnx) or 'shipped' (the rig's ONNX pair in fm_core/weights, no "
+                        "torch needed): starts a predictor process")
     p.add_argument("--endpoint", default=None, help="use a running predictor (e.g. ipc:///tmp/pred.sock)")
     p.add_argument("--log", default=None, metavar="DIR", help="write an MCAP run log into DIR")
     p.add_argument("--on-log-error", choices=("stop", "continue"), default="stop",
@@ -43,22 +45,28 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="compute and log, never actuate")
     p.add_argument("--init", choices=("hanging", "upright"), default="hanging",
                    help="initial state of the virtual rig")
-    p.add_argument("--virtual-param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+    p.add_argument("--virtual-param", type=name_value("--virtual-param"), action="append", default=[],
+                   metavar="NAME=VALUE",
                    help="plant override of the virtual rig, e.g. pole_mass_scale=1.5 (repeatable)")
-    p.add_argument("--model-param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+    p.add_argument("--model-param", type=name_value("--model-param"), action="append", default=[],
+                   metavar="NAME=VALUE",
                    help="override of the controller's physics model (repeatable)")
     p.add_argument("--tuning", default=None,
                    help="controller tuning TOML (overrides controllers/tuning.toml)")
-    p.add_argument("--latency-comp-ms", type=float, default=0.0,
+    p.add_argument("--latency-comp-ms", type=finite_float(0, MAX_LATENCY_COMP_MS, unit="ms"), default=0.0,
                    help="forecast the state this far ahead with the physics model (0 = off)")
     p.add_argument("--latency-source", choices=("physics", "predictor"), default="physics",
                    help="latency forecast: physics model, or physics + the predictor's one-step correction "
                         "(falls back to physics when no fresh, plausible prediction)")
-    p.add_argument("--predictor-timeout-ms", type=float, default=None,
-                   help="deadline of one-step predictions (default: 0.8 model steps)")
-    p.add_argument("--stale-ms", type=float, default=50.0, help="e-stop when no new state for this long")
+    p.add_argument("--predictor-timeout-ms", type=finite_float(0, MAX_TIMEOUT_MS, lo_open=True, unit="ms"),
+                   default=None, help="deadline of one-step predictions (default: 0.8 model steps)")
+    p.add_argument("--stale-ms", type=finite_float(0, MAX_TIMEOUT_MS, lo_open=True, unit="ms"), default=50.0,
+                   help="e-stop when no new state for this long")
+    p.add_argument("--watchdog-ms", type=int_range(5, 1000, unit="ms"), default=None,
+                   help="device watchdog for this run: no COMMAND for this long -> 0 V (default: the rig "
+                        "config's watchdog_ms, 50; the motor's stop time when this process is killed)")
     p.add_argument("--realtime", action="store_true", help="SCHED_FIFO priority for the loop (if permitted)")
-    p.add_argument("--seed", type=int, default=0, help="virtual rig seed")
+    p.add_argument("--seed", type=SEED, default=0, help="virtual rig seed")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.add_argument("--summary-json", default=None, metavar="FILE", help="also write the summary as JSON")
     p.set_defaults(func=run_handler)
@@ -66,12 +74,27 @@ def register(subparsers: Any) -> None:
     d = subparsers.add_parser("demo",
                               help="virtual rig + predictor + swing-up/balance + logger, then a report")
     d.add_argument("rig", nargs="?", default="cartpole")
-    d.add_argument("--duration", type=float, default=20.0)
-    d.add_argument("--model", default=None, help=".onnx model (default: export fm_core/weights/default.pt)")
+    d.add_argument("--duration", type=finite_float(0, MAX_DURATION_S, lo_open=True, unit="s"), default=20.0)
+    d.add_argument("--model", default=None,
+                   help=".onnx model (default: the rig's shipped ONNX, fm_core/weights/<rig>.int8.onnx)")
     d.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>)")
     d.add_argument("--controller", choices=("lqr", "swingup", "mpc"), default="swingup")
     d.add_argument("--no-plots", action="store_true")
     d.set_defaults(func=demo_handler)
+
+
+def final_mode(result: Any) -> str:
+    """The mode the run ended in (``idle`` if it never ticked)."""
+    if result.mode_changes:
+        return result.mode_changes[-1][2]
+    return result.modes[-1] if result.modes else "idle"
+
+
+def mode_summary(result: Any, last: int = 3) -> str:
+    """``127 / estop (last: balance@9.20s, fallback@9.31s, estop@9.80s)``: count, final mode, last changes."""
+    ch = result.mode_changes
+    tail = ", ".join(f"{b}@{t:.2f}s" for t, _, b in ch[-last:])
+    return f"{len(ch)} / {final_mode(result)}" + (f" (last: {tail})" if tail else "")
 
 
 def summary_table(result: Any) -> str:
@@ -84,7 +107,7 @@ def summary_table(result: Any) -> str:
             ("overruns", f"{s['overruns']} ({s['overrun_pct']:.3f} %)"),
             ("tick busy p50 / p99 (us)", f"{s['busy_p50_us']:.1f} / {s['busy_p99_us']:.1f}"),
             ("fault", result.fault or "none"),
-            ("mode changes", ", ".join(f"{b}@{t:.2f}s" for t, _, b in result.mode_changes[:8]) or "none")]
+            ("mode changes / final mode", mode_summary(result))]
     m = result.monitor
     if m:
         rows += [("pred err 1-step EWMA / window", f"{m.get('err1_ewma', float('nan')):.4f} / "
@@ -93,8 +116,11 @@ def summary_table(result: Any) -> str:
                  ("drift flag", m.get("drift"))]
     p = result.predictor
     if p:
+        downs = [e for e in p.get("pred_down_events", []) if e[1] == "down"]
         rows += [("predictor requests / late / failures",
                   f"{p.get('pred_requests')} / {p.get('pred_late')} / {p.get('pred_failures')}"),
+                 ("predictor down", f"at {downs[0][0]:.2f} s: {downs[0][2]}" + (
+                     f" (+{len(downs) - 1} more)" if len(downs) > 1 else "") if downs else "never"),
                  ("predictor latency p50 (us)", f"{p.get('pred_latency_p50_us', float('nan')):.0f}")]
         if "mpc_plans" in p:
             rows += [("MPC plans / fallback ticks", f"{p['mpc_plans']} / {p['mpc_fallback_ticks']}")]
@@ -109,6 +135,7 @@ def summary_table(result: Any) -> str:
 
 def _jsonable(result: Any) -> dict[str, Any]:
     return {"stats": result.stats, "fault": result.fault, "mode_changes": result.mode_changes,
+            "mode_change_count": len(result.mode_changes), "final_mode": final_mode(result),
             "monitor": result.monitor, "predictor": result.predictor, "logger": result.logger,
             "first_fallback_after_kill_s": result.first_fallback_after_kill_s, "log_files": result.log_files,
             "rig_stats": result.rig_stats, "live_view": result.live_view, "log_error": result.log_error,
@@ -125,6 +152,7 @@ def run_handler(args: argparse.Namespace) -> int:
                       virtual_params=dict(args.virtual_param), model_params=dict(args.model_param),
                       tuning=args.tuning, latency_ms=args.latency_comp_ms, latency_source=args.latency_source,
                       predictor_timeout_ms=args.predictor_timeout_ms, stale_ms=args.stale_ms,
+                      watchdog_ms=args.watchdog_ms,
                       status=not args.quiet, seed=args.seed, realtime=args.realtime,
                       on_log_error=args.on_log_error, foxglove=args.foxglove)
     try:

@@ -6,6 +6,7 @@
 * ``StaleStateWatch`` -- fault when no new state (new ``seq``) has arrived for ``stale_ms``.
 * ``MotorGuard`` -- context manager: motor to zero (then e-stop on faults) on normal exit, exceptions,
   Ctrl-C (SIGINT), SIGTERM and interpreter exit (atexit).
+* ``OverrunWatch`` -- fault when > 90 % of the ticks of a 1 s window overran (the loop cannot hold its rate).
 * ``DryRunRig`` -- wraps a rig connection; reads pass through, commands are recorded, never sent.
 """
 
@@ -109,6 +110,42 @@ class StaleStateWatch:
         return None
 
 
+class OverrunWatch:
+    """Fault when the loop cannot keep its rate: more than ``max_fraction`` of the ticks of a ``window_s``
+    window overran their period (windows of fewer than ``min_ticks`` ticks are not judged).
+
+    Default: more than 90 % of the ticks of a 1 s window, i.e. (nearly) every tick takes longer than the
+    period: a rate the machine cannot hold, a forecast too expensive for the period.  That trips within
+    about a second.  Host stalls (one long tick each) and a loaded machine that preempts some ticks (60 %
+    overruns seen at load 9 on 2 cores without ``--realtime``) are counted in the summary, not a fault."""
+
+    def __init__(self, window_s: float = 1.0, max_fraction: float = 0.9, min_ticks: int = 10) -> None:
+        if not (window_s > 0 and 0 < max_fraction <= 1 and min_ticks >= 1):
+            raise ValueError("OverrunWatch needs window_s > 0, 0 < max_fraction <= 1, min_ticks >= 1")
+        self.window_s = float(window_s)
+        self.max_fraction = float(max_fraction)
+        self.min_ticks = int(min_ticks)
+        self._t0: float | None = None
+        self._ticks0 = 0
+        self._over0 = 0
+
+    def update(self, ticks: int, overruns: int, now: float) -> SafetyFault | None:
+        """Feed the runner's running counts at ``now`` (s); a fault when the window just closed is bad."""
+        if self._t0 is None:
+            self._t0, self._ticks0, self._over0 = now, ticks, overruns
+            return None
+        if now - self._t0 < self.window_s:
+            return None
+        n, k = ticks - self._ticks0, overruns - self._over0
+        span = now - self._t0
+        self._t0, self._ticks0, self._over0 = now, ticks, overruns
+        if n >= self.min_ticks and k > self.max_fraction * n:
+            return SafetyFault("overrun", f"{k} of {n} ticks overran their period in {span:.2f} s (limit "
+                                          f"{self.max_fraction:.0%} of the ticks per {self.window_s:g} s): "
+                                          "the loop cannot hold its rate")
+        return None
+
+
 class DryRunRig:
     """Pass-through rig that never actuates: commands are counted and remembered, not sent."""
 
@@ -194,4 +231,5 @@ class MotorGuard:
             self.zero(estop=True)
 
 
-__all__ = ["DryRunRig", "MotorGuard", "SafetyFault", "SoftLimits", "StaleStateWatch", "pendulum_index"]
+__all__ = ["DryRunRig", "MotorGuard", "OverrunWatch", "SafetyFault", "SoftLimits", "StaleStateWatch",
+           "pendulum_index"]

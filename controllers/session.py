@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class RunOptions:
     mpc_timeout_ms: float = 100.0
     mpc_max_plan_age_s: float = 0.1
     stale_ms: float = 50.0
+    watchdog_ms: int | None = None      # device watchdog for this run (default: the rig config's watchdog_ms)
     realtime: bool = False              # SCHED_FIFO for the control process (if permitted)
     status: bool = True
     seed: int = 0
@@ -65,8 +66,8 @@ class RunResult:
     fault: str | None
     mode_changes: list[tuple[float, str, str]]
     monitor: dict[str, Any]
-    trajectory: np.ndarray          # (N, 2 + n): t, u, x
-    modes: list[str]
+    trajectory: np.ndarray          # (N, 2 + n): t, u, x -- the newest 2^20 ticks at most
+    modes: list[str]                # the mode of each trajectory row
     predictor: dict[str, Any]
     logger: dict[str, Any]
     first_fallback_after_kill_s: float | None = None
@@ -82,6 +83,109 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.fault is None and self.log_error is None
+
+
+class RunSetupError(ValueError):
+    """The run cannot start: a bad option for this rig, an unreachable rig or predictor, a model that does not
+    fit the rig.  One line naming the cause and what to check; ``rigfm run`` exits 2, nothing was actuated."""
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return bool(np.isfinite(float(v)))
+    except (TypeError, ValueError):
+        return False
+
+
+def check_run_options(opts: RunOptions, cfg: Any) -> None:
+    """Refuse numeric options that make no sense for this rig (RunSetupError naming the option and range).
+
+    ``--rate``: at most the rig's STATE rate (``sample_rate_hz``) and at least two commands per device
+    watchdog period (``2000 / watchdog_ms`` Hz; ``--watchdog-ms`` or the rig config's), and with a learned
+    model at least one tick per model step; ``--stale-ms``: longer than two control periods and two STATE
+    periods; ``--watchdog-ms`` in [5, 1000]; ``--latency-comp-ms`` in [0, 50]; ``--predictor-timeout-ms``
+    in (0, 10000]; ``--duration`` finite and > 0."""
+    from controllers.run_commands import MAX_LATENCY_COMP_MS, MAX_TIMEOUT_MS
+
+    if opts.duration_s is not None and not (_finite(opts.duration_s) and opts.duration_s > 0):
+        raise RunSetupError(f"--duration must be a finite number of seconds > 0, got {opts.duration_s!r}")
+    wd = cfg.watchdog_ms if opts.watchdog_ms is None else opts.watchdog_ms
+    if not (isinstance(wd, int) and 5 <= wd <= 1000):
+        raise RunSetupError(f"--watchdog-ms must be an integer in [5, 1000] ms, got {wd!r}")
+    lo = 2000.0 / wd
+    hi = float(cfg.sample_rate_hz)
+    if opts.model or opts.endpoint:
+        lo = max(lo, 1.0 / cfg.model_dt)
+    if not (_finite(opts.rate_hz) and lo <= opts.rate_hz <= hi):
+        raise RunSetupError(
+            f"--rate must be in [{lo:g}, {hi:g}] Hz for rig {cfg.name!r} (at most its STATE rate "
+            f"sample_rate_hz, at least two commands per {wd} ms watchdog"
+            + (f" and one tick per {cfg.model_dt:g} s model step" if opts.model or opts.endpoint else "")
+            + f"), got {opts.rate_hz!r}")
+    min_stale = 2000.0 * max(1.0 / opts.rate_hz, 1.0 / cfg.control_rate_hz)
+    if not (_finite(opts.stale_ms) and min_stale < opts.stale_ms <= MAX_TIMEOUT_MS):
+        raise RunSetupError(f"--stale-ms must be in ({min_stale:g}, {MAX_TIMEOUT_MS:g}] ms (more than two "
+                            f"control and STATE periods), got {opts.stale_ms!r}")
+    if not (_finite(opts.latency_ms) and 0 <= opts.latency_ms <= MAX_LATENCY_COMP_MS):
+        raise RunSetupError(f"--latency-comp-ms must be in [0, {MAX_LATENCY_COMP_MS:g}] ms, got "
+                            f"{opts.latency_ms!r}")
+    t = opts.predictor_timeout_ms
+    if t is not None and not (_finite(t) and 0 < t <= MAX_TIMEOUT_MS):
+        raise RunSetupError(f"--predictor-timeout-ms must be in (0, {MAX_TIMEOUT_MS:g}] ms, got {t!r}")
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _open_predictor(opts: RunOptions, cfg: Any, stack: contextlib.ExitStack) -> tuple[Any, str, Any, dict]:
+    """Start (``--model``) or reach (``--endpoint``) the predictor, check its model against the rig.
+
+    Returns ``(process or None, endpoint, client, info)``; RunSetupError naming the cause otherwise."""
+    import zmq
+
+    from export.client import PredictorClient, PredictorError, PredictorProcess
+    from export.model_check import ModelMismatch, check_model_fits
+
+    proc = None
+    what = f"--model {opts.model}" if opts.model else f"--endpoint {opts.endpoint}"
+    if opts.model:
+        proc = PredictorProcess(opts.model)
+        stack.callback(proc.__exit__, None, None, None)
+        try:
+            proc.start()
+        except PredictorError as exc:
+            code = proc.proc.returncode if proc.proc is not None else None
+            why = _last_line("\n".join(proc.stderr_lines)) or _last_line(str(exc))
+            raise RunSetupError(f"{what}: the predictor failed before READY (exit code {code}): "
+                                f"{why}") from None
+        endpoint = proc.endpoint
+    else:
+        endpoint = str(opts.endpoint)
+        if endpoint.startswith("ipc://") and not Path(endpoint[len("ipc://"):]).exists():
+            raise RunSetupError(f"{what}: no such socket file {endpoint[len('ipc://'):]!r}: is `rigfm serve "
+                                f"MODEL --bind {endpoint}` running (on this machine)?")
+    try:
+        client = PredictorClient(endpoint, timeout_ms=5000.0)  # generous for the handshake only
+    except zmq.ZMQError as exc:
+        raise RunSetupError(f"{what}: ZeroMQ cannot use this endpoint ({exc.strerror}); give "
+                            "ipc:///path/to.sock or tcp://HOST:PORT") from None
+    stack.callback(client.close)
+    try:
+        info = client.info()
+    except PredictorError as exc:
+        raise RunSetupError(f"{what}: no answer from the predictor ({exc}): is `rigfm serve` running and "
+                            "bound there, and CURVE/keys as the server expects?") from None
+    if int(info.get("n", cfg.n)) != cfg.n or int(info.get("m", cfg.m)) != cfg.m:
+        raise RunSetupError(f"{what}: the predictor's model has n={info.get('n')}, m={info.get('m')}; rig "
+                            f"{cfg.name} needs n={cfg.n}, m={cfg.m}")
+    try:
+        check_model_fits(info, model=what, target=f"rig config {cfg.name!r}", rig=(cfg.name, cfg.kind),
+                         state_names=cfg.state_names, dt=cfg.model_dt)
+    except ModelMismatch as exc:
+        raise RunSetupError(str(exc)) from None
+    return proc, endpoint, client, info
 
 
 def status_printer(stream: Any = sys.stderr) -> Callable[[dict[str, Any]], None]:
@@ -175,6 +279,7 @@ def _controller_params(controller: Any, tuning: dict, opts: RunOptions, cfg: Any
         "predictor_timeout_ms": opts.predictor_timeout_ms, "mpc_timeout_ms": opts.mpc_timeout_ms,
         "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "stale_ms": opts.stale_ms, "dry_run": opts.dry_run,
         "model_params": dict(opts.model_params), "on_log_error": opts.on_log_error,
+        "watchdog_ms": cfg.watchdog_ms if opts.watchdog_ms is None else int(opts.watchdog_ms),
     }
     if opts.virtual:
         out["virtual"] = {"init": opts.init, "seed": opts.seed, "params": dict(opts.virtual_params)}
@@ -189,6 +294,28 @@ def _controller_params(controller: Any, tuning: dict, opts: RunOptions, cfg: Any
     return out
 
 
+SHIPPED = "shipped"  # --model shipped: the rig's ONNX pair in fm_core/weights (export/shipped.py)
+
+
+def resolve_model(opts: RunOptions) -> RunOptions:
+    """``--model shipped`` -> the rig's shipped ONNX pair (fm_core/weights, export/shipped.py), with a note on
+    stderr (and a warning when it no longer matches its checkpoint). Raises ValueError when the rig ships
+    none. Other options are returned unchanged."""
+    if opts.model != SHIPPED:
+        return opts
+    import rigs
+    from export.shipped import shipped_onnx, staleness
+
+    name = rigs.load_config(opts.rig).name
+    path = shipped_onnx(name)
+    if path is None:
+        raise ValueError(f"--model shipped: no shipped ONNX model for rig {name!r} in fm_core/weights")
+    stale = staleness(path)
+    print(f"model: {path} (shipped ONNX of {name}.pt{'; WARNING: ' + stale if stale else ''})",
+          file=sys.stderr)
+    return replace(opts, model=str(path))
+
+
 def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunResult:
     """Run one session (see module docstring); returns its result.  Raises on setup errors."""
     import rigs
@@ -200,6 +327,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
     from controllers.safety import DryRunRig, MotorGuard
     from controllers.tuning import load_tuning
 
+    opts = resolve_model(opts)
     if opts.controller not in CONTROLLERS:
         raise ValueError(f"unknown controller {opts.controller!r}; choose one of {', '.join(CONTROLLERS)}")
     if (opts.port is None) == (not opts.virtual):
@@ -207,7 +335,8 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
     if opts.model and opts.endpoint:
         raise ValueError("give at most one of --model and --endpoint")
     if opts.controller == "mpc" and not (opts.model or opts.endpoint):
-        raise ValueError("controller 'mpc' needs the learned model: pass --model model.onnx (or --endpoint)")
+        raise ValueError("controller 'mpc' needs the learned model: pass --model model.onnx, --model shipped "
+                         "(the rig's shipped ONNX) or --endpoint")
     if opts.latency_source not in ("physics", "predictor"):
         raise ValueError(f"unknown latency source {opts.latency_source!r}; choose physics or predictor")
     if opts.latency_source == "predictor" and opts.latency_ms > 0 and not (opts.model or opts.endpoint):
@@ -221,57 +350,64 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
 
         parse_address(opts.foxglove)  # a bad address fails before anything starts
     cfg = rigs.load_config(opts.rig)
+    check_run_options(opts, cfg)
     model = rigs.make_model(cfg, opts.model_params or None)
     tuning = load_tuning(cfg.kind, opts.tuning)
     dt = 1.0 / opts.rate_hz
 
     with contextlib.ExitStack() as stack:
+        # -- predictor first: a run that cannot use it never touches the rig, nor leaves a log ------
+        proc = None
+        errors: tuple = ()
+        endpoint = None
+        info: dict[str, Any] = {}
+        if opts.model or opts.endpoint:
+            from export.client import PredictorError
+
+            errors = (PredictorError,)
+            proc, endpoint, tap_client, info = _open_predictor(opts, cfg, stack)
+
         # -- the rig ----------------------------------------------------------------------------------
         port = opts.port
-        if opts.virtual:
-            from hardware.virtual_rig_process import VirtualRigProcess
-
-            vr = VirtualRigProcess(opts.rig, params=opts.virtual_params or None, init=opts.init,
-                                   seed=opts.seed)
-            stack.enter_context(vr)
-            port = vr.port
-            if opts.realtime and vr.proc is not None:
-                from controllers.realtime import realtime_process
-
-                realtime_process(vr.proc.pid, priority=49)  # the plant outranks everything but the loop
-        from hardware.driver import RigConnection
+        from hardware.driver import RigConnection, RigError
         from hardware.state_feed import StateFeed
+        from hardware.virtual_rig_process import VirtualRigError
 
-        # a new run clears the e-stop latch that the previous run's clean exit left (once, at first connect;
-        # never on a reconnect mid-run); the firmware still enforces its limits and watchdog
         feed = StateFeed()  # every STATE frame the driver receives, for the loop to log
-        conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True,
-                                                 on_state=feed))
-        feed.attach(conn)
+        try:
+            if opts.virtual:
+                from hardware.virtual_rig_process import VirtualRigProcess
+
+                vr = VirtualRigProcess(opts.rig, params=opts.virtual_params or None, init=opts.init,
+                                       seed=opts.seed)
+                stack.enter_context(vr)
+                port = vr.port
+                if opts.realtime and vr.proc is not None:
+                    from controllers.realtime import realtime_process
+
+                    realtime_process(vr.proc.pid, priority=49)  # the plant outranks everything but the loop
+            # a new run clears the e-stop latch that the previous run's clean exit left (once, at first
+            # connect; never on a reconnect mid-run); the firmware still enforces its limits and watchdog
+            conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True,
+                                                     on_state=feed))
+            feed.attach(conn)
+            if opts.watchdog_ms is not None:
+                conn.configure(watchdog_ms=int(opts.watchdog_ms))  # kept across reconnects by the driver
+        except (RigError, VirtualRigError) as exc:
+            raise RunSetupError(_last_line(str(exc)) or type(exc).__name__) from None
         if conn.wait_state(timeout=5.0) is None:
-            raise RuntimeError(f"no STATE from the rig on {port} within 5 s")
+            raise RunSetupError(f"{port}: the rig answered HELLO but sent no STATE within 5 s: check the "
+                                "firmware's telemetry (state divider) and the link")
         rig = DryRunRig(conn) if opts.dry_run else conn
         logger = None
 
-        # -- predictor --------------------------------------------------------------------------------
-        endpoint = opts.endpoint
-        proc = None
-        errors: tuple = ()
-        if opts.model:
-            from export.client import PredictorProcess
-
-            proc = stack.enter_context(PredictorProcess(opts.model))
-            endpoint = proc.endpoint
+        # -- predictor tap ----------------------------------------------------------------------------
         tap = None
         monitor = None
         mpc_rollout = None
         if endpoint:
-            from export.client import PredictorClient, PredictorError
+            from export.client import PredictorClient
 
-            errors = (PredictorError,)
-            tap_client = PredictorClient(endpoint, timeout_ms=5000.0)  # generous for the handshake only
-            stack.callback(tap_client.close)
-            info = tap_client.info()
             model_dt = float(info.get("dt") or cfg.model_dt)
             # a one-step prediction is only useful if it arrives before the step it predicts
             tap_client.timeout_ms = opts.predictor_timeout_ms or 800.0 * model_dt
@@ -284,9 +420,6 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                 finally:
                     client.timeout_ms = step_budget
 
-            if int(info.get("n", cfg.n)) != cfg.n or int(info.get("m", cfg.m)) != cfg.m:
-                raise ValueError(f"predictor model has n={info.get('n')}, m={info.get('m')}; rig "
-                                 f"{cfg.name} needs n={cfg.n}, m={cfg.m}")
             monitor = PredictionMonitor(_monitor_scale(cfg), horizons=(1, 10),
                                         angle_channels=(pendulum_index(model),))
             tap = PredictorTap(PredictorRollout(tap_client), model_dt, monitor=monitor, logger=logger,
@@ -359,8 +492,9 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         from controllers.estimation import VelocityEstimator
 
         estimator = VelocityEstimator(cfg.n // 2, est_cut, angle_channels=(pendulum_index(model),))
-        traj: list[tuple] = []
-        modes: list[str] = []
+        from controllers.trajectory import TickRecorder
+
+        record = TickRecorder(cfg.n)  # bounded: the newest 2^20 ticks (RunResult.trajectory / .modes)
         status_cb = None
         if opts.status:
             show = status_printer()
@@ -379,6 +513,15 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         killed_at: list[float] = []
         first_fb: list[float] = []
         inner = loop.tick
+        watch = None
+        if tap is not None:
+            from controllers.predictor_watch import PredictorWatch
+
+            fallback = ("MPC falls back to LQR" if opts.controller == "mpc"
+                        else f"{opts.controller} goes on without predictions")
+            if isinstance(forecaster, PredictorForecaster):
+                fallback += ", latency forecast from physics only"
+            watch = PredictorWatch(tap, proc, t0=t_start, fallback=fallback, clear_line=opts.status)
 
         from controllers.safety import SafetyFault
 
@@ -390,10 +533,11 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             if kill_at is not None and not killed_at and now >= kill_at and proc is not None:
                 proc.proc.kill()  # SIGKILL, as a crash would (reaped by PredictorProcess.stop)
                 killed_at.append(time.monotonic())
+            if watch is not None:
+                watch.poll(now)
             ok = inner(now)
             if loop.last.x is not None:
-                traj.append((now - t_start, loop.last.u, *loop.last.x))
-                modes.append(loop.mode)
+                record.append(now - t_start, loop.last.u, loop.last.x, loop.mode)
                 if killed_at and not first_fb and "fallback" in loop.mode:
                     first_fb.append(now - killed_at[0])
             return ok
@@ -434,6 +578,8 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             loop.stats.predictor_late = tap.late
         summary = loop.stats.summary()
         pred = tap.status() if tap is not None else {}
+        if watch is not None:
+            pred["pred_down_events"] = [list(e) for e in watch.events]
         if hasattr(controller, "fallbacks"):
             pred["mpc_fallback_ticks"] = controller.fallbacks
             pred["mpc_plans"] = controller.plans
@@ -456,13 +602,14 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             files = [str(p) for p in logger.files]
         live_stats = live.close() if live is not None else {}
         fault = None if loop.fault is None else f"{loop.fault.code}: {loop.fault.message}"
+        traj, modes = record.arrays()
         if interrupted and fault is None:
             fault = f"stopped by {interrupted} (motor zeroed, e-stop sent)"
         return RunResult(
             stats=summary, fault=fault,
             mode_changes=[(t - t_start, a, b) for t, a, b in loop.mode_changes],
             monitor=monitor.snapshot() if monitor else {},
-            trajectory=np.array(traj) if traj else np.zeros((0, 2 + cfg.n)), modes=modes, predictor=pred,
+            trajectory=traj, modes=modes, predictor=pred,
             logger=log_stats, first_fallback_after_kill_s=first_fb[0] if first_fb else None, log_files=files,
             rig_stats=rig_stats, live_view=live_stats)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from export.onnx_runtime import DEFAULT_EXPORTER, EXPORTERS
+from fm_core.cli_types import finite_float, int_range
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -86,8 +87,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="step graph for stream_step (default: the file named in the model's metadata, if present)",
     )
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
-    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # PredictorProcess
+    p.add_argument("--threads", type=int_range(1, 1024), default=1,
+                   help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--parent-pid", type=int_range(1), default=None,
+                   help=argparse.SUPPRESS)  # PredictorProcess
     p.add_argument("--parallel", action="store_true", help="ORT_PARALLEL execution mode (default sequential)")
     p.add_argument("--curve-secret-key", default=None, help="zmq certificate (.key_secret) enabling CURVE")
     p.add_argument(
@@ -97,7 +100,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--spin-us",
-        type=float,
+        type=finite_float(0, 1e6, unit="us"),
         default=0.0,
         help="busy-poll this long after each request before sleeping (lower latency on a dedicated core)",
     )
@@ -126,7 +129,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("checkpoint", help="rigfm-ckpt-v1 checkpoint (.pt)")
     p.add_argument("-o", "--output", required=True, help="full-window ONNX file to write")
-    p.add_argument("--context", type=int, default=64, help="predictor window in steps (default 64)")
+    p.add_argument("--context", type=int_range(1, 65_536), default=64,
+                   help="predictor window in steps (default 64)")
     p.add_argument(
         "--streaming", default=None, metavar="STEP.onnx", help="also write the KV-cache step graph"
     )
@@ -138,10 +142,14 @@ def register(subparsers) -> None:
         help="fused (default: onnxruntime fused operators built from the weights) or a torch.onnx exporter; "
         "see docs/predictor.md for the measurement",
     )
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 18 for dynamo)")
-    p.add_argument("--n", type=int, default=None, help="states (if the checkpoint's meta has none)")
-    p.add_argument("--m", type=int, default=None, help="inputs (if the checkpoint's meta has none)")
-    p.add_argument("--dt", type=float, default=None, help="model time step in s (if the meta has none)")
+    p.add_argument("--opset", type=int_range(7, 30), default=None,
+                   help="ONNX opset (default 17; 18 for dynamo)")
+    p.add_argument("--n", type=int_range(1, 1024), default=None,
+                   help="states (if the checkpoint's meta has none)")
+    p.add_argument("--m", type=int_range(1, 1024), default=None,
+                   help="inputs (if the checkpoint's meta has none)")
+    p.add_argument("--dt", type=finite_float(0, 3600, lo_open=True, unit="s"), default=None,
+                   help="model time step in s (if the meta has none)")
     p.set_defaults(func=_export)
 
     s = subparsers.add_parser(

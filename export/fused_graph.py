@@ -118,8 +118,9 @@ class _Weights:
             )
         self.lnf_g, self.lnf_b = _np(core.ln_f.weight), _np(core.ln_f.bias)
         head = core.head
-        xs = self.x_std
-        # pred = (head(z)[:n] + x_norm_obs) * x_std + x_mean, with x_std folded into the head's output weights
+        # pred = (dx_scale * head(z)[:n] + x_norm_obs) * x_std + x_mean, with dx_scale * x_std folded into the
+        # head's output weights
+        xs = self.x_std * _np(core.dx_scale[:n])
         self.head_w1, self.head_b1 = _np(head.fc1.weight).T, _np(head.fc1.bias)
         self.head_w2 = _np(head.fc2.weight).T[:, :n] * xs
         self.head_wskip = _np(head.skip.weight).T[:, :n] * xs

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from fm_core.cli_types import finite_float, int_range
+
 TARGET_RTT_P99_MS = 1.5
 TARGET_OVERHEAD_MS = 0.15
 
@@ -439,23 +441,28 @@ def run(args: Any) -> int:
 def add_arguments(p: Any) -> None:
     """Arguments of ``rigfm latency``."""
     p.add_argument("model", help="full-window ONNX file (its step graph is found through the metadata)")
-    p.add_argument("--window", type=int, default=16, help="predict window length T in steps (default 16)")
-    p.add_argument("--iters", type=int, default=1000, help="calls per measurement (default 1000)")
+    p.add_argument("--window", type=int_range(1, 65_536), default=16,
+                   help="predict window length T in steps (default 16)")
+    p.add_argument("--iters", type=int_range(10, 10**8), default=1000,
+                   help="calls per measurement (default 1000)")
     p.add_argument(
-        "--rate-hz", type=float, default=500.0, help="paced stream_step rate (default 500; 0: skip)"
+        "--rate-hz", type=finite_float(0, 10_000, unit="Hz"), default=500.0,
+        help="paced stream_step rate (default 500; 0: skip)"
     )
     p.add_argument("--bind", default=None, help="predictor endpoint (default: an ipc socket in a temp dir)")
-    p.add_argument("--client-cpu", type=int, default=None, help="pin this process (the client) to one CPU")
-    p.add_argument("--server-cpu", type=int, default=None, help="pin the predictor process to one CPU")
+    p.add_argument("--client-cpu", type=int_range(0, 65_535), default=None,
+                   help="pin this process (the client) to one CPU")
+    p.add_argument("--server-cpu", type=int_range(0, 65_535), default=None,
+                   help="pin the predictor process to one CPU")
     p.add_argument(
         "--stream-reprime", choices=("shadow", "full"), default="shadow", help="the server's --stream-reprime"
     )
     p.add_argument(
-        "--max-rtt-p99-ms", type=float, default=TARGET_RTT_P99_MS,
+        "--max-rtt-p99-ms", type=finite_float(0, 1e9, unit="ms"), default=TARGET_RTT_P99_MS,
         help=f"round-trip p99 limit (default {TARGET_RTT_P99_MS}: the 500 Hz loop's budget)",
     )
     p.add_argument(
-        "--max-overhead-ms", type=float, default=TARGET_OVERHEAD_MS,
+        "--max-overhead-ms", type=finite_float(0, 1e9, unit="ms"), default=TARGET_OVERHEAD_MS,
         help=f"ZMQ overhead p50 limit (default {TARGET_OVERHEAD_MS})",
     )
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the results as JSON")

@@ -25,8 +25,10 @@ from export.onnx_runtime import (
     FORMAT,
     FULL_INPUTS,
     FULL_OUTPUTS,
+    ROLLOUT_MODES,
     STEP_INPUTS,
     STEP_OUTPUTS,
+    op_domains,
     run_step_graph,
 )
 
@@ -147,8 +149,19 @@ def load_checkpoint(
         "x_std": core.x_std[:n].tolist(),
         "u_mean": core.u_mean[:m].tolist(),
         "u_std": core.u_std[:m].tolist(),
+        "rollout_mode": _rollout_mode(path, meta),
     }
     return LoadedCheckpoint(system, core.cfg.to_dict(), clean, file_sha256(path), path)
+
+
+def _rollout_mode(path: str, meta: dict[str, Any]) -> str:
+    """How the checkpoint makes multi-step predictions: ``meta.train.config.rollout_mode`` ("masked" when
+    absent: checkpoints from before autoregressive fine-tuning)."""
+    mode = meta.get("rollout_mode") or ((meta.get("train") or {}).get("config") or {}).get("rollout_mode")
+    mode = mode or "masked"
+    if mode not in ROLLOUT_MODES:
+        raise ExportError(f"{path}: meta rollout_mode must be one of {ROLLOUT_MODES}, got {mode!r}")
+    return str(mode)
 
 
 def _angle_meta(path: str, meta: dict[str, Any], n: int) -> tuple[list[int], list[str]]:
@@ -232,6 +245,9 @@ def _metadata(ck: LoadedCheckpoint, graph: str, context: int, exporter: str, ops
         "rigfm.m": str(m["m"]),
         "rigfm.state_names": json.dumps(m["raw_state_names"] if angles else m["state_names"]),
         "rigfm.angle_channels": json.dumps(angles),
+        "rigfm.rollout_mode": m.get("rollout_mode", "masked"),
+        # the graph's own x / x_win / pred channels, in order: each angle as (sin, cos) (docs/predictor.md)
+        "rigfm.input_layout": json.dumps(m["state_names"]),
         "rigfm.input_names": json.dumps(m["input_names"]),
         "rigfm.dt": repr(m["dt"]),
         "rigfm.rig": m["rig"],
@@ -378,6 +394,7 @@ def check_parity(ck: LoadedCheckpoint, graph: str, path: Path, tol: float = PARI
 def _finalise(path: Path, metadata: dict[str, str]) -> None:
     model = onnx.load(str(path))
     del model.metadata_props[:]
+    metadata["rigfm.op_domains"] = json.dumps(op_domains(model))
     for k, v in metadata.items():
         model.metadata_props.add(key=k, value=v)
     model.doc_string = "rigfm dynamics model (docs/predictor.md)"

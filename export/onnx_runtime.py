@@ -17,6 +17,9 @@ from export.kv_slots import STEP_CACHES, BufferSlots, ConcatSlots, buffer_step_i
 from fm_core.angle_features import SinCosCodec
 
 FORMAT = "rigfm-onnx-v1"
+# how a model makes multi-step predictions: "masked" = one window pass with hidden future states (obs = 0),
+# "ar" = autoregressive, every prediction fed back as the next observed state (KV-cached steps)
+ROLLOUT_MODES = ("masked", "ar")
 EXPORTERS = ("fused", "torchscript", "dynamo")  # rigfm export --exporter (docs/predictor.md: measurement)
 DEFAULT_EXPORTER = "fused"
 FULL_INPUTS = ("x", "u", "obs")
@@ -75,6 +78,9 @@ class ModelMeta:
     step_file: str = ""
     angle_channels: tuple[int, ...] = ()
     step_cache: str = ""  # step graphs: "buffer" (in-place KV buffers) or "concat" (export.kv_slots)
+    rollout_mode: str = "masked"  # ROLLOUT_MODES; files without the key were trained for "masked"
+    input_layout: tuple[str, ...] = ()  # the graph's x / pred channels, e.g. (p, sin(theta), cos(theta), ...)
+    op_domains: tuple[str, ...] = ()  # operator domains beyond the ONNX standard, e.g. ("com.microsoft",)
 
     @property
     def n_model(self) -> int:
@@ -86,6 +92,13 @@ class ModelMeta:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
         out["n_model"] = self.n_model
         return out
+
+
+def op_domains(model: Any) -> list[str]:
+    """Operator domains of an ``onnx.ModelProto`` beyond the ONNX standard (``[]``: any ONNX runtime runs
+    it; ``["com.microsoft"]``: the fused graphs' onnxruntime contrib operators). Written as
+    ``rigfm.op_domains``."""
+    return sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
 
 
 def _get(props: dict[str, str], key: str, path: str) -> str:
@@ -162,7 +175,15 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
         step_file=props.get("rigfm.step_file", ""),
         angle_channels=angles,
         step_cache=props.get("rigfm.step_cache", "concat") if props.get("rigfm.graph") == "step" else "",
+        rollout_mode=props.get("rigfm.rollout_mode", "masked"),
+        # both optional: files exported before they were written lack them
+        input_layout=js("input_layout", nz, str) if "rigfm.input_layout" in props else (),
+        op_domains=_str_list(props.get("rigfm.op_domains", "[]"), "op_domains", path),
     )
+    if meta.rollout_mode not in ROLLOUT_MODES:
+        raise ModelFileError(
+            f"{path}: metadata 'rigfm.rollout_mode' must be one of {ROLLOUT_MODES}, got {meta.rollout_mode!r}"
+        )
     if meta.graph not in ("full", "step"):
         raise ModelFileError(f"{path}: metadata 'rigfm.graph' must be 'full' or 'step', got {meta.graph!r}")
     if meta.graph == "step" and meta.step_cache not in STEP_CACHES:
@@ -174,6 +195,17 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
             f"{path}: metadata context={meta.context} outside [patch, max_len={meta.max_len}]"
         )
     return meta
+
+
+def _str_list(raw: str, key: str, path: str) -> tuple[str, ...]:
+    """Parse a JSON list of strings (any length) from ``rigfm.<key>``."""
+    try:
+        val = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{path}: metadata 'rigfm.{key}' is not JSON: {raw!r}") from None
+    if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+        raise ModelFileError(f"{path}: metadata 'rigfm.{key}' must be a JSON list of strings, got {raw!r}")
+    return tuple(val)
 
 
 def _angle_channels(raw: str, n: int, path: str) -> tuple[int, ...]:
@@ -434,11 +466,44 @@ class OnnxPredictor:
         u[:, lx - 1 :] = u_plan
         obs = np.zeros((k, t), np.float32)
         obs[:, :lx] = 1.0
-        pred = np.ascontiguousarray(self._run_full(x, u, obs)[:, lx - 1 :])
+        if me.rollout_mode == "ar":
+            pred = self._rollout_ar(x[:, :lx], u, h)
+        else:
+            pred = np.ascontiguousarray(self._run_full(x, u, obs)[:, lx - 1 :])
         if self.codec is None:
             return pred
         start = np.broadcast_to(self._angles(x_hist[-1]), (k, len(me.angle_channels)))
         return self.codec.decode_sequence(pred, start).astype(np.float32)
+
+    def _rollout_ar(self, xz: np.ndarray, u: np.ndarray, h: int) -> np.ndarray:
+        """Autoregressive rollout in the graph's (encoded) units: the history window primes the KV cache,
+        then every prediction is fed back as the next observed state through the step graph (a full window
+        per step without one). xz (K,L,n_model), u (K,L-1+h,m) -> (K,h,n_model)."""
+        k, lx = xz.shape[:2]
+        p = self.meta.patch
+        pred, kc, vc = self.prime(xz, np.ascontiguousarray(u[:, :lx]), np.ones((k, lx), np.float32))
+        xs = np.concatenate([xz, np.empty((k, h - 1, xz.shape[2]), np.float32)], 1)
+        out = np.empty((k, h, xz.shape[2]), np.float32)
+        out[:, 0] = pred[:, -1]
+        if h > 1:
+            xs[:, lx] = pred[:, -1]
+        for j in range(1, h):
+            t = lx - 1 + j  # the newest (predicted) state; its token predicts x[t+1]
+            if self.step_sess is None:
+                res = self._run_full(xs[:, : t + 1], np.ascontiguousarray(u[:, : t + 1]),
+                                     np.ones((k, t + 1), np.float32))[:, -1]
+            else:
+                lo = max(0, t - p + 1)
+                xw = np.zeros((k, p, xz.shape[2]), np.float32)
+                uw = np.zeros((k, p, u.shape[2]), np.float32)
+                xw[:, p - (t + 1 - lo) :] = xs[:, lo : t + 1]
+                uw[:, p - (t + 1 - lo) :] = u[:, lo : t + 1]
+                res, kc, vc = self.step(xw, uw, np.ones((k, p), np.float32), kc, vc)
+                res = res.reshape(k, -1)
+            out[:, j] = res
+            if t + 1 < xs.shape[1]:
+                xs[:, t + 1] = res
+        return out
 
     # ---------------------------------------------------------------------------------------- streaming
     def step(

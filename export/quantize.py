@@ -10,13 +10,18 @@ int8.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import onnx
 
+from export.onnx_runtime import op_domains
+
 QUANTIZED = "int8-dynamic"  # rigfm.quantized metadata value
-RECIPE = "int8 per-channel weights in the blocks (MatMul, Gemm, Attention); embedding and head float32"
+RECIPE = (
+    "int8 per-channel 7-bit-range weights in the blocks (MatMul, Gemm, Attention); embedding and head float32"
+)
 OP_TYPES = ("MatMul", "Gemm", "Attention")
 _PROJECTIONS = ("MatMul", "Gemm")
 
@@ -64,6 +69,8 @@ def quantize_int8(src: str | Path, dst: str | Path, step_file: str | None = None
             str(dst),
             weight_type=QuantType.QInt8,
             per_channel=True,
+            # 7-bit weights: u8 x s8 products saturate on AVX2/AVX-512 CPUs without VNNI (onnxruntime docs)
+            reduce_range=True,
             op_types_to_quantize=list(OP_TYPES),
             nodes_to_exclude=keep,
             # the fused graphs' contrib operators have no ONNX type inference: their outputs are float32
@@ -71,6 +78,7 @@ def quantize_int8(src: str | Path, dst: str | Path, step_file: str | None = None
         )
     model = onnx.load(str(dst))
     props["rigfm.quantized"] = QUANTIZED
+    props["rigfm.op_domains"] = json.dumps(op_domains(model))
     props["rigfm.quantize_recipe"] = RECIPE
     del model.metadata_props[:]
     for k, v in props.items():

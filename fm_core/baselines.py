@@ -17,6 +17,8 @@ All in physical units. Models:
 * ``small_tf``: ``DynamicsFM`` with a tiny config (d_model 32, 2 layers) trained from scratch with
   :func:`fm_core.finetune.finetune` (masked multi-step objective); rollout in one masked forward pass.
 * ``specialist``: ``DynamicsFM`` with the foundation model's architecture, trained from scratch the same way.
+* ``sindy``: SINDy with control (pysindy, :mod:`fm_core.sindy`): sparse polynomial x (sin, cos of the angles)
+  model of ``x[t+1] - x[t]``, sparsity threshold picked on val; recursive rollout, divergence reported as inf.
 * ``fm``: the pretrained foundation model fine-tuned with :func:`finetune` (``fm0``: zero-shot, no training).
 
 Window models see the subset picked by :func:`fm_core.finetune.subsample` with the same fraction and seed
@@ -34,11 +36,11 @@ import numpy as np
 import torch
 
 from fm_core.finetune import (
+    ROLLOUT_MODES,
     FinetuneConfig,
     TrajData,
     as_trajdata,
     finetune,
-    rollout,
     rollout_windows,
     subsample,
 )
@@ -75,6 +77,17 @@ class Budget:
     # model selection for EVERY model on the val split: open-loop rollout MSE with (context, horizon) -- early
     # stopping (transformers, FFN) and the ridge strength (linreg); None: the one-step / masked val loss
     val_rollout: tuple[int, int] | None = None
+    # transformers: multi-step prediction mode ("masked" one pass | "ar" autoregressive), head output in
+    # units of the one-step increment std, Gaussian noise on the (normalised) input states in training
+    rollout_mode: str = "masked"
+    increment_scale: bool = False
+    noise_std: float = 0.01
+    pushforward: int = 0  # transformers: extra training passes on their own predictions
+    loss_scale: str = "state"  # transformers: "state" | "increment" units of the training loss
+    max_minutes: float = 0.0  # wall-time cap of one fit (every trained model; 0 = none)
+    ft_mode: str = "full"  # the FM's fine-tuning mode: "full" | "head" | "lora"
+    lora_rank: int = 8
+    synthetic_mix: float = 0.0  # the FM: share of synthetic windows in every fine-tuning batch
 
 
 class Predictor:
@@ -88,6 +101,22 @@ class Predictor:
 
     def rollout(self, x_ctx: np.ndarray, u_ctx: np.ndarray, u_future: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+
+class PersistencePredictor(Predictor):
+    """Hold the last observed state: x[t+1] = x[t]; a rollout repeats the current state."""
+
+    name = "persistence"
+
+    def __init__(self) -> None:
+        self.info = {"params": 0, "train_s": 0.0}
+
+    def one_step(self, x: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return np.asarray(x[:, :-1], np.float32)
+
+    def rollout(self, x_ctx: np.ndarray, u_ctx: np.ndarray, u_future: np.ndarray) -> np.ndarray:
+        last = np.asarray(x_ctx[:, -1:], np.float32)
+        return np.repeat(last, u_future.shape[1], axis=1)
 
 
 # ------------------------------------------------------------------------------------ transformers
@@ -109,14 +138,17 @@ class TransformerPredictor(Predictor):
         return self.sys(xt, ut, torch.ones(xt.shape[:2])).numpy()
 
     def rollout(self, x_ctx: np.ndarray, u_ctx: np.ndarray, u_future: np.ndarray) -> np.ndarray:
-        return rollout(self.sys, x_ctx, u_ctx, u_future).numpy()
+        roll = ROLLOUT_MODES[getattr(self.model, "rollout_mode", "masked")]
+        return roll(self.sys, x_ctx, u_ctx, u_future).numpy()
 
 
 def _ft_cfg(
-    budget: Budget, fraction: float, seed: int, lr: float, model: dict[str, Any] | None
+    budget: Budget, fraction: float, seed: int, lr: float, model: dict[str, Any] | None, pretrained: bool,
 ) -> FinetuneConfig:
     return FinetuneConfig(
-        mode="full",
+        mode=budget.ft_mode if pretrained else "full",
+        lora_rank=budget.lora_rank,
+        synthetic_mix=budget.synthetic_mix if pretrained else 0.0,
         steps=budget.steps,
         lr=lr,
         warmup_steps=min(50, budget.steps // 5 + 1),
@@ -131,6 +163,12 @@ def _ft_cfg(
         mask_prob=budget.mask_prob,
         mask_context=budget.mask_context,
         val_rollout=budget.val_rollout,
+        rollout_mode=budget.rollout_mode,
+        increment_scale=budget.increment_scale,
+        noise_std=budget.noise_std,
+        pushforward=budget.pushforward,
+        loss_scale=budget.loss_scale,
+        max_minutes=budget.max_minutes,
     )
 
 
@@ -138,6 +176,8 @@ def _tf_info(model: DynamicsFM, history: list[dict[str, Any]]) -> dict[str, Any]
     fi = dict(getattr(model, "finetune_info", {}))
     fi["params"] = int(sum(p.numel() for p in model.parameters()))
     fi["train_s"] = history[-1]["elapsed_s"] if history else 0.0
+    fi["history"] = [{"step": r["step"], "val_loss": r["val_loss"], "elapsed_s": r["elapsed_s"]}
+                     for r in history]
     return fi
 
 
@@ -153,19 +193,26 @@ def fit_transformer(
 ) -> TransformerPredictor:
     """Fine-tune ``init`` (checkpoint / model) or train ``model_cfg`` from scratch (``init=None``)."""
     lr = budget.lr_scratch if init is None else budget.lr_finetune
-    model, hist = finetune(init, train, val, _ft_cfg(budget, fraction, seed, lr, model_cfg))
+    model, hist = finetune(init, train, val, _ft_cfg(budget, fraction, seed, lr, model_cfg, init is not None))
     tr = as_trajdata(train)
     return TransformerPredictor(name, model, tr.x.shape[-1], tr.u.shape[-1], _tf_info(model, hist))
 
 
 def zero_shot(ckpt: Any, train: Any) -> TransformerPredictor:
     """The pretrained model without training; normalisation from the (whole) training split only."""
-    from fm_core.checkpoint import load_checkpoint
-    from fm_core.finetune import normalisation_stats
+    from fm_core.checkpoint import load_checkpoint, pretrain_recipe
+    from fm_core.finetune import increment_scale, normalisation_stats
 
-    model, _ = load_checkpoint(ckpt) if not isinstance(ckpt, DynamicsFM) else (copy.deepcopy(ckpt), {})
+    if isinstance(ckpt, DynamicsFM):
+        model = copy.deepcopy(ckpt)
+        recipe = getattr(ckpt, "recipe", {})
+    else:
+        model, meta = load_checkpoint(ckpt)
+        recipe = pretrain_recipe(meta)
     tr = as_trajdata(train)
     model.set_normalization(**normalisation_stats(tr))
+    if recipe.get("normalize"):  # pretrained per-sample normalised: the head predicts increments in their std
+        model.set_increment_scale(increment_scale(tr, model))
     return TransformerPredictor(
         "fm0",
         model,
@@ -323,6 +370,8 @@ def fit_ffn(
     t0 = time.time()
     best = (math.inf, copy.deepcopy(net.state_dict()), 0)
     bad, step = 0, 0
+    stop_reason = "step_cap"
+    history: list[dict[str, Any]] = []
     for step in range(1, budget.steps + 1):
         idx = torch.randint(0, a.shape[0], (min(bs, a.shape[0]),), generator=gen)
         loss = torch.mean((net(a[idx]) - y[idx]) ** 2)
@@ -338,12 +387,17 @@ def fit_ffn(
                 with torch.no_grad():
                     v = float(torch.mean((net(av) - yv) ** 2))
             net.train()
+            history.append({"step": step, "val_loss": v, "elapsed_s": round(time.time() - t0, 3)})
             if v < best[0] - 1e-7:
                 best, bad = (v, copy.deepcopy(net.state_dict()), step), 0
             else:
                 bad += 1
                 if bad >= budget.patience:
+                    stop_reason = "patience"
                     break
+            if budget.max_minutes > 0 and time.time() - t0 > 60.0 * budget.max_minutes:
+                stop_reason = "time_cap"
+                break
     net.load_state_dict(best[1])
     net.eval()
 
@@ -355,6 +409,8 @@ def fit_ffn(
         {
             "best_step": best[2],
             "steps_run": step,
+            "stop_reason": stop_reason,
+            "history": history,
             "val_loss": best[0],
             "params": int(sum(p.numel() for p in net.parameters())),
             "train_s": round(time.time() - t0, 3),
@@ -363,7 +419,7 @@ def fit_ffn(
     )
 
 
-MODELS = ("fm", "specialist", "linreg", "ffn", "small_tf")
+MODELS = ("fm", "specialist", "linreg", "ffn", "small_tf", "sindy")
 
 
 def fit_model(
@@ -376,6 +432,10 @@ def fit_model(
         return fit_ffn(train, val, seed, budget, fraction)
     if name == "small_tf":
         return fit_transformer(name, None, train, val, seed, budget, fraction, SMALL_TF)
+    if name == "sindy":
+        from fm_core.sindy import fit_sindy  # pysindy is imported only when SINDy is fitted
+
+        return fit_sindy(train, val, seed, budget, fraction)  # type: ignore[return-value]
     if ckpt is None:
         raise ValueError(f"model {name!r} needs the pretrained checkpoint (ckpt=...)")
     if name == "fm":

@@ -104,7 +104,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "<checkpoint>") ->
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: field 'model_config': {exc}") from None
     model = DynamicsFM(cfg)
-    sd = ckpt["state_dict"]
+    sd = dict(ckpt["state_dict"])
+    # checkpoints from before the increment scale: their head predicts the normalised increment (scale 1)
+    sd.setdefault("dx_scale", torch.ones(cfg.n_max))
     for k, v in sd.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{source}: field 'state_dict.{k}' contains NaN/Inf")
@@ -120,4 +122,22 @@ def load_checkpoint(path: str | Path) -> tuple[DynamicsFM, dict[str, Any]]:
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, str(path))
     model.eval()
+    model.rollout_mode = rollout_mode_of(ckpt["meta"])  # type: ignore[attr-defined]
+    model.recipe = pretrain_recipe(ckpt["meta"])  # type: ignore[attr-defined]
     return model, ckpt["meta"]
+
+
+def pretrain_recipe(meta: dict[str, Any]) -> dict[str, Any]:
+    """The pretraining recipe recorded in ``meta.train.recipe`` ({} for older checkpoints)."""
+    train = meta.get("train") or {}
+    return dict(train.get("recipe") or (train.get("init_train") or {}).get("recipe") or {})
+
+
+def rollout_mode_of(meta: dict[str, Any]) -> str:
+    """How a checkpoint makes multi-step predictions: its fine-tuning config's ``rollout_mode``, else "ar" for
+    a pretraining without masked long-horizon windows (``recipe.mask_prob == 0``), else "masked"."""
+    train = meta.get("train") or {}
+    mode = (train.get("config") or {}).get("rollout_mode") if isinstance(train.get("config"), dict) else None
+    if mode:
+        return str(mode)
+    return "ar" if pretrain_recipe(meta).get("mask_prob", 0.5) == 0 else "masked"

@@ -29,6 +29,9 @@ class DataConfig:
     context_mask: bool = True    # TimesFM-style random zeroing of the first r in [0, p-1] history steps
     num_workers: int = 1         # DataLoader worker processes generating batches
     val_batches: int = 4         # fixed validation batches (seeded) evaluated on rank 0
+    # per-sample normalisation like fine-tuning: every system's x and u to zero mean / unit std, and the
+    # head's increment scale set to that system's one-step increment std (DynamicsFM.dx_scale)
+    normalize: bool = False
 
 
 @dataclass
@@ -49,6 +52,14 @@ class TrainConfig:
     ckpt_every: int = 100
     threads: int = 0             # torch intra-op threads per process (0 = leave torch default)
     max_minutes: float = 0.0     # stop cleanly (and checkpoint) after this wall time; 0 = no limit
+    # PDEDER penalty (fm_core/lyapunov.py, docs/model.md): loss += lyapunov_weight * the top Lyapunov
+    # exponent of the latent one-step map on `lyapunov_samples` windows of each batch, estimated over
+    # `lyapunov_steps` autoregressive steps (after `lyapunov_burn_in`) from `lyapunov_context` observed steps
+    lyapunov_weight: float = 0.0  # 0 = off
+    lyapunov_steps: int = 8
+    lyapunov_context: int = 16
+    lyapunov_samples: int = 4
+    lyapunov_burn_in: int = 1
 
 
 @dataclass
@@ -143,6 +154,13 @@ def _validate(cfg: FullConfig, source: str) -> None:
         (t.hidden_weight >= 0, "[train] hidden_weight must be >= 0"),
         (t.log_every >= 1 and t.val_every >= 1 and t.ckpt_every >= 1, "[train] *_every must be >= 1"),
         (t.threads >= 0, "[train] threads must be >= 0"),
+        (t.lyapunov_weight >= 0, "[train] lyapunov_weight must be >= 0"),
+        (t.lyapunov_steps >= 1 and t.lyapunov_samples >= 1 and t.lyapunov_burn_in >= 0,
+         "[train] lyapunov_steps and lyapunov_samples must be >= 1, lyapunov_burn_in >= 0"),
+        (t.lyapunov_weight == 0 or mc["patch"] <= t.lyapunov_context
+         and t.lyapunov_context + t.lyapunov_burn_in + t.lyapunov_steps + 1 <= d.seq_len,
+         f"[train] lyapunov_context (>= patch {mc['patch']}) + lyapunov_burn_in + lyapunov_steps + 1 must "
+         f"be <= [data] seq_len={d.seq_len}"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -42,6 +42,7 @@ class BatchSpec:
     mask_prob: float = 0.5
     min_context: int = 1
     context_mask: bool = True
+    normalize: bool = False
 
 
 def _default_generator() -> Generator:
@@ -84,7 +85,29 @@ def make_batch(
         raise ValueError(f"{source}: generator returned invalid 'n'/'m' {n.tolist()} / {m.tolist()}")
     state_mask = (np.arange(spec.n_max)[None, :] < n[:, None]).astype(np.float32)
     input_mask = (np.arange(spec.m_max)[None, :] < m[:, None]).astype(np.float32)
-    return windows_to_batch(rng, x, u, state_mask, input_mask, spec)
+    if not spec.normalize:
+        return windows_to_batch(rng, x, u, state_mask, input_mask, spec)
+    x, u, dx = normalise_per_sample(x, u, state_mask, input_mask)
+    out = windows_to_batch(rng, x, u, state_mask, input_mask, spec)
+    out["dx_scale"] = torch.from_numpy(dx)
+    return out
+
+
+def normalise_per_sample(
+    x: np.ndarray, u: np.ndarray, state_mask: np.ndarray, input_mask: np.ndarray, floor: float = 1e-3,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each sample's real channels to zero mean / unit std over time (std floored), as fine-tuning does with
+    dataset statistics; also returns the per-sample one-step increment std of the normalised x (B, n_max),
+    1 on padded channels."""
+    def norm(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        mean = a.mean(1, keepdims=True)
+        std = np.maximum(a.std(1, keepdims=True), floor)
+        return ((a - mean) / std * mask[:, None, :]).astype(np.float32)
+
+    xn, un = norm(x, state_mask), norm(u, input_mask)
+    dx = np.maximum(np.diff(xn, axis=1).std(1), floor)
+    dx = np.where(state_mask > 0, dx, 1.0).astype(np.float32)
+    return xn, un, dx
 
 
 def windows_to_batch(

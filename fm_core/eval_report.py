@@ -9,14 +9,17 @@ from typing import Any
 
 import numpy as np
 
-ORDER = ("fm0", "fm", "specialist", "small_tf", "ffn", "linreg")
+ORDER = ("fm0", "fm", "specialist", "small_tf", "ffn", "linreg", "sindy", "fm0_long", "persistence")
 LABELS = {
     "fm": "FM (fine-tuned)",
     "fm0": "FM zero-shot",
+    "fm0_long": "FM zero-shot, long context",
+    "persistence": "Persistence (hold last state), long context",
     "specialist": "Specialist (FM arch, scratch)",
     "linreg": "Linear regression (ridge)",
     "ffn": "FFN (MLP)",
     "small_tf": "Small transformer",
+    "sindy": "SINDy with control",
 }
 
 
@@ -32,59 +35,67 @@ def rig_table(rig_res: dict[str, Any]) -> str:
 
     agg = aggregate(rig_res)
     lines = [
-        "| model | data fraction | train traj. | seeds | one-step MSE | multi-step MSE |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | data fraction | train traj. | seeds | one-step MSE | multi-step MSE | steps (best) | "
+        "fit wall s | stopped by |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     ntr = rig_res["n_trajectories"]["train"]
     for m in ORDER:
         for f in sorted({f for (mm, f) in agg if mm == m}):
             a = agg[(m, f)]
-            k = "0 (zero-shot)" if m == "fm0" else str(max(1, int(math.ceil(f * ntr - 1e-9))))
+            k = "0 (zero-shot)" if f == 0 else str(max(1, int(math.ceil(f * ntr - 1e-9))))
+            rows = [r for r in rig_res["runs"] if r["model"] == m and float(r["fraction"]) == f]
             lines.append(
                 f"| {LABELS[m]} | {f:g} | {k} | {a['n']} | "
                 f"{_fmt(a['one_step_mse_mean'], a['one_step_mse_std'], a['n'])} | "
-                f"{_fmt(a['multi_step_mse_mean'], a['multi_step_mse_std'], a['n'])} |"
+                f"{_fmt(a['multi_step_mse_mean'], a['multi_step_mse_std'], a['n'])} | {_compute(rows)} |"
             )
     return "\n".join(lines)
 
 
+def _compute(rows: list[dict[str, Any]]) -> str:
+    """Mean optimiser steps run (best step), mean fit wall time and the stop reasons over the seeds."""
+    steps = [r["info"].get("steps_run") for r in rows if isinstance(r.get("info", {}).get("steps_run"), int)]
+    best = [r["info"].get("best_step") for r in rows if isinstance(r.get("info", {}).get("best_step"), int)]
+    wall = [float(r["wall_s"]) for r in rows if isinstance(r.get("wall_s"), int | float)]
+    reasons = sorted({str(r["info"]["stop_reason"]) for r in rows if r.get("info", {}).get("stop_reason")})
+    st = f"{np.mean(steps):.0f} ({np.mean(best):.0f})" if steps and best else "-"
+    return f"{st} | {np.mean(wall):.0f} | {', '.join(reasons) or '-'}" if wall else f"{st} | - | -"
+
+
 def verdict_md(v: dict[str, Any]) -> str:
     """The verdict section in words and numbers."""
+    from fm_core.evaluate import BASELINES
 
     def yn(h: Any) -> str:
         return "n/a" if h is None else ("**YES**" if h else "**NO**")
 
-    q1, q2, q3 = (
-        v["fm_small_beats_specialist_full"],
-        v["fm_beats_every_baseline_every_fraction"],
-        v["fm_std_smaller_than_specialist"],
-    )
+    q1, q2, q3 = v["fm_lowest_every_fraction"], v["fm_data_efficient"], v["fm_std_smaller_than_specialist"]
+    q4 = v["zero_shot_beats_persistence"]
     out = [
         "## Verdict (computed from the numbers above)",
         "",
-        f"1. FM at the smallest fraction has a lower multi-step MSE than the specialist at 100 % "
-        f"on every rig: "
-        f"{yn(q1['holds'])}",
+        f"1. The fine-tuned FM has the lowest multi-step MSE of all models "
+        f"({', '.join(LABELS[m] for m in BASELINES)}) at every fraction: {yn(q1['holds'])}",
     ]
     for rig, d in q1["per_rig"].items():
-        out.append(
-            f"   - {rig}: FM@{d['fm_fraction']:g} = {d['fm_multi']:.4g} vs specialist@"
-            f"{d['specialist_fraction']:g} = {d['specialist_multi']:.4g} -> "
-            f"{'holds' if d['holds'] else 'fails'}"
-        )
-    out.append(
-        f"2. FM beats every baseline (specialist, small transformer, FFN, linear) at every fraction "
-        f"(multi-step MSE, mean over seeds): {yn(q2['holds'])}"
-    )
-    for rig, d in q2["per_rig"].items():
         if d["holds"]:
             out.append(f"   - {rig}: holds")
         else:
             exc = "; ".join(
-                f"{e['model']}@{e['fraction']:g}: {e['other_multi']:.4g} <= FM {e['fm_multi']:.4g}"
+                f"{LABELS[e['model']]}@{e['fraction']:g}: {e['other_multi']:.4g} <= FM {e['fm_multi']:.4g}"
                 for e in d["exceptions"]
             )
             out.append(f"   - {rig}: fails ({exc})")
+    out.append(f"2. Data efficiency: FM at a fraction is at or below the best baseline at the next larger "
+               f"fraction: {yn(q2['holds'])}")
+    for rig, d in q2["per_rig"].items():
+        parts = "; ".join(
+            f"FM@{c['fm_fraction']:g} {c['fm_multi']:.4g} vs {LABELS[c['baseline']]}"
+            f"@{c['baseline_fraction']:g} {c['baseline_multi']:.4g} ({'holds' if c['holds'] else 'fails'})"
+            for c in d["pairs"]
+        )
+        out.append(f"   - {rig}: {parts}")
     out.append(
         f"3. FM's seed-to-seed std of the multi-step MSE is smaller than the specialist's at every "
         f"fraction: {yn(q3['holds'])}"
@@ -94,6 +105,12 @@ def verdict_md(v: dict[str, Any]) -> str:
             f"{c['fraction']:g}: {c['fm_std']:.2g} vs {c['specialist_std']:.2g}" for c in d["per_fraction"]
         )
         out.append(f"   - {rig}: {'holds' if d['holds'] else 'fails'} ({parts})")
+    out.append(f"4. Zero-shot: the FM without fine-tuning beats persistence (hold the last state) on the "
+               f"multi-step MSE: {yn(q4['holds'])}")
+    for rig, d in q4["per_rig"].items():
+        out.append(f"   - {rig}: FM zero-shot {d['fm0_multi']:.4g} vs persistence "
+                   f"{d['persistence_multi']:.4g} ({d.get('context')} context steps) -> "
+                   f"{'holds' if d['holds'] else 'fails'}")
     return "\n".join(out)
 
 
@@ -110,12 +127,15 @@ def _plots(rig_res: dict[str, Any], d: Path) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("one_step_mse", "multi_step_mse"), strict=True):
         for m in ORDER[1:]:
-            fr = sorted({f for (mm, f) in agg if mm == m})
+            fr = sorted({f for (mm, f) in agg if mm == m and f > 0})
             if not fr:
                 continue
             mean = np.array([agg[(m, f)][f"{metric}_mean"] for f in fr])
             std = np.array([agg[(m, f)][f"{metric}_std"] for f in fr])
-            ax.errorbar(fr, mean, yerr=std, marker="o", capsize=3, label=LABELS[m])
+            ok = np.isfinite(mean) & np.isfinite(std)  # a diverged model (inf): no point, the table says so
+            if not ok.any():
+                continue
+            ax.errorbar(np.asarray(fr)[ok], mean[ok], yerr=std[ok], marker="o", capsize=3, label=LABELS[m])
         if ("fm0", 0.0) in agg:
             ax.axhline(agg[("fm0", 0.0)][f"{metric}_mean"], color="gray", ls="--", label=LABELS["fm0"])
         ax.set_xscale("log")
@@ -130,6 +150,28 @@ def _plots(rig_res: dict[str, Any], d: Path) -> list[str]:
     plt.close(fig)
     files.append("mse_vs_fraction.png")
 
+    curves = [r for r in rig_res["runs"] if r.get("val_curve") and r["seed"] == 0]
+    if curves:
+        fracs = sorted({float(r["fraction"]) for r in curves})
+        fig, axes = plt.subplots(1, len(fracs), figsize=(4.5 * len(fracs), 3.6), squeeze=False)
+        for ax, f in zip(axes[0], fracs, strict=True):
+            for r in (r for r in curves if float(r["fraction"]) == f):
+                pts = [(c["step"], c["val_loss"]) for c in r["val_curve"]
+                       if c.get("val_loss") is not None and math.isfinite(c["val_loss"])]
+                if pts:
+                    st, vl = zip(*pts, strict=True)
+                    ax.plot(st, vl, lw=1, label=LABELS.get(r["model"], r["model"]))
+            ax.set_yscale("log")
+            ax.set_xlabel("optimiser step")
+            ax.set_ylabel("val rollout MSE")
+            ax.set_title(f"{rig_res['rig']}: {f:g} of the data, seed 0")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(d / "val_curves.png", dpi=90)
+        plt.close(fig)
+        files.append("val_curves.png")
+
     ex = rig_res.get("example", {})
     if "truth" in ex:
         truth = np.asarray(ex["truth"])
@@ -141,7 +183,8 @@ def _plots(rig_res: dict[str, Any], d: Path) -> list[str]:
             ax.plot(t, truth[:, i], "k-", lw=1.5, label="truth")
             for m in ORDER:
                 if m in ex:
-                    p = np.asarray(ex[m])
+                    p = np.asarray(ex[m], dtype=float)
+                    p = np.where(np.isfinite(p), p, np.nan)  # a diverged rollout: the line stops there
                     ax.plot(t[c:], p[:, i], lw=1, label=LABELS[m])
             ax.axvline(t[c - 1], color="gray", ls=":")
             ax.set_ylabel(names[i])

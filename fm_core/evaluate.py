@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -19,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from fm_core.angle_features import SinCosCodec, SinCosPredictor
-from fm_core.baselines import MODELS, Budget, Predictor, fit_model, zero_shot
+from fm_core.baselines import MODELS, Budget, PersistencePredictor, Predictor, fit_model, zero_shot
 from fm_core.eval_report import write_outputs
+from fm_core.metrics import ONE_STEP_SKIP, channel_scale, metric_windows, prediction_errors
 
 
 class EvaluateError(ValueError):
@@ -28,6 +28,8 @@ class EvaluateError(ValueError):
 
 
 ANGLE_FEATURES = ("raw", "sincos")
+# every model the fine-tuned FM must beat at every fraction (verdict question 2)
+BASELINES = ("specialist", "linreg", "ffn", "small_tf", "sindy")
 
 
 def angle_codec(rig: str, td: Any) -> SinCosCodec:
@@ -58,7 +60,7 @@ class EvalConfig:
     window: int = 200  # dataset window (steps); stride = window (no overlap)
     context: int = 30
     horizon: int = 50
-    one_step_skip: int = 10  # first targets of a window left out of the one-step metric (short history)
+    one_step_skip: int = ONE_STEP_SKIP  # first targets of a window left out of the one-step metric
     budget: Budget = field(default_factory=Budget)
     out: str = "results"
     work: str | None = None
@@ -70,6 +72,9 @@ class EvalConfig:
     # "raw": states as logged (angles unwrapped); "sincos": every model sees the pendulum angle as (sin, cos)
     # and its predictions are mapped back (fm_core.angle_features), so the metric is unchanged
     angle_features: str = "raw"
+    # the zero-shot question: FM with this much context (s) against persistence, horizon as the metric's
+    zero_shot_context_s: float = 2.0
+    zero_shot_max_len: int = 256  # context + horizon never exceeds the model's max_len
 
     def __post_init__(self) -> None:
         """Fill the budget's metric-matched settings: masked training windows observe ``context`` tokens and
@@ -149,13 +154,11 @@ def load_splits(path: Path, cfg: EvalConfig) -> tuple[Any, Any, Any, Any]:
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def eval_windows(td: Any, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-overlapping windows of ``length`` steps from every test trajectory."""
-    starts = range(0, td.x.shape[1] - length + 1, length)
-    return (
-        np.concatenate([td.x[:, s : s + length] for s in starts]),
-        np.concatenate([td.u[:, s : s + length] for s in starts]),
-    )
+def metric_setup(tr: Any, te: Any, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(test windows x, u, scale): the inputs of the shared metric (``fm_core.metrics``), as ``rigfm score``
+    builds them from the same file: windows of context + horizon steps, train-split std in raw units."""
+    xw, uw = metric_windows(te.x, te.u, cfg.context + cfg.horizon)
+    return xw, uw, channel_scale(tr.x)
 
 
 def score(
@@ -167,27 +170,22 @@ def score(
     skip: int,
     batch: int = 128,
 ) -> dict[str, Any]:
-    """One-step (teacher-forced) and multi-step (open-loop from ``context`` steps) MSE in normalised units
-    (divided by the train-split std per channel; means cancel in the difference)."""
-    one, multi = [], []
+    """One-step (teacher-forced) and multi-step (open-loop from ``context`` steps) MSE of ``pred`` on the
+    windows, by :func:`fm_core.metrics.prediction_errors` (the definition ``rigfm score`` uses)."""
+    one, roll = [], []
     for b in range(0, len(xw), batch):
         x, u = xw[b : b + batch], uw[b : b + batch]
-        p1 = pred.one_step(x, u)
-        one.append((((p1 - x[:, 1:]) / x_std) ** 2)[:, skip:])
-        r = pred.rollout(x[:, :context], u[:, : context - 1], u[:, context - 1 : -1])
-        se = ((r - x[:, context:]) / x_std) ** 2
-        multi.append(se)
-    one_a, se_a = np.concatenate(one), np.concatenate(multi)
-    res = {
-        "one_step_mse": float(one_a.mean()),
-        "multi_step_mse": float(se_a.mean()),
-        "per_step_mse": se_a.mean(axis=(0, 2)).tolist(),
-        "per_channel_multi": se_a.mean(axis=(0, 1)).tolist(),
-    }
-    for k in ("one_step_mse", "multi_step_mse"):
-        if not math.isfinite(res[k]):
-            res[k] = float("inf")  # a diverged rollout is reported as inf, not NaN
-    return res
+        one.append(pred.one_step(x, u))
+        roll.append(pred.rollout(x[:, :context], u[:, : context - 1], u[:, context - 1 : -1]))
+    res = prediction_errors(np.concatenate(one), np.concatenate(roll), xw, x_std, context, skip)
+    return {k: res[k] for k in ("one_step_mse", "multi_step_mse", "per_step_mse", "per_channel_multi")}
+
+
+def long_context(td: Any, cfg: EvalConfig) -> int:
+    """Context steps of the long-context zero-shot row: ``zero_shot_context_s`` at the data's dt, at most
+    what a test trajectory holds before the horizon and what the model's positions allow."""
+    want = int(round(cfg.zero_shot_context_s / float(td.dt or 0.01)))
+    return max(cfg.context, min(want, td.x.shape[1] - cfg.horizon, cfg.zero_shot_max_len - cfg.horizon))
 
 
 # ------------------------------------------------------------------------------------------- one rig
@@ -197,21 +195,18 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
     from tqdm import tqdm
 
     from fm_core.checkpoint import load_checkpoint
-    from fm_core.finetune import normalisation_stats
 
     torch.set_num_threads(max(1, cfg.threads))
     t_rig = time.time()
     path = prepare_data(rig, cfg)
     ts, tr, va, te = load_splits(path, cfg)
-    x_std = np.asarray(normalisation_stats(tr)["x_std"])
     codec = angle_codec(rig, tr) if cfg.angle_features == "sincos" else None
     tr_fit, va_fit = (codec.encode_data(tr), codec.encode_data(va)) if codec else (tr, va)
 
     def wrap(p: Predictor) -> Predictor:
         return SinCosPredictor(p, codec) if codec else p  # type: ignore[return-value]
 
-    length = cfg.context + cfg.horizon
-    xw, uw = eval_windows(te, length)
+    xw, uw, x_std = metric_setup(tr, te, cfg)
     need_ckpt = any(m in ("fm", "specialist") for m in cfg.models)
     ckpt = None
     if need_ckpt:
@@ -244,6 +239,14 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
         s0 = score(p0, xw, uw, x_std, cfg.context, cfg.one_step_skip)
         out["runs"].append({"model": "fm0", "fraction": 0.0, "seed": 0, **s0, "info": p0.info})
         out["example"]["fm0"] = _example(p0, xw, uw, ex, cfg.context)
+        # zero-shot with a long context (the FM's in-context case) against holding the last state, on the
+        # test trajectories' last zero_shot_context + horizon steps
+        lc = long_context(te, cfg)
+        out["zero_shot_context"] = lc
+        xl, ul = te.x[:, -(lc + cfg.horizon):], te.u[:, -(lc + cfg.horizon):]
+        for name, pz in (("fm0_long", p0), ("persistence", PersistencePredictor())):
+            sz = score(pz, xl, ul, x_std, lc, cfg.one_step_skip)
+            out["runs"].append({"model": name, "fraction": 0.0, "seed": 0, **sz, "info": pz.info})
     # seed-major order: an interrupted run still has complete tables for the seeds it finished
     jobs = [(m, f, s) for s in range(cfg.seeds) for f in cfg.fractions for m in cfg.models]
     partial = Path(cfg.out) / rig / "partial.json"
@@ -266,8 +269,12 @@ def evaluate_rig(rig: str, cfg: EvalConfig, position: int = 0) -> dict[str, Any]
         pred = wrap(fit_model(m, tr_fit, va_fit, s, cfg.budget, f, ckpt=ckpt))
         sc = score(pred, xw, uw, x_std, cfg.context, cfg.one_step_skip)
         info = {k: v for k, v in pred.info.items() if isinstance(v, int | float | str | type(None))}
+        report = getattr(getattr(pred, "inner", pred), "rollout_report", None)
+        if report is not None:  # SINDy: test windows whose rollout hit its state envelope / diverged
+            info.update(report())
         out["runs"].append(
-            {"model": m, "fraction": f, "seed": s, **sc, "info": info, "wall_s": round(time.time() - t0, 2)}
+            {"model": m, "fraction": f, "seed": s, **sc, "info": info, "wall_s": round(time.time() - t0, 2),
+             "val_curve": pred.info.get("history") or []}
         )
         if s == 0 and f == max(cfg.fractions):
             out["example"][m] = _example(pred, xw, uw, ex, cfg.context)
@@ -339,70 +346,84 @@ def aggregate(rig_res: dict[str, Any]) -> dict[tuple[str, float], dict[str, floa
         agg: dict[str, float] = {"n": len(rows)}
         for k in ("one_step_mse", "multi_step_mse"):
             v = np.array([row[k] for row in rows], dtype=float)
-            agg[f"{k}_mean"], agg[f"{k}_std"] = float(v.mean()), float(v.std())
+            # a diverged seed (inf) makes mean and std inf (numpy's std would be NaN)
+            std = float(v.std()) if np.isfinite(v).all() else float("inf")
+            agg[f"{k}_mean"], agg[f"{k}_std"] = float(v.mean()), std
         out[key] = agg
     return out
 
 
 def verdict(results: dict[str, Any]) -> dict[str, Any]:
-    """The three questions of the experiment, answered from the numbers (None where a model is missing)."""
+    """The experiment's questions, answered from the numbers (multi-step = open-loop rollout MSE, mean over
+    seeds; ``holds`` is None where a model or fraction is missing):
+
+    1. ``fm_lowest_every_fraction``: the fine-tuned FM has the lowest multi-step MSE of all models at every
+       fraction;
+    2. ``fm_data_efficient``: FM at the k-th fraction <= the best baseline at the (k+1)-th (10 % vs 100 %,
+       2 % vs 10 %);
+    3. ``fm_std_smaller_than_specialist``: the FM's seed-to-seed std is below the specialist's at every
+       fraction;
+    4. ``zero_shot_beats_persistence``: the zero-shot FM beats holding the last state on the multi-step MSE
+       (long-context windows, ``fm0_long`` vs ``persistence`` rows).
+    """
     rigs = list(results["rigs"])
     q1: dict[str, Any] = {}
     q2: dict[str, Any] = {}
     q3: dict[str, Any] = {}
+    q4: dict[str, Any] = {}
     for rig in rigs:
         agg = aggregate(results["rigs"][rig])
         fr = sorted({f for (m, f) in agg if m == "fm"})
-        if fr and ("specialist", max(fr)) in agg:
-            a, b = (
-                agg[("fm", min(fr))]["multi_step_mse_mean"],
-                agg[("specialist", max(fr))]["multi_step_mse_mean"],
-            )
-            q1[rig] = {
-                "fm_fraction": min(fr),
-                "fm_multi": a,
-                "specialist_fraction": max(fr),
-                "specialist_multi": b,
-                "holds": bool(a < b),
-            }
+
+        def mean(m: str, f: float, agg: dict = agg) -> float:
+            return agg[(m, f)]["multi_step_mse_mean"]
+
+        def best_baseline(f: float, agg: dict = agg) -> tuple[str, float] | None:
+            cands = [(m, mean(m, f)) for m in BASELINES if (m, f) in agg]
+            return min(cands, key=lambda kv: kv[1]) if cands else None
+
         losses = []
         for f in fr:
-            for m in ("specialist", "linreg", "ffn", "small_tf"):
-                if (m, f) in agg and not agg[("fm", f)]["multi_step_mse_mean"] < agg[(m, f)][
-                    "multi_step_mse_mean"
-                ]:
-                    losses.append(
-                        {
-                            "fraction": f,
-                            "model": m,
-                            "fm_multi": agg[("fm", f)]["multi_step_mse_mean"],
-                            "other_multi": agg[(m, f)]["multi_step_mse_mean"],
-                        }
-                    )
+            for m in BASELINES:
+                if (m, f) in agg and not mean("fm", f) < mean(m, f):
+                    losses.append({"fraction": f, "model": m, "fm_multi": mean("fm", f),
+                                   "other_multi": mean(m, f)})
         if fr:
-            q2[rig] = {"holds": not losses, "exceptions": losses}
+            q1[rig] = {"holds": not losses, "exceptions": losses}
+        pairs = []
+        all_fr = sorted({f for (m, f) in agg if m in BASELINES})
+        for f in fr:
+            bigger = [g for g in all_fr if g > f]
+            if not bigger:
+                continue
+            g = min(bigger)
+            bb = best_baseline(g)
+            if bb is not None:
+                pairs.append({"fm_fraction": f, "fm_multi": mean("fm", f), "baseline_fraction": g,
+                              "baseline": bb[0], "baseline_multi": bb[1],
+                              "holds": bool(mean("fm", f) <= bb[1])})
+        if pairs:
+            q2[rig] = {"holds": all(c["holds"] for c in pairs), "pairs": pairs}
         cmp = []
         for f in fr:
             if ("specialist", f) in agg:
-                cmp.append(
-                    {
-                        "fraction": f,
-                        "fm_std": agg[("fm", f)]["multi_step_mse_std"],
-                        "specialist_std": agg[("specialist", f)]["multi_step_mse_std"],
-                        "holds": agg[("fm", f)]["multi_step_mse_std"]
-                        < agg[("specialist", f)]["multi_step_mse_std"],
-                    }
-                )
+                a, b = agg[("fm", f)]["multi_step_mse_std"], agg[("specialist", f)]["multi_step_mse_std"]
+                cmp.append({"fraction": f, "fm_std": a, "specialist_std": b, "holds": bool(a < b)})
         if cmp:
             q3[rig] = {"holds": all(c["holds"] for c in cmp), "per_fraction": cmp}
+        if ("fm0_long", 0.0) in agg and ("persistence", 0.0) in agg:
+            a, b = mean("fm0_long", 0.0), mean("persistence", 0.0)
+            q4[rig] = {"fm0_multi": a, "persistence_multi": b, "holds": bool(a < b),
+                       "context": results["rigs"][rig].get("zero_shot_context")}
 
     def all_hold(d: dict[str, Any]) -> bool | None:
         return None if len(d) < len(rigs) or not d else all(v["holds"] for v in d.values())
 
     return {
-        "fm_small_beats_specialist_full": {"holds": all_hold(q1), "per_rig": q1},
-        "fm_beats_every_baseline_every_fraction": {"holds": all_hold(q2), "per_rig": q2},
+        "fm_lowest_every_fraction": {"holds": all_hold(q1), "per_rig": q1},
+        "fm_data_efficient": {"holds": all_hold(q2), "per_rig": q2},
         "fm_std_smaller_than_specialist": {"holds": all_hold(q3), "per_rig": q3},
+        "zero_shot_beats_persistence": {"holds": all_hold(q4), "per_rig": q4},
     }
 
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from fm_core.checkpoint import load_checkpoint, save_checkpoint
-from fm_core.data import BatchSpec, masked_huber_loss, windows_to_batch
+from fm_core.data import BatchSpec, make_batch, masked_huber_loss, windows_to_batch
+from fm_core.lora import add_lora, merge_lora
 from fm_core.model import DynamicsFM, ModelConfig, SystemModel
 
 
@@ -39,11 +40,14 @@ class TrajData:
     rig: str = ""
 
 
+FINETUNE_MODES = ("full", "head", "lora")
+
+
 @dataclass
 class FinetuneConfig:
     """Hyper-parameters of :func:`finetune`. ``model`` is only used when training from scratch."""
 
-    mode: str = "full"             # "full" | "head" (embedding + output head only)
+    mode: str = "full"             # "full" | "head" (embedding + output head only) | "lora" (fm_core/lora.py)
     steps: int = 2000              # maximum optimiser steps
     lr: float = 3e-4
     warmup_steps: int = 50
@@ -66,10 +70,28 @@ class FinetuneConfig:
     # early stopping on the val open-loop rollout MSE (context, horizon) instead of the masked val loss
     val_rollout: tuple[int, int] | None = None
     min_lr_ratio: float = 0.0      # cosine decay floor (share of lr)
+    # how multi-step predictions are made (val rollout, evaluation, export metadata): "masked" = one forward
+    # pass with hidden future states, "ar" = autoregressive, each prediction fed back as observed
+    rollout_mode: str = "masked"
+    # head output in units of the data's one-step increment std (per channel) instead of the state std
+    increment_scale: bool = False
+    # extra training passes on the model's own (detached) one-step predictions (0 = teacher forcing only)
+    pushforward: int = 0
+    # units of the training loss: "state" (the normalised state) | "increment" (units of dx_scale)
+    loss_scale: str = "state"
+    max_minutes: float = 0.0       # wall-time cap (checked at validations; 0 = none)
+    lora_rank: int = 8             # mode "lora": rank of the blocks' weight updates
+    # share of every training batch drawn from synthetic RKHS systems (per-sample normalised, as in
+    # pretraining): a regulariser against forgetting the prior when the rig data is tiny (0 = off)
+    synthetic_mix: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("full", "head"):
-            raise ValueError(f"FinetuneConfig.mode must be 'full' or 'head', got {self.mode!r}")
+        if self.mode not in FINETUNE_MODES:
+            raise ValueError(f"FinetuneConfig.mode must be one of {FINETUNE_MODES}, got {self.mode!r}")
+        if self.lora_rank < 1:
+            raise ValueError(f"FinetuneConfig.lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0.0 <= self.synthetic_mix < 1.0:
+            raise ValueError(f"FinetuneConfig.synthetic_mix must be in [0, 1), got {self.synthetic_mix}")
         if not (0.0 < self.fraction <= 1.0):
             raise ValueError(f"FinetuneConfig.fraction must be in (0, 1], got {self.fraction}")
         for name in ("steps", "batch_size", "seq_len", "val_every", "patience", "val_windows"):
@@ -91,6 +113,14 @@ class FinetuneConfig:
                 raise ValueError(f"FinetuneConfig.val_rollout must be (context, horizon) >= 1, "
                                  f"got {self.val_rollout}")
             self.val_rollout = (c, h)
+        if self.rollout_mode not in ROLLOUT_MODES:
+            raise ValueError(f"FinetuneConfig.rollout_mode must be one of {sorted(ROLLOUT_MODES)}, "
+                             f"got {self.rollout_mode!r}")
+        if self.pushforward < 0:
+            raise ValueError(f"FinetuneConfig.pushforward must be >= 0, got {self.pushforward}")
+        if self.loss_scale not in ("state", "increment"):
+            raise ValueError(f"FinetuneConfig.loss_scale must be 'state' or 'increment', "
+                             f"got {self.loss_scale!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"FinetuneConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -162,6 +192,13 @@ def normalisation_stats(td: TrajData) -> dict[str, list[float]]:
     return out
 
 
+def increment_scale(td: TrajData, model: DynamicsFM) -> np.ndarray:
+    """Per-channel std of the one-step increments x[t+1] - x[t] in the model's normalised units (floored)."""
+    n = td.x.shape[-1]
+    d = np.diff(td.x.astype(np.float64), axis=1).reshape(-1, n) / model.x_std[:n].cpu().numpy()
+    return np.maximum(d.std(0), 1e-4)
+
+
 def _normalised_padded(model: DynamicsFM, td: TrajData) -> tuple[np.ndarray, np.ndarray]:
     c = model.cfg
     n, m = td.x.shape[-1], td.u.shape[-1]
@@ -197,6 +234,24 @@ def rollout_windows(td: TrajData, length: int) -> tuple[np.ndarray, np.ndarray]:
             np.concatenate([td.u[:, s : s + length] for s in starts]))
 
 
+def _mix_synthetic(
+    rng: np.random.Generator, b: dict[str, torch.Tensor], model: DynamicsFM, spec: BatchSpec, k: int,
+) -> dict[str, torch.Tensor]:
+    """Append ``k`` synthetic RKHS windows (per-sample normalised, their own increment scales) to a rig batch;
+    the rig rows keep the model's ``dx_scale``."""
+    from fm_core.rkhs import RKHSConfig
+
+    c = model.cfg
+    syn = make_batch(rng, spec, RKHSConfig(n_max=c.n_max, m_max=c.m_max, mechanical_fraction=0.5,
+                                           angle_fraction=0.5))
+    rows = b["x"].shape[0]
+    out = dict(b)
+    out["dx_scale"] = model.dx_scale.detach().unsqueeze(0).expand(rows, -1)
+    for key in ("x", "u", "obs", "target", "hidden", "state_mask", "input_mask", "dx_scale"):
+        out[key] = torch.cat([out[key], syn[key].to(out[key].dtype)], 0)
+    return out
+
+
 def _mask_horizon(
     rng: np.random.Generator, b: dict[str, torch.Tensor], mask_prob: float, lo_hi: tuple[int, int], lead: int,
 ) -> None:
@@ -212,6 +267,36 @@ def _mask_horizon(
 
 
 # ---------------------------------------------------------------------------------------------- training
+def _train_loss(
+    model: DynamicsFM, b: dict[str, torch.Tensor], cfg: FinetuneConfig, lead: int
+) -> torch.Tensor:
+    """Huber loss of one batch, plus ``cfg.pushforward`` passes that see the previous pass's predictions.
+
+    Pass k > 0 replaces every observed input state after the first token step by the (detached) prediction
+    of pass k-1, so the model learns from histories that carry its own one-step errors (the pushforward
+    trick), the situation of an autoregressive rollout. With ``cfg.loss_scale == "increment"`` the error is
+    measured in units of ``dx_scale`` (per channel), as the window baselines measure theirs.
+    """
+    dx = b.get("dx_scale")
+    scale = None
+    if cfg.loss_scale == "increment":
+        scale = model.dx_scale if dx is None else dx.unsqueeze(1)
+    x_in = b["x"]
+    total = 0.0
+    for k in range(cfg.pushforward + 1):
+        pred = model(x_in, b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=lead, dx_scale=dx)
+        tgt = b["target"]
+        pr = pred if scale is None else pred / scale
+        tg = tgt if scale is None else tgt / scale
+        total = total + masked_huber_loss(pr, tg, b["state_mask"], b["hidden"], cfg.huber_delta,
+                                          cfg.hidden_weight)
+        if k < cfg.pushforward:
+            # pred[:, j] is the prediction of input step j + lead + 1
+            fed = pred.detach()[:, : x_in.shape[1] - lead - 1] * b["obs"][:, lead + 1 :, None]
+            x_in = torch.cat([x_in[:, : lead + 1], fed], 1)
+    return total / (cfg.pushforward + 1)
+
+
 def _init_model(init: Any, cfg: FinetuneConfig) -> tuple[DynamicsFM, dict[str, Any]]:
     if init is None:
         torch.manual_seed(cfg.seed)
@@ -245,6 +330,8 @@ def finetune(
     if va is not None and (va.x.shape[-1] != n or va.u.shape[-1] != m):
         raise ValueError(f"val_set has n={va.x.shape[-1]}, m={va.u.shape[-1]}; train_set has n={n}, m={m}")
     model.set_normalization(**normalisation_stats(tr))
+    if cfg.increment_scale:
+        model.set_increment_scale(increment_scale(tr, model))
     p = c.patch
     t_len = tr.x.shape[1]
     if t_len < p + 2:
@@ -252,8 +339,13 @@ def finetune(
     seq = max(1, min(cfg.seq_len, t_len - p, c.max_len))
     spec = BatchSpec(batch_size=cfg.batch_size, seq_len=seq, patch=p, n_max=c.n_max, m_max=c.m_max,
                      noise_std=cfg.noise_std, mask_prob=cfg.mask_prob, min_context=1, context_mask=True)
+    n_syn = int(round(cfg.synthetic_mix * cfg.batch_size))
+    n_syn = min(n_syn, cfg.batch_size - 1)
+    syn_spec = replace(spec, batch_size=n_syn, mask_prob=0.0, normalize=True) if n_syn else None
+    if n_syn:
+        spec = replace(spec, batch_size=cfg.batch_size - n_syn)
     xtr, utr = _normalised_padded(model, tr)
-    sm, im = _masks(model, n, m, cfg.batch_size)
+    sm, im = _masks(model, n, m, spec.batch_size)
 
     val_batches = []
     val_roll: tuple[np.ndarray, np.ndarray] | None = None
@@ -275,6 +367,8 @@ def finetune(
     if cfg.mode == "head":
         for name, prm in model.named_parameters():
             prm.requires_grad = name.startswith(("embed.", "head."))
+    elif cfg.mode == "lora":
+        add_lora(model, cfg.lora_rank)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     def lr_factor(s: int) -> float:
@@ -290,7 +384,8 @@ def finetune(
         if val_roll is not None:
             vx, vu = val_roll
             vc = cfg.val_rollout[0]  # type: ignore[index]
-            pr = rollout(model.for_system(n, m), vx[:, :vc], vu[:, : vc - 1], vu[:, vc - 1 : -1])
+            roll = ROLLOUT_MODES[cfg.rollout_mode]
+            pr = roll(model.for_system(n, m), vx[:, :vc], vu[:, : vc - 1], vu[:, vc - 1 : -1])
             xs = model.x_std[:n]
             model.train()
             return float((((pr - torch.as_tensor(vx[:, vc:])) / xs) ** 2).mean())
@@ -313,6 +408,7 @@ def finetune(
         lo_hi = (min(cfg.mask_context[0], seq), min(cfg.mask_context[1], seq))
         spec = replace(spec, mask_prob=0.0)  # masking applied below with the configured context range
     bad, run, run_n = 0, 0.0, 0
+    stop_reason = "step_cap"
     t0 = time.time()
     model.train()
     pbar = None
@@ -322,13 +418,13 @@ def finetune(
         pbar = tqdm(total=cfg.steps, desc=f"finetune[{cfg.mode}]", dynamic_ncols=True)
     try:
         for step in range(1, cfg.steps + 1):
-            wx, wu = _sample_windows(rng, xtr, utr, cfg.batch_size, seq + p)
+            wx, wu = _sample_windows(rng, xtr, utr, spec.batch_size, seq + p)
             b = windows_to_batch(rng, wx, wu, sm, im, spec)
             if lo_hi is not None:
                 _mask_horizon(rng, b, cfg.mask_prob, lo_hi, p - 1)
-            pred = model(b["x"], b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=p - 1)
-            loss = masked_huber_loss(pred, b["target"], b["state_mask"], b["hidden"], cfg.huber_delta,
-                                     cfg.hidden_weight)
+            if n_syn:
+                b = _mix_synthetic(rng, b, model, syn_spec, n_syn)
+            loss = _train_loss(model, b, cfg, p - 1)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite fine-tuning loss at step {step}")
             opt.zero_grad(set_to_none=True)
@@ -354,18 +450,26 @@ def finetune(
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{row['train_loss']:.4g}", val=f"{row['val_loss']}")
                 if bad >= cfg.patience:
+                    stop_reason = "patience"
+                    break
+                if cfg.max_minutes > 0 and time.time() - t0 > 60.0 * cfg.max_minutes:
+                    stop_reason = "time_cap"
                     break
     finally:
         if pbar is not None:
             pbar.close()
     if has_val:
         model.load_state_dict(best[1])
+    if cfg.mode == "lora":
+        merge_lora(model)
     for prm in model.parameters():
         prm.requires_grad = True
     model.eval()
+    model.rollout_mode = cfg.rollout_mode  # type: ignore[attr-defined]
     model.finetune_info = {  # type: ignore[attr-defined]
         "best_step": best[2] if has_val else history[-1]["step"], "best_val_loss": best[0] if has_val
         else None, "steps_run": history[-1]["step"], "n_train_trajectories": int(tr.x.shape[0]),
+        "stop_reason": stop_reason, "train_s": round(time.time() - t0, 3),
         "n": n, "m": m,
     }
     return model, history
@@ -419,6 +523,46 @@ def rollout(model: DynamicsFM | SystemModel, x_ctx: Any, u_ctx: Any, u_future: A
 
 
 @torch.no_grad()
+def rollout_ar(model: DynamicsFM | SystemModel, x_ctx: Any, u_ctx: Any, u_future: Any) -> torch.Tensor:
+    """Autoregressive open-loop rollout (physical units): every prediction is fed back as the next observed
+    state, one KV-cached token per step. Same arguments and result as :func:`rollout`."""
+    x_ctx, u_ctx, u_future = _t(x_ctx), _t(u_ctx), _t(u_future)
+    squeeze = x_ctx.dim() == 2
+    if squeeze:
+        x_ctx, u_ctx, u_future = x_ctx[None], u_ctx[None], u_future[None]
+    b, L, n = x_ctx.shape
+    m, h = u_future.shape[-1], u_future.shape[1]
+    if L < 1 or h < 1 or tuple(u_ctx.shape) != (b, L - 1, m) or u_future.shape[0] != b:
+        raise ValueError(f"rollout_ar: x_ctx (B,L,n), u_ctx (B,L-1,m), u_future (B,H,m) expected, got "
+                         f"{tuple(x_ctx.shape)}, {tuple(u_ctx.shape)}, {tuple(u_future.shape)}")
+    sys = _system(model, n, m)
+    core, p = sys.core, sys.patch
+    if L + h - 1 > core.cfg.max_len:
+        raise ValueError(f"rollout_ar: context + horizon - 1 = {L + h - 1} exceeds "
+                         f"max_len={core.cfg.max_len}")
+    u_all = torch.cat([u_ctx, u_future], 1)  # u_all[t] drives x[t] -> x[t+1]
+    xn, un = sys._norm(x_ctx, u_all)
+    ones = torch.ones(b, L)
+    pred, cache = core.forward_with_cache(xn, un[:, :L], ones, sys.state_mask, sys.input_mask)
+    xs = [xn[:, i] for i in range(L)] + [pred[:, -1]]
+    out = [pred[:, -1]]
+    obs_win = torch.ones(b, p)
+    for j in range(1, h):
+        t = L - 1 + j  # the step whose state was just predicted; its token predicts x[t+1]
+        lo = t - p + 1
+        xw = torch.stack([xs[i] if i >= 0 else torch.zeros_like(xs[0]) for i in range(lo, t + 1)], 1)
+        uw = torch.stack([un[:, i] if i >= 0 else torch.zeros_like(un[:, 0]) for i in range(lo, t + 1)], 1)
+        nxt, cache = core.step(xw, uw, obs_win, sys.state_mask, sys.input_mask, cache)
+        xs.append(nxt[:, 0])
+        out.append(nxt[:, 0])
+    res = sys._denorm(torch.stack(out, 1))
+    return res[0] if squeeze else res
+
+
+ROLLOUT_MODES = {"masked": rollout, "ar": rollout_ar}
+
+
+@torch.no_grad()
 def evaluate_mse(
     model: DynamicsFM | SystemModel, data: Any, context: int = 32, horizon: int = 32, max_windows: int = 4096,
 ) -> dict[str, Any]:
@@ -447,7 +591,8 @@ def evaluate_mse(
     norm = lambda a: (a - mean) / std  # noqa: E731
     one = sys(x[:, :-1], u[:, :-1], torch.ones(x.shape[0], length - 1))
     one_mse = float(((norm(one) - norm(x[:, 1:])) ** 2).mean())
-    roll = rollout(sys, x[:, :context], u[:, : context - 1], u[:, context - 1 : length - 1])
+    roll_fn = ROLLOUT_MODES[getattr(core, "rollout_mode", "masked")]
+    roll = roll_fn(sys, x[:, :context], u[:, : context - 1], u[:, context - 1 : length - 1])
     se = (norm(roll) - norm(x[:, context:])) ** 2
     return {"one_step_mse": one_mse, "multi_step_mse": float(se.mean()),
             "per_step_mse": se.mean(dim=(0, 2)).tolist(), "windows": int(x.shape[0]),

@@ -192,6 +192,9 @@ class DynamicsFM(nn.Module):
         self.register_buffer("x_std", torch.ones(cfg.n_max))
         self.register_buffer("u_mean", torch.zeros(cfg.m_max))
         self.register_buffer("u_std", torch.ones(cfg.m_max))
+        # scale of the head's increment output per channel, in normalised units (1 = the head predicts the
+        # normalised increment itself; fine-tuning sets it to the data's one-step increment std)
+        self.register_buffer("dx_scale", torch.ones(cfg.n_max))
 
     # ------------------------------------------------------------------ tokens
     def step_features(
@@ -235,25 +238,29 @@ class DynamicsFM(nn.Module):
         _check(0 <= lead <= c.patch - 1, f"lead must be in [0, patch-1={c.patch - 1}], got {lead}")
         _check(1 <= t - lead <= c.max_len, f"sequence length {t - lead} outside [1, max_len={c.max_len}]")
 
-    def _readout(self, h: Tensor, feat_t: Tensor, sm: Tensor) -> Tensor:
+    def _readout(self, h: Tensor, feat_t: Tensor, sm: Tensor, dx_scale: Tensor | None = None) -> Tensor:
         """Head output; at observed positions it is a residual on the current state x[t].
 
-        ``pred[t] = head(h[t]) + obs[t] * x[t]``: one-step prediction learns the increment, hidden positions
-        (obs = 0, x zeroed) predict the state itself. ``feat_t`` are the step features of the token steps.
+        ``pred[t] = dx_scale * head(h[t]) + obs[t] * x[t]``: one-step prediction learns the increment in units
+        of ``dx_scale``, hidden positions (obs = 0, x zeroed) predict the state itself. ``feat_t`` are the
+        step features of the token steps.
         """
         n = self.cfg.n_max
-        return (self.head(self.ln_f(h)) + feat_t[..., :n]) * sm.unsqueeze(1)
+        scale = self.dx_scale if dx_scale is None else dx_scale.unsqueeze(1)
+        return (self.head(self.ln_f(h)) * scale + feat_t[..., :n]) * sm.unsqueeze(1)
 
     # ------------------------------------------------------------------ full forward
     def forward(
-        self, x: Tensor, u: Tensor, obs: Tensor, state_mask: Tensor, input_mask: Tensor, lead: int = 0
+        self, x: Tensor, u: Tensor, obs: Tensor, state_mask: Tensor, input_mask: Tensor, lead: int = 0,
+        dx_scale: Tensor | None = None,
     ) -> Tensor:
         """Predict normalised x[t+1] at every token.
 
         x (B,T,n_max), u (B,T,m_max), obs (B,T) -> (B,T-lead,n_max).
 
         ``state_mask`` / ``input_mask``: (n_max,) / (m_max,) or per-sample (B,·), 1 for real channels.
-        Padded channels of the output are 0.
+        Padded channels of the output are 0. ``dx_scale`` (B,n_max): per-sample increment scale instead of
+        the buffer (synthetic pretraining, where every system has its own).
         """
         sm, im = self._masks(state_mask, input_mask, x.shape[0])
         if not _tracing():
@@ -265,7 +272,7 @@ class DynamicsFM(nn.Module):
         h = h + sinusoidal_positions(pos, self.cfg.d_model)
         for blk in self.blocks:
             h, _, _ = blk(h)
-        return self._readout(h, feat[:, lead:], sm)
+        return self._readout(h, feat[:, lead:], sm, dx_scale)
 
     def forward_with_cache(
         self, x: Tensor, u: Tensor, obs: Tensor, state_mask: Tensor, input_mask: Tensor
@@ -357,6 +364,15 @@ class DynamicsFM(nn.Module):
             with torch.no_grad():
                 buf.fill_(1.0 if name.endswith("std") else 0.0)
                 buf[: t.numel()] = t.to(buf.device)
+
+    def set_increment_scale(self, scale: Any) -> None:
+        """Set ``dx_scale`` (length <= n_max, finite, > 0; the rest stays 1)."""
+        t = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        if t.numel() > self.cfg.n_max or not torch.isfinite(t).all() or (t <= 0).any():
+            raise ValueError(f"dx_scale must be at most {self.cfg.n_max} finite values > 0, got {t.tolist()}")
+        with torch.no_grad():
+            self.dx_scale.fill_(1.0)
+            self.dx_scale[: t.numel()] = t.to(self.dx_scale.device)
 
     def for_system(self, n: int, m: int) -> SystemModel:
         """A module with raw physical-unit I/O for a system with ``n`` states and ``m`` inputs."""

@@ -75,7 +75,7 @@ def batch_spec(cfg: FullConfig, mc: ModelConfig) -> BatchSpec:
     d = cfg.data
     return BatchSpec(batch_size=d.batch_size, seq_len=d.seq_len, patch=mc.patch, n_max=mc.n_max,
                      m_max=mc.m_max, noise_std=d.noise_std, mask_prob=d.mask_prob, min_context=d.min_context,
-                     context_mask=d.context_mask)
+                     context_mask=d.context_mask, normalize=d.normalize)
 
 
 def rkhs_config_dict(cfg: FullConfig, mc: ModelConfig) -> dict[str, Any]:
@@ -92,10 +92,21 @@ def batch_loss(
     """Forward one training batch -> (prediction, weighted Huber loss)."""
     if lead is None:
         lead = model.cfg.patch - 1
-    pred = model(b["x"], b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=lead)
+    pred = model(b["x"], b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=lead,
+                 dx_scale=b.get("dx_scale"))
     t = cfg.train
     loss = masked_huber_loss(pred, b["target"], b["state_mask"], b["hidden"], t.huber_delta, t.hidden_weight)
     return pred, loss
+
+
+def lyapunov_penalty(model: DynamicsFM, b: dict[str, torch.Tensor], t: Any, step: int) -> torch.Tensor:
+    """The PDEDER term (fm_core.lyapunov.latent_lyapunov) with the [train] lyapunov_* settings; its tangent
+    is drawn from (seed, step), so a resumed run draws the same ones."""
+    from fm_core.lyapunov import latent_lyapunov
+
+    gen = torch.Generator().manual_seed(int(t.seed) * 1_000_003 + int(step))
+    return latent_lyapunov(model, b, t.lyapunov_steps, t.lyapunov_context, t.lyapunov_samples,
+                           t.lyapunov_burn_in, generator=gen)
 
 
 @torch.no_grad()
@@ -183,7 +194,7 @@ def pretrain(
     lead = mc.patch - 1  # history steps in every training window
     step_start = step
     t0 = time.time()
-    run_loss, run_n = 0.0, 0
+    run_loss, run_n, run_lyap = 0.0, 0, 0.0
 
     def elapsed() -> float:
         return elapsed0 + time.time() - t0
@@ -193,7 +204,10 @@ def pretrain(
             return
         samples = step * spec.batch_size * world
         train_meta = {"steps": step, "samples": samples, "world_size": world, "elapsed_s": elapsed(),
-                      "seed": t.seed, "config_source": config_source}
+                      "seed": t.seed, "config_source": config_source,
+                      # what fine-tuning and zero-shot use to match pretraining (fm_core.finetune "auto")
+                      "recipe": {"normalize": bool(cfg.data.normalize),
+                                 "mask_prob": float(cfg.data.mask_prob)}}
         meta = {"train": train_meta}
         ts = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
               "history": history, "elapsed_s": elapsed()}
@@ -208,6 +222,10 @@ def pretrain(
         while step < t.steps:
             batch = batch_to(next(it), device)
             _, loss = batch_loss(ddp, batch, cfg, lead)
+            if t.lyapunov_weight > 0:  # PDEDER: penalise the latent map's top Lyapunov exponent
+                lyap = lyapunov_penalty(model, batch, t, step)
+                loss = loss + t.lyapunov_weight * lyap
+                run_lyap += float(lyap.detach())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at step {step} (rank {rank})")
             opt.zero_grad(set_to_none=True)
@@ -229,10 +247,12 @@ def pretrain(
                 row: dict[str, Any] = {"step": step, "samples": step * spec.batch_size * world,
                                        "elapsed_s": round(elapsed(), 2), "lr": sched.get_last_lr()[0],
                                        "train_loss": run_loss / max(run_n, 1)}
+                if t.lyapunov_weight > 0:  # train_loss includes weight x this
+                    row["lyapunov"] = run_lyap / max(run_n, 1)
                 if val_batches and (step % t.val_every == 0 or step == t.steps or want_stop):
                     row.update(validate(model, val_batches, cfg))
                 history.append(row)
-                run_loss, run_n = 0.0, 0
+                run_loss, run_n, run_lyap = 0.0, 0, 0.0
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{row['train_loss']:.4g}",
                                      val=f"{row.get('val_loss', float('nan')):.4g}")

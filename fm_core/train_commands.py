@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fm_core.cli_types import SEED, finite_float, int_range
+
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 
 
@@ -19,7 +21,7 @@ def register(subparsers) -> None:
                    help="override a config value (repeatable), e.g. --set train.steps=200")
     p.add_argument("--out", default="runs/pretrain", help="output directory (checkpoints, metrics, plot)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt after a kill")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=int_range(1, 1024), default=1,
                    help="DDP processes (relaunches itself under torchrun; gloo on CPU, nccl on GPU)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=_pretrain)
@@ -29,16 +31,21 @@ def register(subparsers) -> None:
                    help="initial checkpoint (default: the shipped fm_core/weights/default.pt), or 'none' to "
                         "train a specialist from scratch")
     f.add_argument("--data", required=True, help="trajectory .npz (fm_core.trajfile; splits train/val)")
-    f.add_argument("--fraction", type=float, default=1.0, help="share of training trajectories (seeded)")
-    f.add_argument("--mode", choices=("full", "head"), default="full", help="train everything or head+embed")
-    f.add_argument("--steps", type=int, default=None, help="maximum steps (default from FinetuneConfig)")
-    f.add_argument("--lr", type=float, default=None)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--fraction", type=finite_float(0, 1, lo_open=True), default=1.0,
+                   help="share of training trajectories (seeded)")
+    f.add_argument("--mode", choices=("full", "head", "lora"), default="full",
+                   help="train everything, head+embed only, or low-rank block updates + head/embed (lora)")
+    f.add_argument("--steps", type=int_range(1, 10**9), default=None,
+                   help="maximum steps (default from FinetuneConfig)")
+    f.add_argument("--lr", type=finite_float(0, 10, lo_open=True), default=None)
+    f.add_argument("--seed", type=SEED, default=0)
     f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="FinetuneConfig field override (repeatable), e.g. --set batch_size=16")
     f.add_argument("--out", default="runs/ft", help="output dir (finetuned.pt, history.json)")
-    f.add_argument("--context", type=int, default=32, help="context steps for the test evaluation")
-    f.add_argument("--horizon", type=int, default=32, help="rollout horizon for the test evaluation")
+    f.add_argument("--context", type=int_range(1, 65_536), default=32,
+                   help="context steps for the test evaluation")
+    f.add_argument("--horizon", type=int_range(1, 65_536), default=32,
+                   help="rollout horizon for the test evaluation")
     f.add_argument("--angle-features", choices=("auto", "raw", "sincos"), default="auto",
                    help="pendulum angle as logged, or as (sin, cos) (an exported sincos model still takes "
                         "and returns raw states); auto (default): as the --init checkpoint has it, raw "
@@ -48,9 +55,9 @@ def register(subparsers) -> None:
 
     g = subparsers.add_parser("generate", help="write a sharded synthetic RKHS corpus")
     g.add_argument("--out", required=True, help="output directory for the shards")
-    g.add_argument("--trajectories", type=int, default=10000, help="number of trajectories")
-    g.add_argument("--shard-size", type=int, default=1000, help="trajectories per shard")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--trajectories", type=int_range(1, 10**9), default=10000, help="number of trajectories")
+    g.add_argument("--shard-size", type=int_range(1, 10**9), default=1000, help="trajectories per shard")
+    g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="RKHSConfig field override (repeatable), e.g. --set T=512")
     g.set_defaults(func=_generate)

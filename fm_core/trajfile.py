@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,9 +312,29 @@ def save_trajectories(
     return p
 
 
+def _not_npz(path: Path) -> str | None:
+    """Why ``path`` is not an .npz archive (None when it is a zip file, as every .npz is)."""
+    if zipfile.is_zipfile(path):
+        return None
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"\x93NUMPY"):
+        kind = "a single-array .npy file"
+    elif not head:
+        kind = "an empty file"
+    elif all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        kind = "a text file"
+    else:
+        kind = "not a zip archive"
+    return f"{path}: not a numpy .npz archive ({kind}); expected a trajectory file from `rigfm dataset build`"
+
+
 def _load_one(path: Path) -> TrajectorySet:
     if not path.is_file():
         raise TrajectoryFileError(f"{path}: trajectory file not found")
+    why = _not_npz(path)
+    if why is not None:
+        raise TrajectoryFileError(why)
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}

@@ -116,12 +116,24 @@ def _read_file(path: Path) -> tuple[Any, dict[str, list[tuple[int, int, dict]]]]
     return scan, out
 
 
-def load_runs(paths: list[str | Path]) -> list[RunData]:
-    """Read and group log files by run id (rotated parts joined; a recovered copy replaces its original)."""
+def load_runs(paths: list[str | Path], skipped: list[str] | None = None) -> list[RunData]:
+    """Read and group log files by run id (rotated parts joined; a recovered copy replaces its original).
+
+    Unreadable or empty files (not MCAP, no messages) and runs without /state or /command messages are
+    skipped, each with a line in ``skipped`` naming it; DatasetBuildError when nothing usable is left."""
     parts: dict[tuple[str, int], tuple[Path, Any, dict]] = {}
     warnings: dict[str, list[str]] = defaultdict(list)
-    for path in expand_inputs(paths):
-        scan, recs = _read_file(path)
+    skipped = skipped if skipped is not None else []
+    files = expand_inputs(paths)
+    for path in files:
+        try:
+            scan, recs = _read_file(path)
+        except LogFileError as exc:
+            skipped.append(f"{exc} (skipped)")
+            continue
+        if scan.messages == 0:
+            skipped.append(f"{path}: no messages (an empty log part; skipped)")
+            continue
         meta = scan.run_metadata()
         run_id = str(meta.get("run_id") or path.stem.removesuffix(".recovered"))
         part = int(meta.get("part", 0))
@@ -142,7 +154,18 @@ def load_runs(paths: list[str | Path]) -> list[RunData]:
     grouped: dict[str, list] = defaultdict(list)
     for (run_id, _part), item in sorted(parts.items()):
         grouped[run_id].append(item)
-    runs = [_assemble(run_id, items, warnings[run_id]) for run_id, items in grouped.items()]
+    runs = []
+    for run_id, items in grouped.items():
+        missing = [t for t in ("/state", "/command") if not any(recs.get(t) for _, _, recs in items)]
+        if missing:
+            names = ", ".join(str(it[0]) for it in items)
+            skipped.append(f"run {run_id} ({names}): no {' and '.join(missing)} messages (skipped)")
+            continue
+        runs.append(_assemble(run_id, items, warnings[run_id]))
+    if not runs:
+        raise DatasetBuildError(
+            (f"no usable run in {len(files)} file(s): " + "; ".join(skipped)) if skipped else "no runs given"
+        )
     rigs = {r.rig for r in runs}
     if len(rigs) > 1:
         raise DatasetBuildError(
@@ -453,9 +476,8 @@ def build_dataset(
         raise DatasetBuildError(f"--input must be 'command' or 'applied', got {input_source!r}")
     if exclude_flags is None:
         exclude_flags = default_exclude_flags(input_source)
-    runs = load_runs(paths)
-    if not runs:
-        raise DatasetBuildError("no runs given")
+    skipped: list[str] = []
+    runs = load_runs(paths, skipped)
     rig = runs[0].rig
     dt = model_dt if model_dt is not None else _metadata_dt(runs[0]) or 0.01
     if not dt > 0:
@@ -569,7 +591,20 @@ def build_dataset(
         frame_index=np.array(frames, dtype=np.int64),
         timestamp=np.array(stamps, dtype=np.float64),
     )
+    windows = {s: splits.count(s) for s in SPLITS}
+    empty = [name for name, f in zip(SPLITS, fractions, strict=False) if f > 0 and windows[name] == 0]
+    warnings = []
+    if empty:
+        seconds = sum(len(sg.x) for sgs in segs.values() for sg in sgs) * dt
+        warnings.append(
+            f"0 {' and 0 '.join(empty)} windows: {len(runs)} run(s), {seconds:.1f} s of valid data, "
+            f"--window {window} steps ({window * dt:g} s); fine-tuning has nothing to "
+            f"{'validate' if 'val' in empty else 'test'} on: log more or longer runs, or use a shorter "
+            "--window"
+        )
     return {
+        "warnings": warnings,
+        "skipped": skipped,
         "out": str(out),
         "rig": rig,
         "dt": float(dt),
@@ -577,7 +612,7 @@ def build_dataset(
         "stride": stride,
         "shape_x": list(x.shape),
         "shape_u": list(u.shape),
-        "windows": {s: splits.count(s) for s in SPLITS},
+        "windows": windows,
         "episodes": n_episodes[0],
         "split_mode": "time-blocks" if by_time else "by-run",
         "input": input_source,

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
+import glob
 import logging
 import math
 import os
 import select
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +62,10 @@ class ProtocolMismatch(HandshakeError):
 
 class RigMismatch(HandshakeError):
     """The device is a different rig (kind or encoder resolution) than the rig config says."""
+
+
+class PortError(RigError):
+    """The serial port cannot be opened or is not a serial port; the message says what to check."""
 
 
 class CommandRejected(RigError, ValueError):
@@ -173,6 +180,40 @@ class _Pending:
 
 
 # ------------------------------------------------------------------------------------------- driver
+def port_problem(path: str, exc: BaseException) -> str:
+    """One line naming why ``path`` could not be opened as a serial port, and what to check."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if not os.path.exists(path):
+        found = sorted(glob.glob("/dev/ttyUSB*") + glob.glob("/dev/ttyACM*"))
+        seen = ", ".join(found) if found else "none"
+        return (f"{path}: no such device: is the rig plugged in and powered, and the path right? "
+                f"(USB serial ports here: {seen}; `rigfm run ... --virtual` for a simulated rig)")
+    if code in (errno.EACCES, errno.EPERM) or isinstance(exc, PermissionError) or "Permission denied" in text:
+        try:
+            import grp
+
+            group = grp.getgrgid(os.stat(path).st_gid).gr_name
+        except (KeyError, OSError, ImportError):
+            group = "dialout"
+        return (f"{path}: permission denied: add your user to the {group!r} group "
+                f"(sudo usermod -aG {group} $USER), then log in again")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = 0
+    if mode and not stat.S_ISCHR(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) else "a socket"
+        kind = kind if stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode) else "not a tty"
+        return f"{path}: not a serial port ({kind}); give the rig's tty, e.g. /dev/ttyUSB0 or /dev/ttyACM0"
+    if code == errno.ENOTTY or "Inappropriate ioctl" in text:
+        return (f"{path}: not a serial port (a character device but not a tty); give the rig's tty, e.g. "
+                "/dev/ttyUSB0 or /dev/ttyACM0")
+    if code == errno.EBUSY or "busy" in text.lower():
+        return f"{path}: port busy: another program has it open (a serial monitor, another rigfm run?)"
+    return f"{path}: cannot open the serial port: {text}"
+
+
 class RigConnection:
     """A connection to one rig over a serial port (real USB-serial or a virtual rig's pty)."""
 
@@ -196,7 +237,8 @@ class RigConnection:
         """Open ``port`` (or the USB port with ``serial_number``), handshake and start the reader thread.
 
         Raises ProtocolMismatch / RigMismatch / HandshakeError if the device does not answer correctly,
-        serial.SerialException if the port cannot be opened, PortNotFound for an unknown serial number.
+        PortError if the port cannot be opened (missing, permissions, not a tty, busy; the message says what
+        to check), PortNotFound for an unknown serial number.
         The device's e-stop latch survives a new session; ``clear_estop_on_connect=True`` clears it once
         after the first handshake (never after a reconnect: an e-stop during a link glitch stays latched).
         ``on_state(sample)`` is called on the reader thread for every STATE (e.g. a logger); keep it short."""
@@ -465,12 +507,15 @@ class RigConnection:
         if path not in self._latency_checked:
             self._latency_checked.add(path)
             check_latency_timer(path, self._sysfs_root)
-        ser = serial.Serial(
-            path,
-            self.baud,
-            timeout=self.cfg.serial.timeout_s,
-            write_timeout=self.cfg.serial.write_timeout_s,
-        )
+        try:
+            ser = serial.Serial(
+                path,
+                self.baud,
+                timeout=self.cfg.serial.timeout_s,
+                write_timeout=self.cfg.serial.write_timeout_s,
+            )
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise PortError(port_problem(path, exc)) from exc
         try:
             reply = self._handshake(ser, path)
         except BaseException:
@@ -513,7 +558,11 @@ class RigConnection:
                         f"{path}: device speaks another protocol version ({dec.last_error}); this host "
                         f"speaks protocol v{proto.PROTOCOL_VERSION}: update the firmware or the host software"
                     )
-                raise HandshakeError(f"{path}: no HELLO_REPLY within {self._handshake_timeout:g} s")
+                raise HandshakeError(
+                    f"{path}: no HELLO_REPLY within {self._handshake_timeout:g} s: is the rigfm firmware "
+                    f"flashed (hardware/firmware/README.md), the board powered, and its baud rate "
+                    f"{self.baud} (serial.baud of the rig config)?"
+                )
             if now >= next_hello:
                 ser.write(proto.encode(proto.Hello(), self._next_tx_seq()))
                 next_hello = now + 0.2
@@ -539,7 +588,8 @@ class RigConnection:
         if int(reply.rig_kind) != int(kind):
             got = reply.rig_kind.name.lower() if isinstance(reply.rig_kind, proto.RigKind) else reply.rig_kind
             raise RigMismatch(
-                f"{path}: device is a {got} rig but the rig config {self.cfg.name!r} is a {self.cfg.kind}"
+                f"{path}: device is a {got} rig but the rig config {self.cfg.name!r} is a {self.cfg.kind} "
+                f"(wrong port, or run with the {got} rig config)"
             )
         want_cpr = tuple(self.cfg.encoders.counts_per_rev)
         if tuple(reply.counts_per_rev) != want_cpr:

@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from fm_core.cli_types import SEED, finite_float, int_range
+
 
 def register(subparsers) -> None:
     """Add the ``logs`` and ``dataset`` subcommands."""
@@ -35,16 +37,19 @@ def register(subparsers) -> None:
     )
     b.add_argument("runs", nargs="+", help="MCAP files or directories of them (parts grouped by run id)")
     b.add_argument("-o", "--output", required=True, help="output dataset path (.npz)")
-    b.add_argument("--window", type=int, default=256, help="window length in model steps (default 256)")
-    b.add_argument("--stride", type=int, default=None, help="window stride (default window/2)")
+    b.add_argument("--window", type=int_range(2, 10**7), default=256,
+                   help="window length in model steps (default 256)")
+    b.add_argument("--stride", type=int_range(1, 10**7), default=None,
+                   help="window stride (default window/2)")
     b.add_argument(
-        "--model-dt", type=float, default=None, help="grid step (s); default rig_config.model_dt, else 0.01"
+        "--model-dt", type=finite_float(0, 3600, lo_open=True, unit="s"), default=None,
+        help="grid step (s); default rig_config.model_dt, else 0.01"
     )
     b.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions, by run")
-    b.add_argument("--seed", type=int, default=0, help="seed of the run-to-split assignment")
+    b.add_argument("--seed", type=SEED, default=0, help="seed of the run-to-split assignment")
     b.add_argument(
         "--exclude-flags",
-        type=lambda s: int(s, 0),
+        type=int_range(-1, 2**32 - 1),
         default=None,
         help="device status bits that invalidate a sample, e.g. 0x50f; -1 = any flag (default: e-stop, "
         "watchdog, limit, fault, rx error, and clamped with --input command)",
@@ -56,8 +61,10 @@ def register(subparsers) -> None:
         help="u = commanded voltage (zero-order hold of /command) or the firmware-applied voltage "
         "(/state applied_voltage)",
     )
-    b.add_argument("--max-gap", type=float, default=None, help="largest state gap in s (default 2*dt)")
-    b.add_argument("--max-cmd-age", type=float, default=0.05, help="oldest usable command (s)")
+    b.add_argument("--max-gap", type=finite_float(0, 3600, lo_open=True, unit="s"), default=None,
+                   help="largest state gap in s (default 2*dt)")
+    b.add_argument("--max-cmd-age", type=finite_float(0, 3600, lo_open=True, unit="s"), default=0.05,
+                   help="oldest usable command (s)")
     b.add_argument("--json", action="store_true", help="print the build report as JSON")
     b.set_defaults(func=_build)
 
@@ -89,14 +96,18 @@ def _check(args: argparse.Namespace) -> int:
             continue
         if not rep.ok and args.recover:
             try:
-                rep.recovered_path, rep.recovered_messages = recover_file(path)
+                out, n = recover_file(path)
             except OSError as exc:
                 print(f"ERROR {path}: cannot write the recovered file: {exc}", file=sys.stderr)
                 rc = 1
             else:
-                if rep.recovered_messages == 0:  # nothing readable: recovering did not help
-                    print(f"ERROR {path}: no readable message to recover", file=sys.stderr)
+                if n == 0:  # nothing readable: no recovered file, and the check failed
+                    out.unlink(missing_ok=True)
+                    print(f"ERROR {path}: nothing to recover (0 readable messages; the file holds no "
+                          "complete chunk)", file=sys.stderr)
                     rc = 1
+                else:
+                    rep.recovered_path, rep.recovered_messages = out, n
         elif not rep.ok:
             rc = 1
         reports.append(rep)
@@ -130,6 +141,10 @@ def _build(args: argparse.Namespace) -> int:
     except (DatasetBuildError, LogFileError) as exc:
         print(f"dataset build: error: {exc}", file=sys.stderr)
         return 2
+    for line in report["skipped"]:
+        print(f"dataset build: warning: {line}", file=sys.stderr)
+    for line in report["warnings"]:
+        print(f"dataset build: WARNING: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
         return 0

@@ -84,6 +84,12 @@ class VirtualRig:
         self._quiesce_request = False
         self._replug_at: float | None = None
         self.stats_path = Path(args.stats) if args.stats else None
+        # --voltage-log: one line per change of the applied output between zero and non-zero (a rig-side
+        # record of when the motor was really off; CLOCK_MONOTONIC is shared by the processes of a machine)
+        vlog = getattr(args, "voltage_log", None)
+        self._vlog = open(vlog, "a", buffering=1) if vlog else None  # noqa: SIM115 - closed in run()
+        self._out_on = False
+        self._last_cmd_ns = 0
 
     # ----------------------------------------------------------------------------- output
     def _emit(self, msg: object) -> None:
@@ -229,6 +235,8 @@ class VirtualRig:
                         self.fw.on_rx_error()
                     for seq, msg in msgs:
                         self._arm_on_config(msg)
+                        if isinstance(msg, proto.Command):
+                            self._last_cmd_ns = time.monotonic_ns()
                         self.fw.on_message(seq, msg)
                 # firmware loop ticks, catching up when late
                 late_ticks = int((now - next_tick) / tick)
@@ -247,6 +255,8 @@ class VirtualRig:
                 n = 0
                 while next_tick <= now and n < TICKS_PER_SERVICE:  # serve the link between chunks
                     self.fw.tick(overrun_us=overrun_us)
+                    if self._vlog is not None and (self.fw.output != 0.0) != self._out_on:
+                        self._log_voltage()
                     overrun_us = 0
                     next_tick += tick
                     n += 1
@@ -272,11 +282,23 @@ class VirtualRig:
                     time.sleep(min(timeout, 0.01))
         finally:
             self.fw.setpoint = 0.0
+            self.fw.output = 0.0
             self.sim.apply(0.0)
+            if self._vlog is not None:
+                if self._out_on:
+                    self._log_voltage()
+                self._vlog.close()
             self.write_stats()
             self.pty.close()
             self.pty.remove_link()
         return 0
+
+    def _log_voltage(self) -> None:
+        """``<monotonic ns> <applied V> <monotonic ns of the last COMMAND received> <watchdog tripped>``."""
+        self._out_on = self.fw.output != 0.0
+        assert self._vlog is not None
+        self._vlog.write(f"{time.monotonic_ns()} {self.fw.output:.6g} {self._last_cmd_ns} "
+                         f"{int(self.fw.watchdog_tripped)}\n")
 
     def _decoder_errors(self) -> int:
         d = self.decoder

@@ -34,6 +34,7 @@ _FLAG_OPTIONS = {
     "duration": "--duration",
     "protocol_version": "--protocol-version",
     "faults_from_start": "--faults-from-start",
+    "voltage_log": "--voltage-log",
 }
 
 

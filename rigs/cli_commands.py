@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("rigs.rig_commands",)
+# `rig-info` is registered by controllers/rig_info.py (it adds the LQR design, a controllers concern, to
+# rigs.rig_commands' physics summary); `python -m rigs.rig_commands rig-info` runs the physics part alone.
+_MODULES: tuple[str, ...] = ()
 
 
 def register(subparsers) -> None:

@@ -1,29 +1,39 @@
-"""`rigfm rig-info RIG`: print a rig's parameters, limits, encoders and linearisation eigenvalues."""
+"""A rig's parameters, limits, encoders and linearisation eigenvalues (the physics part of `rigfm rig-info`).
+
+`python -m rigs.rig_commands rig-info RIG` prints this part alone. The umbrella command `rigfm rig-info` is
+registered by `controllers/rig_info.py`, which adds the LQR design (gains, closed-loop poles): controllers sit
+above rigs, so the design cannot be computed here."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `rig-info` (shared with controllers/rig_info.py)."""
+    p.add_argument("rig", help='"cartpole", "furuta" or a path to a rig .toml file')
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="parameter override for make_model, e.g. pole_mass_scale=1.5 (repeatable)")
+
+
 def register(subparsers: Any) -> None:
-    """Add the `rig-info` subcommand."""
+    """Add the physics-only `rig-info` subcommand (standalone entry; `rigfm` uses controllers/rig_info.py)."""
     p = subparsers.add_parser(
         "rig-info",
         help="show a rig's parameters, limits and linearisation eigenvalues",
         description="Print the physical parameters, limits, encoder resolution and the eigenvalues of the "
                     "linearisation at the upright and hanging equilibria of a rig config.",
     )
-    p.add_argument("rig", help='"cartpole", "furuta" or a path to a rig .toml file')
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="parameter override for make_model, e.g. pole_mass_scale=1.5 (repeatable)")
+    add_arguments(p)
     p.set_defaults(func=handle_rig_info)
 
 
-def _parse_overrides(items: list[str]) -> dict[str, float]:
+def parse_overrides(items: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -31,6 +41,8 @@ def _parse_overrides(items: list[str]) -> dict[str, float]:
             raise ValueError(f"--override expects KEY=VALUE, got {item!r}")
         try:
             out[key.strip()] = float(value)
+            if not math.isfinite(out[key.strip()]):
+                raise ValueError
         except ValueError:
             raise ValueError(f"--override {key.strip()}: value must be a number, got {value!r}") from None
     return out
@@ -112,11 +124,11 @@ def format_rig_info(info: dict[str, Any]) -> str:
 
 
 def handle_rig_info(args: argparse.Namespace) -> int:
-    """Handler of `rigfm rig-info`; returns 0, or 2 with a message on a bad config/override."""
+    """Handler of the physics-only `rig-info`; returns 0, or 2 with a message on a bad config/override."""
     from rigs.config import RigConfigError
 
     try:
-        info = rig_info(args.rig, _parse_overrides(args.override))
+        info = rig_info(args.rig, parse_overrides(args.override))
     except (RigConfigError, ValueError) as exc:
         print(f"rig-info: {exc}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ def onnx_model(tmp_path_factory) -> str:
         "from export.onnx_export import export_checkpoint, save_random_checkpoint\n"
         "d = Path(sys.argv[1]); ck = Path(sys.argv[2])\n"
         "if not ck.is_file():\n"
-        "    ck = save_random_checkpoint(d / 'random.pt', seed=0, dt=0.01, rig='cartpole')\n"
+        "    ck = save_random_checkpoint(d / 'random.pt', seed=0, dt=0.01, rig='synthetic')\n"
         "export_checkpoint(ck, d / 'model.onnx', context=32, streaming=d / 'model_step.onnx',\n"
         "                  n=4, m=1, dt=0.01)\n"
     )

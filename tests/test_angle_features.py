@@ -124,7 +124,7 @@ def test_cli_runs_every_model_kind_on_sincos_and_records_it(tmp_path):
     )
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    opts = "--quick --rigs cartpole --models fm,specialist,linreg,ffn --fractions 1 --seeds 1"
+    opts = "--quick --rigs cartpole --models fm,specialist,linreg,ffn,sindy --fractions 1 --seeds 1"
     extra = ["--data", str(data), "--checkpoint", str(ckpt), "--angle-features", "sincos"]
     args = parser.parse_args(["evaluate", *opts.split(), *extra, "--out", str(tmp_path / "out")])
     assert args.func(args) == 0
@@ -132,7 +132,9 @@ def test_cli_runs_every_model_kind_on_sincos_and_records_it(tmp_path):
     rr = res["rigs"]["cartpole"]
     assert res["config"]["angle_features"] == "sincos" and rr["angle_features"] == "sincos"
     assert rr["model_state_names"] == ["p", "sin(theta)", "cos(theta)", "p_dot", "theta_dot"]
-    assert {r["model"] for r in rr["runs"]} == {"fm0", "fm", "specialist", "linreg", "ffn"}
+    assert {r["model"] for r in rr["runs"]} == {"fm0", "fm", "specialist", "linreg", "ffn", "sindy"}
+    sindy = next(r for r in rr["runs"] if r["model"] == "sindy")
+    assert sindy["info"]["angle_features"] == "sincos" and sindy["info"]["rollout_windows"] >= 1
     for r in rr["runs"]:
         assert np.isfinite(r["multi_step_mse"]) and len(r["per_channel_multi"]) == 4  # logged units
     assert np.asarray(rr["example"]["linreg"]).shape[-1] == 4

@@ -12,7 +12,6 @@ import pytest
 from fm_core.trajfile import load_trajectories
 from hardware.dataset_build import DatasetBuildError, build_dataset
 from hardware.log_commands import register
-from hardware.log_reader import LogFileError
 from hardware.logger import RunLogger
 
 T0 = 1_700_000_000_000_000_000
@@ -158,11 +157,11 @@ def test_applied_voltage_input(runs, tmp_path):
 def test_bad_inputs_name_the_file(runs, tmp_path):
     junk = tmp_path / "junk.mcap"
     junk.write_bytes(b"\x00" * 100)
-    with pytest.raises(LogFileError, match="junk.mcap.*not an MCAP file"):
+    with pytest.raises(DatasetBuildError, match="no usable run in 1 file.*junk.mcap.*not an MCAP file"):
         build_dataset([junk], tmp_path / "x.npz")
     with RunLogger(tmp_path / "ev", META, run_name="events_only") as log:
         log.write("/event", {"host_time_ns": T0, "name": "hello"})
-    with pytest.raises(DatasetBuildError, match=r"events_only.*no /state messages"):
+    with pytest.raises(DatasetBuildError, match=r"events_only.*no /state and /command messages"):
         build_dataset([tmp_path / "ev"], tmp_path / "x.npz")
     with pytest.raises(DatasetBuildError, match="no valid window of 100000 steps"):
         build_dataset([runs / "c"], tmp_path / "x.npz", window=100_000)
@@ -170,6 +169,59 @@ def test_bad_inputs_name_the_file(runs, tmp_path):
         build_dataset([runs / "c"], tmp_path / "x.npz", split="0.8,0.2")
     with pytest.raises(DatasetBuildError, match="nope: no such file"):
         build_dataset([tmp_path / "nope"], tmp_path / "x.npz")
+
+
+def test_empty_and_unreadable_parts_are_skipped_with_a_warning_naming_them(runs, tmp_path, capsys):
+    """A folder with one good run, an empty file, a non-MCAP file and a part with no messages: the build
+    skips the three (each named), succeeds, and the CLI prints the warnings on stderr."""
+    import shutil
+
+    d = tmp_path / "mixed"
+    shutil.copytree(runs / "c", d)
+    (d / "empty_0001.mcap").write_bytes(b"")
+    (d / "junk_0000.mcap").write_text("not a log")
+    with RunLogger(d, META, run_name="nothing"):
+        pass  # header + metadata, no messages: what a rotated part that never got a frame looks like
+    rep = build_dataset([d], tmp_path / "m.npz", window=50)
+    skipped = " | ".join(rep["skipped"])
+    assert len(rep["skipped"]) == 3, skipped
+    for name in ("empty_0001.mcap", "junk_0000.mcap", "nothing_0000.mcap"):
+        assert name in skipped
+    assert len(load_trajectories(tmp_path / "m.npz")) > 0 and list(rep["runs"]) == ["run_c"]
+    assert _cli(["dataset", "build", str(d), "-o", str(tmp_path / "m2.npz"), "--window", "50"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("dataset build: warning: ") == 3 and "empty_0001.mcap" in err and "Traceback" not in err
+
+
+def test_one_short_run_with_no_val_or_test_windows_warns_loudly(tmp_path, capsys):
+    log_run(tmp_path / "short", "short", 3.0)  # 3 s: the 10 % val / test blocks are 0.3 s < a 1 s window
+    rep = build_dataset([tmp_path / "short"], tmp_path / "s.npz", window=100, stride=100)
+    assert rep["windows"]["val"] == 0 and rep["windows"]["test"] == 0 and rep["windows"]["train"] > 0
+    assert rep["warnings"] and "0 val and 0 test windows" in rep["warnings"][0]
+    assert "1 run(s)" in rep["warnings"][0] and "--window 100" in rep["warnings"][0]
+    assert _cli(["dataset", "build", str(tmp_path / "short"), "-o", str(tmp_path / "s2.npz"),
+                 "--window", "100", "--stride", "100"]) == 0
+    err = capsys.readouterr().err
+    assert "dataset build: WARNING: 0 val and 0 test windows" in err
+    rep = build_dataset([tmp_path / "short"], tmp_path / "s3.npz", window=100, split="1,0,0")
+    assert rep["warnings"] == []  # no val / test wanted: nothing to warn about
+
+
+def test_logs_check_recover_of_nothing_fails_by_name(tmp_path, capsys):
+    """A log cut before its first chunk: --recover finds 0 messages: no recovered file, exit 1, a message."""
+    import struct
+
+    log_run(tmp_path / "full", "cut", 0.5)
+    src = next((tmp_path / "full").glob("*.mcap")).read_bytes()
+    off = 8
+    while src[off] != 0x06:  # records up to the first Chunk (opcode 0x06): header, schemas, channels ...
+        off += 9 + struct.unpack_from("<Q", src, off + 1)[0]
+    cut = tmp_path / "cut_0000.mcap"
+    cut.write_bytes(src[:off])
+    assert _cli(["logs", "check", "--recover", str(cut)]) == 1
+    err = capsys.readouterr().err
+    assert f"ERROR {cut}: nothing to recover (0 readable messages" in err
+    assert not (tmp_path / "cut_0000.recovered.mcap").exists()
 
 
 def _cli(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from onnx_helpers import TINY, rel_err
 from export.kv_slots import buffer_step_io
 from export.onnx_export import ExportError, export_checkpoint, load_checkpoint, save_random_checkpoint
 from export.onnx_runtime import FULL_INPUTS, ModelFileError, OnnxPredictor, parse_metadata
+from export.quantize import RECIPE
 
 CONTEXT = 16
 
@@ -311,7 +312,7 @@ def test_export_cli_with_quantize(tiny, tmp_path):
     qp = OnnxPredictor(q)
     assert fp.meta.context == 8 and qp.meta.quantized == "int8-dynamic"
     assert qp.meta.step_file == "cli_step.int8.onnx"  # int8 windows pair with the int8 step graph
-    assert "int8 per-channel weights in the blocks" in r.stdout
+    assert RECIPE in r.stdout  # the recipe is named (export/quantize.py)
     x, u = simulator_inputs(2, 8)
     assert rel_err(qp.predict(x, u), fp.predict(x, u)) < 0.2  # int8: close, not exact
     qs = OnnxPredictor(q, tmp_path / "cli_step.int8.onnx")  # the int8 step graph keeps the in-place layout

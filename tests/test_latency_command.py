@@ -72,9 +72,13 @@ def test_check_exits_1_when_a_limit_is_missed(model):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--window", "0"], "window must be in 1..64"),
-        (["--iters", "3"], "iters must be >= 10"),
-        (["--max-overhead-ms", "nan"], "--max-overhead-ms must be >= 0"),
+        (["--window", "0"], "argument --window: must be an integer in [1, 65536], got '0'"),
+        (["--window", "65"], "window must be in 1..64"),
+        (["--iters", "3"], "argument --iters: must be an integer in [10, 100000000], got '3'"),
+        (["--max-overhead-ms", "nan"], "--max-overhead-ms: must be a finite number in [0, 1e+09] ms"),
+        (["--rate-hz", "-5"], "argument --rate-hz: must be a finite number in [0, 10000] Hz, got '-5'"),
+        (["--rate-hz", "nan"], "argument --rate-hz: must be a finite number in [0, 10000] Hz, got 'nan'"),
+        (["--rate-hz", "1e9"], "argument --rate-hz: must be a finite number in [0, 10000] Hz, got '1e9'"),
         (["--server-cpu", "4096"], "--server-cpu 4096: no such CPU"),
     ],
 )

@@ -220,3 +220,73 @@ def test_loop_writes_log_records(cart, tmp_path):
     assert msgs["/mode"][0][1]["mode"] == "lqr"
     cmd = msgs["/command"][-1][1]
     assert abs(cmd["voltage"]) <= cfg.limits.voltage_max and cmd["state_seq"] >= 1
+
+
+def test_overrun_watch_judges_one_second_windows():
+    from controllers.safety import OverrunWatch
+
+    w = OverrunWatch()  # > 90 % of the ticks of a 1 s window, windows of >= 10 ticks
+    assert w.update(0, 0, 0.0) is None
+    assert w.update(250, 240, 0.5) is None  # window still open
+    assert w.update(500, 450, 1.0) is None  # exactly 90 %: not a fault (a loaded host preempting ticks)
+    assert w.update(505, 255, 2.0) is None  # every tick overran, but only 5 ticks: not judged
+    fault = w.update(800, 550, 3.0)  # every one of 295 ticks overran: the loop cannot keep up
+    assert fault is not None and fault.code == "overrun" and "cannot hold its rate" in fault.message
+    assert w.update(1300, 560, 4.0) is None  # 10 overruns in 500 ticks (host stalls) is fine
+    with pytest.raises(ValueError):
+        OverrunWatch(max_fraction=0)
+
+
+class _Slow:
+    """LQR that sleeps ``sleep_s`` in every ``every``-th compute (a tick longer than the period)."""
+
+    def __init__(self, lqr, sleep_s: float, every: int = 1) -> None:
+        self.lqr, self.sleep_s, self.every, self.n = lqr, sleep_s, every, 0
+        self.name = "slow"
+
+    def reset(self):
+        self.lqr.reset()
+
+    def compute(self, x, t=0.0):
+        import time
+
+        self.n += 1
+        if self.n % self.every == 0:
+            time.sleep(self.sleep_s)
+        return self.lqr.compute(x, t)
+
+
+@pytest.mark.parametrize(("every", "faults"), [(1, True), (10, False)])
+def test_a_loop_that_overruns_every_tick_is_an_overrun_fault(cart, every, faults):
+    """Real time, 500 Hz: 3 ms of work in every tick -> fault 'overrun' within ~1 s, motor to 0 V + e-stop;
+    3 ms in one tick of ten (10 % overruns) keeps running."""
+    cfg, model = cart
+    sim = rigs.RigSimulator(cfg, seed=0)
+    sim.reset(np.array([0.0, 0.05, 0.0, 0.0]))
+    rig = SimulatedRig(sim, cfg)
+    ctl = _Slow(LQRController(model, 0.002, cfg=cfg), 0.003, every)
+    loop = ControlLoop(rig, ctl, model, cfg, rate_hz=500, stale_ms=10_000.0)
+    stats = loop.run(duration_s=2.5)
+    if faults:
+        assert loop.fault is not None and loop.fault.code == "overrun", loop.fault
+        assert rig.estopped and rig.commands[-1] == 0.0 and loop.mode == "estop"
+        assert stats.ticks < 0.6 * 2.5 * 500  # stopped early, not at the end of the run
+    else:
+        assert loop.fault is None, loop.fault
+        assert stats.overruns > 0
+
+
+def test_tick_recorder_keeps_the_newest_rows_in_bounded_memory():
+    from controllers.trajectory import TickRecorder
+
+    rec = TickRecorder(4, capacity=1000, block=64)
+    for k in range(10_000):
+        rec.append(k * 0.002, float(k), np.full(4, float(k)), "swingup" if k < 9_500 else "balance")
+    rows, modes = rec.arrays()
+    assert rows.shape == (1000, 6) and rec.ticks == 10_000
+    assert rows[0, 1] == 9_000 and rows[-1, 1] == 9_999 and np.all(np.diff(rows[:, 1]) == 1)
+    assert np.all(rows[:, 2:] == rows[:, 1:2])
+    assert modes[:500] == ["swingup"] * 500 and modes[500:] == ["balance"] * 500
+    assert sum(b.nbytes for b in rec._rows) <= (1000 + 2 * 64) * 6 * 8  # never more than capacity + 2 blocks
+    empty = TickRecorder(4)
+    assert empty.arrays()[0].shape == (0, 6) and empty.arrays()[1] == []

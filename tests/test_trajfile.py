@@ -181,9 +181,29 @@ def test_bad_dt_split_labels_version_and_unreadable(tmp_path):
     p = save_trajectories(tmp_path / "ok.npz", **_arrays())
     with pytest.raises(TrajectoryFileError, match="field 'format_version'"):
         load_trajectories(_resave(p, tmp_path, "v.npz", format_version=np.int64(99)))
-    (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(TrajectoryFileError, match=r"junk\.npz: cannot read"):
+    (tmp_path / "junk.npz").write_bytes(b"\x01\x02junk\xff")
+    with pytest.raises(TrajectoryFileError, match=r"junk\.npz: not a numpy \.npz archive \(not a zip"):
         load_trajectories(tmp_path / "junk.npz")
+    zipped = tmp_path / "broken.npz"  # a zip header, then garbage: numpy's own error, named
+    zipped.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(TrajectoryFileError, match=r"broken\.npz: (cannot read|not a numpy)"):
+        load_trajectories(zipped)
+
+
+def test_a_file_that_is_not_an_npz_archive_says_so(tmp_path):
+    """A text file, a .npy array or an empty file given as .npz: named as such (numpy alone says "pickled
+    (object) data ... allow_pickle" for the text file)."""
+    (tmp_path / "notes.npz").write_text("x,u\n1,2\n")
+    np.save(tmp_path / "arr.npy", np.zeros(3))
+    (tmp_path / "arr.npy").rename(tmp_path / "arr.npz")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    cases = (("notes", "a text file"), ("arr", "a single-array .npy file"), ("empty", "an empty file"))
+    for name, kind in cases:
+        with pytest.raises(TrajectoryFileError) as err:
+            load_trajectories(tmp_path / f"{name}.npz")
+        msg = str(err.value)
+        assert msg.startswith(str(tmp_path / f"{name}.npz")) and f"not a numpy .npz archive ({kind})" in msg
+        assert "pickle" not in msg
     with pytest.raises(TrajectoryFileError, match="not found"):
         load_trajectories(tmp_path / "absent.npz")
 

@@ -1,0 +1,99 @@
+"""Argparse ``type=`` helpers that validate numbers at parse time: finite, in range, the range in the message.
+
+One copy for every ``rigfm`` command (it lives at the bottom layer so ``fm_core``, ``rigs``, ``hardware``,
+``export`` and ``controllers`` can all use it; stdlib only)::
+
+    p.add_argument("--rate", type=finite_float(0, 10_000, lo_open=True, unit="Hz"), default=500.0)
+    p.add_argument("--runs", type=int_range(1, 1_000_000), default=40)
+    p.add_argument("--param", type=name_value("--param"), action="append")
+
+``--rate 0`` / ``nan`` / ``inf`` / ``1e9`` / ``abc`` then end in argparse's usage error (exit 2) with
+``argument --rate: must be a finite number in (0, 10000] Hz, got '0'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def describe_range(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False,
+                   unit: str = "") -> str:
+    """``in [lo, hi]``, ``>= lo``, ``< hi`` ... with the unit appended."""
+    def fmt(v: float) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    if lo is not None and hi is not None:
+        text = f"in {'(' if lo_open else '['}{fmt(lo)}, {fmt(hi)}{')' if hi_open else ']'}"
+    elif lo is not None:
+        text = f"{'>' if lo_open else '>='} {fmt(lo)}"
+    elif hi is not None:
+        text = f"{'<' if hi_open else '<='} {fmt(hi)}"
+    else:
+        text = "finite"
+    return f"{text} {unit}".rstrip()
+
+
+def _in_range(v: float, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> bool:
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        return False
+    return not (hi is not None and (v > hi or (hi_open and v == hi)))
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 hi_open: bool = False, unit: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite float in the given range (NaN, +-inf and out-of-range values refused)."""
+    rng = describe_range(lo, hi, lo_open, hi_open, unit)
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be a number {rng}, got {text!r}") from None
+        if not math.isfinite(v) or not _in_range(v, lo, hi, lo_open, hi_open):
+            raise argparse.ArgumentTypeError(f"must be a finite number {rng}, got {text!r}")
+        return v
+
+    parse.__name__ = "finite_float"
+    return parse
+
+
+def int_range(lo: int | None = None, hi: int | None = None, *, unit: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer (decimal, or 0x.. hex) in ``[lo, hi]``."""
+    rng = describe_range(lo, hi, unit=unit)
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 0) if text.strip().lower().startswith(("0x", "-0x")) else int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {text!r}") from None
+        if not _in_range(v, lo, hi, False, False):
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {text!r}")
+        return v
+
+    parse.__name__ = "int_range"
+    return parse
+
+
+def name_value(option: str = "value") -> Callable[[str], tuple[str, float]]:
+    """An argparse type for ``NAME=VALUE`` with a finite number as VALUE -> ``(name, value)``."""
+
+    def parse(text: str) -> tuple[str, float]:
+        name, sep, value = text.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"{option} expects NAME=VALUE, got {text!r}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} {name}: value {value!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{option} {name}: value {value!r} is not finite")
+        return name, v
+
+    parse.__name__ = "name_value"
+    return parse
+
+
+SEED = int_range(0, 2**32 - 1)  # numpy / the virtual rig take seeds in [0, 2**32)
