@@ -1,8 +1,10 @@
 """Benchmark of hardware.logger.RunLogger with realistic /state (+ /command) records.
 
-Prints: (1) end-to-end drain throughput (msgs/s from first write() to the finished file), (2) a paced run at
-the target rate with the default queue: drops (must be 0), (3) the caller-side cost of write() (us),
-(4) bytes per message on disk. Target: >= 20,000 msgs/s with zero loss (the control loop needs 1-2 k/s).
+Prints: (0) the writer thread's encode cost per /state record, log format v1 (plain ``json.dumps`` of the
+record) vs v2 (``log_schema.to_file`` + ``json.dumps``: {sec, nsec} times) measured side by side in this run,
+(1) end-to-end drain throughput (msgs/s from first write() to the finished file), (2) a paced run at the
+target rate with the default queue: drops (must be 0), (3) the caller-side cost of write() (us), (4) bytes
+per message on disk. Target: >= 20,000 msgs/s with zero loss (the control loop needs 1-2 k/s).
 
     python bench/bench_logger.py [--seconds 3] [--rate 20000] [--compression zstd]
 """
@@ -10,12 +12,13 @@ the target rate with the default queue: drops (must be 0), (3) the caller-side c
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
 
 from hardware.log_check import check_file
-from hardware.logger import RunLogger
+from hardware.logger import RunLogger, encode_record
 
 TARGET = 20_000
 META = {"rig": "cartpole", "controller": "bench"}
@@ -35,6 +38,22 @@ def state(i: int) -> dict:
     }
 
 
+def encode_cost(n: int) -> tuple[float, float]:
+    """us per /state record: v1 encoding (json.dumps of the record as written) vs v2 (encode_record)."""
+    recs = [state(i) for i in range(n)]
+    best = [float("inf"), float("inf")]
+    for _ in range(3):  # best of three, alternating, so both see the same machine load
+        t0 = time.perf_counter()
+        for r in recs:
+            json.dumps(r, separators=(",", ":"), allow_nan=False).encode()
+        best[0] = min(best[0], (time.perf_counter() - t0) / n * 1e6)
+        t0 = time.perf_counter()
+        for r in recs:
+            encode_record(r, "/state")
+        best[1] = min(best[1], (time.perf_counter() - t0) / n * 1e6)
+    return best[0], best[1]
+
+
 def drain_throughput(n: int, compression: str) -> tuple[float, dict]:
     recs = [state(i) for i in range(n)]
     with tempfile.TemporaryDirectory() as d:
@@ -42,7 +61,7 @@ def drain_throughput(n: int, compression: str) -> tuple[float, dict]:
         log = RunLogger(d, META, run_name="burst", queue_size=n + 1, compression=compression)
         for r in recs:
             log.write("/state", r)
-        st = log.close()
+        st = log.close(timeout=600.0)  # a loaded machine drains 100 k records slowly
         dt = time.perf_counter() - t0
         assert check_file(st["files"][0]).ok
     return n / dt, st
@@ -107,6 +126,8 @@ def main() -> None:
     ap.add_argument("--compression", default="zstd", choices=["zstd", "lz4", "none"])
     a = ap.parse_args()
 
+    v1, v2 = encode_cost(20_000)
+    print(f"encode /state record: v1 {v1:.2f} us, v2 {v2:.2f} us (v2/v1 {v2 / v1:.2f}x)")
     thr, st = drain_throughput(a.burst, a.compression)
     print(f"drain throughput ({a.burst} /state records, {a.compression}): {thr:,.0f} msgs/s "
           f"= {thr / TARGET:.2f} x target; dropped {st['dropped']}, {st['bytes'] / a.burst:.1f} B/msg")

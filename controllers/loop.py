@@ -25,6 +25,7 @@ import numpy as np
 from controllers.base import ControlOutput, pendulum_index
 from controllers.estimation import VelocityEstimator
 from controllers.safety import OverrunWatch, SafetyFault, SoftLimits, StaleStateWatch
+from hardware import log_clock
 
 DEVICE_CLOCK_WRAP_US = 1 << 32
 
@@ -157,7 +158,8 @@ class ControlLoop:
                  limits: SoftLimits | None = None, estimator: VelocityEstimator | None = None,
                  stale_ms: float = 25.0, logger: Any = None, tap: Any = None, forecaster: Any = None,
                  dry_run: bool = False, status_cb: Callable[[dict[str, Any]], None] | None = None,
-                 status_hz: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 status_hz: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 state_feed: Any = None) -> None:
         self.rig = rig
         self.controller = controller
         self.model = model
@@ -175,6 +177,7 @@ class ControlLoop:
         self.status_cb = status_cb
         self.status_period = 1.0 / status_hz if status_hz > 0 else float("inf")
         self.clock = clock
+        self.state_feed = state_feed  # hardware.state_feed.StateFeed: every received frame is logged
         self.runner = FixedRateRunner(self.rate_hz, clock=clock)
         self.stats = self.runner.stats
         self.last = TickRecord()
@@ -183,6 +186,7 @@ class ControlLoop:
         self.commands_sent = 0
         self._cmd_seq = 0
         self._seq: int | None = None
+        self._state_host_ns = 0
         self._dev_t_us: int | None = None
         self._dev_t_acc = 0.0
         self._x: np.ndarray | None = None
@@ -202,9 +206,53 @@ class ControlLoop:
         if self.logger is not None:
             self.logger.write(topic, record)
 
+    def host_ns(self) -> int:
+        """Host time now on the log clock (hardware.log_clock): the loop's clock plus the process's
+        wall-monotonic offset (in a lock-step simulation the loop's clock is the simulated one)."""
+        if self.clock is time.monotonic:
+            return log_clock.now_ns()
+        return log_clock.from_monotonic_ns(int(round(self.clock() * 1e9)))
+
+    def log_command(self, volts: float, source: str, estop: bool = False, requested: float | None = None,
+                    state_seq: int | None = None) -> None:
+        """One /command record (controller output, or the 0 V of a trip or of the shutdown)."""
+        self._cmd_seq += 1
+        rec: dict[str, Any] = {"seq": self._cmd_seq, "host_time_ns": self.host_ns(), "voltage": float(volts),
+                               "source": source}
+        if requested is not None:
+            rec["requested"] = float(requested)
+        if state_seq is not None:
+            rec["state_seq"] = state_seq
+        if estop:
+            rec["estop"] = True
+        self._log("/command", rec)
+
+    def _take_state(self, s: Any, rx_index: int | None = None, link_lost: int | None = None) -> None:
+        """Estimate velocities from one received frame and log it (every frame the feed delivers)."""
+        pos = np.asarray(s.positions, dtype=float)
+        vel = self.estimator.update(pos, self._device_time(s.device_time_us))
+        self._x = np.concatenate([pos, vel])
+        self._seq = int(s.seq)
+        self._state_host_ns = log_clock.from_monotonic_ns(s.host_time_ns)
+        if self.logger is None:
+            return
+        rec: dict[str, Any] = {"seq": self._seq, "device_time_us": int(s.device_time_us),
+                               "host_time_ns": self._state_host_ns, "positions": pos.tolist(),
+                               "velocities": vel.tolist(), "counts": [int(c) for c in s.counts],
+                               "flags": int(s.flags)}
+        for key in ("current", "applied_voltage"):
+            v = getattr(s, key, None)
+            if v is not None:
+                rec[key] = float(v)
+        if rx_index is not None:
+            rec["rx_index"] = int(rx_index)
+        if link_lost is not None:
+            rec["link_lost"] = int(link_lost)
+        self.logger.write("/state", rec)
+
     def _set_mode(self, mode: str, now: float, reason: str = "") -> None:
         if mode != self.mode:
-            self._log("/mode", {"host_time_ns": time.time_ns(), "mode": mode, "previous": self.mode,
+            self._log("/mode", {"host_time_ns": self.host_ns(), "mode": mode, "previous": self.mode,
                                 "reason": reason})
             self.mode_changes.append((now, self.mode, mode))
             self.mode = mode
@@ -217,7 +265,8 @@ class ControlLoop:
                 action()
             except Exception:  # noqa: BLE001 - best effort; the link may be the thing that failed
                 pass
-        self._log("/fault", {"host_time_ns": time.time_ns(), "code": fault.code, "message": fault.message})
+        self.log_command(0.0, "fault", estop=True, state_seq=self._seq)
+        self._log("/fault", {"host_time_ns": self.host_ns(), "code": fault.code, "message": fault.message})
         self._set_mode("estop", now, fault.code)
         self.last.fault = fault
 
@@ -238,15 +287,14 @@ class ControlLoop:
             return False
         if s is None:
             return True  # no state yet: nothing to act on
-        if seq != self._seq:
-            pos = np.asarray(s.positions, dtype=float)
-            vel = self.estimator.update(pos, self._device_time(s.device_time_us))
-            self._x = np.concatenate([pos, vel])
-            self._seq = seq
-            self._log("/state", {"seq": seq, "device_time_us": int(s.device_time_us),
-                                 "host_time_ns": int(s.host_time_ns), "positions": pos.tolist(),
-                                 "velocities": vel.tolist(), "counts": [int(c) for c in s.counts],
-                                 "flags": int(s.flags), "current": getattr(s, "current", None)})
+        if self.state_feed is not None:
+            for sample, rx_index, link_lost in self.state_feed.drain():  # every frame since the last tick
+                self._take_state(sample, rx_index, link_lost)
+            if self._x is None:
+                self._take_state(s)
+        elif seq != self._seq:
+            self._take_state(s)
+        seq = self._seq
         x = self._x
         fault = self.limits.check(x)
         if fault is not None:
@@ -272,12 +320,10 @@ class ControlLoop:
             self.commands_sent += 1
         if self.forecaster is not None:
             self.forecaster.record_command(now, u)
-        self._cmd_seq += 1
-        self._log("/command", {"seq": self._cmd_seq, "host_time_ns": time.time_ns(), "voltage": volts,
-                               "requested": requested, "state_seq": seq})
+        self.log_command(volts, "controller", requested=requested, state_seq=seq)
         self._set_mode(out.mode if not self.dry_run else f"dry-{out.mode}", now, "controller")
         if self.tap is not None:
-            self.tap.offer(x, u, now, seq, int(s.host_time_ns))
+            self.tap.offer(x, u, now, seq, self._state_host_ns)
         self.last = TickRecord(now, seq, x, volts, self.mode, None, out.info)
         if now >= self._next_status:
             self._next_status = now + self.status_period
@@ -285,7 +331,7 @@ class ControlLoop:
                 self.status_cb(self.status())
             if self.tap is not None and self.logger is not None and now >= self._next_monitor_log:
                 self._next_monitor_log = now + 1.0  # prediction-error numbers into the log once a second
-                self._log("/event", {"host_time_ns": time.time_ns(), "name": "prediction_monitor",
+                self._log("/event", {"host_time_ns": self.host_ns(), "name": "prediction_monitor",
                                      "data": self.tap.status()})
         return True
 
@@ -306,7 +352,7 @@ class ControlLoop:
 
     def run(self, duration_s: float | None = None, stop: threading.Event | None = None) -> LoopStats:
         """Run at the fixed rate until a fault, ``duration_s`` or ``stop``; returns the timing stats."""
-        self._log("/event", {"host_time_ns": time.time_ns(), "name": "run_start",
+        self._log("/event", {"host_time_ns": self.host_ns(), "name": "run_start",
                              "data": {"rate_hz": self.rate_hz, "dry_run": self.dry_run,
                                       "controller": getattr(self.controller, "name", "?")}})
         try:
@@ -314,6 +360,6 @@ class ControlLoop:
         finally:
             if self.tap is not None:
                 self.stats.predictor_late = getattr(self.tap, "late", 0)
-            self._log("/event", {"host_time_ns": time.time_ns(), "name": "run_end",
+            self._log("/event", {"host_time_ns": self.host_ns(), "name": "run_end",
                                  "data": {k: v for k, v in self.stats.summary().items()}})
         return self.stats

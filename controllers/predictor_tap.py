@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from controllers.monitor import PredictionMonitor
+from hardware import log_clock
 
 
 class PredictorTap:
@@ -197,7 +198,7 @@ class PredictorTap:
                 self.monitor.add_prediction(k + 1, pred, horizon=1)
             if self.logger is not None:
                 self.logger.write("/prediction", {
-                    "host_time_ns": time.time_ns(), "ref_seq": meta[0], "ref_host_time_ns": meta[1],
+                    "host_time_ns": log_clock.now_ns(), "ref_seq": meta[0], "ref_host_time_ns": meta[1],
                     "dt": self.model_dt, "horizon": 1, "predicted": [pred.tolist()],
                     "latency_us": self.latency_us[-1] if self.latency_us else None})
         h = self.kstep

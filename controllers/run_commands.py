@@ -36,6 +36,12 @@ def register(subparsers: Any) -> None:
                         "torch needed): starts a predictor process")
     p.add_argument("--endpoint", default=None, help="use a running predictor (e.g. ipc:///tmp/pred.sock)")
     p.add_argument("--log", default=None, metavar="DIR", help="write an MCAP run log into DIR")
+    p.add_argument("--on-log-error", choices=("stop", "continue"), default="stop",
+                   help="when the log cannot be written (disk full): stop the run (fault, motor to 0 V; "
+                        "default) or continue without a complete log; either way the exit status is 1")
+    p.add_argument("--foxglove", nargs="?", const="8765", default=None, metavar="[HOST:]PORT",
+                   help="serve the run's channels on a Foxglove WebSocket (default 127.0.0.1:8765; "
+                        "loopback unless a host is given)")
     p.add_argument("--dry-run", action="store_true", help="compute and log, never actuate")
     p.add_argument("--init", choices=("hanging", "upright"), default="hanging",
                    help="initial state of the virtual rig")
@@ -121,6 +127,8 @@ def summary_table(result: Any) -> str:
     if result.logger:
         lg = result.logger
         rows += [("frames logged / dropped", f"{lg.get('written')} / {lg.get('dropped')}")]
+        if lg.get("error"):
+            rows += [("LOGGING FAILED", f"{lg['error']} ({lg.get('write_errors')} messages lost)")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -130,7 +138,7 @@ def _jsonable(result: Any) -> dict[str, Any]:
             "mode_change_count": len(result.mode_changes), "final_mode": final_mode(result),
             "monitor": result.monitor, "predictor": result.predictor, "logger": result.logger,
             "first_fallback_after_kill_s": result.first_fallback_after_kill_s, "log_files": result.log_files,
-            "rig_stats": result.rig_stats,
+            "rig_stats": result.rig_stats, "live_view": result.live_view, "log_error": result.log_error,
             "final_state": result.trajectory[-1, 2:].tolist() if len(result.trajectory) else None}
 
 
@@ -145,13 +153,19 @@ def run_handler(args: argparse.Namespace) -> int:
                       tuning=args.tuning, latency_ms=args.latency_comp_ms, latency_source=args.latency_source,
                       predictor_timeout_ms=args.predictor_timeout_ms, stale_ms=args.stale_ms,
                       watchdog_ms=args.watchdog_ms,
-                      status=not args.quiet, seed=args.seed, realtime=args.realtime)
+                      status=not args.quiet, seed=args.seed, realtime=args.realtime,
+                      on_log_error=args.on_log_error, foxglove=args.foxglove)
     try:
         result = run_session(opts)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # includes hardware.live_view.LiveViewError
         print(f"rigfm run: {exc}", file=sys.stderr)
         return 2
     print(summary_table(result))
+    if result.log_error:
+        lg = result.logger
+        print(f"rigfm run: LOGGING FAILED: {result.log_error}; {lg.get('write_errors')} messages lost "
+              f"({lg.get('dropped')} dropped in all); the log holds everything up to the failure: "
+              f"{', '.join(lg.get('files') or []) or 'no file'}", file=sys.stderr)
     if args.summary_json:
         with open(args.summary_json, "w") as fh:
             json.dump(_jsonable(result), fh, indent=1, default=float)

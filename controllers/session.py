@@ -53,6 +53,9 @@ class RunOptions:
     status: bool = True
     seed: int = 0
     kill_predictor_after_s: float | None = None  # test hook: SIGKILL the predictor mid-run
+    on_log_error: str = "stop"          # a logging failure: "stop" (fault, motor 0 V) or "continue"
+    foxglove: str | None = None         # serve a Foxglove live view on [HOST:]PORT (loopback by default)
+    command_line: list[str] | None = None  # recorded in the log metadata (default sys.argv)
 
 
 @dataclass
@@ -70,10 +73,16 @@ class RunResult:
     first_fallback_after_kill_s: float | None = None
     log_files: list[str] = field(default_factory=list)
     rig_stats: dict[str, Any] = field(default_factory=dict)
+    live_view: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def log_error(self) -> str | None:
+        """The logger's first file error (frames were lost), None when logging was complete."""
+        return self.logger.get("error") if self.logger else None
 
     @property
     def ok(self) -> bool:
-        return self.fault is None
+        return self.fault is None and self.log_error is None
 
 
 class RunSetupError(ValueError):
@@ -195,6 +204,8 @@ def status_printer(stream: Any = sys.stderr) -> Callable[[dict[str, Any]], None]
             parts.append(f"pred err {err:.3f}" + (" DRIFT" if st.get("drift") else ""))
         if st.get("pred_fault"):
             parts.append("PREDICTOR DOWN")
+        if st.get("log_error"):
+            parts.append(f"LOG FAILED ({st.get('log_lost', '?')} lost): {st['log_error']}")
         stream.write("\r" + " | ".join(parts) + "\x1b[K")
         stream.flush()
 
@@ -228,6 +239,59 @@ def build_controller(name: str, model: Any, cfg: Any, tuning: dict, dt: float, m
     params = MPCParams(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in sec.items()})
     return make_mpc(model, cfg, mpc_rollout, lqr, cfg.model_dt, params=params, predictor_errors=errors,
                     max_plan_age_s=max_plan_age_s)
+
+
+class _LoggedShutdown:
+    """The rig as ``MotorGuard`` sees it: the 0 V and the e-stop it sends at exit go into /command."""
+
+    def __init__(self, rig: Any, loop: Any) -> None:
+        self.rig = rig
+        self.loop = loop
+
+    def send_command(self, volts: float) -> Any:
+        out = self.rig.send_command(volts)
+        self.loop.log_command(volts, "shutdown")
+        return out
+
+    def estop(self) -> Any:
+        out = self.rig.estop()
+        self.loop.log_command(0.0, "shutdown", estop=True)
+        return out
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _controller_params(controller: Any, tuning: dict, opts: RunOptions, cfg: Any) -> dict[str, Any]:
+    """Controller and tuning parameters as run: loop options, the tuning tables, LQR gain, swing-up params."""
+    import dataclasses
+
+    out: dict[str, Any] = {
+        "controller": opts.controller, "rate_hz": opts.rate_hz, "tuning_file": opts.tuning or "built-in",
+        "tuning": tuning, "latency_ms": opts.latency_ms, "latency_source": opts.latency_source,
+        "predictor_timeout_ms": opts.predictor_timeout_ms, "mpc_timeout_ms": opts.mpc_timeout_ms,
+        "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "stale_ms": opts.stale_ms, "dry_run": opts.dry_run,
+        "model_params": dict(opts.model_params), "on_log_error": opts.on_log_error,
+        "watchdog_ms": cfg.watchdog_ms if opts.watchdog_ms is None else int(opts.watchdog_ms),
+    }
+    if opts.virtual:
+        out["virtual"] = {"init": opts.init, "seed": opts.seed, "params": dict(opts.virtual_params)}
+    for obj in (controller, getattr(controller, "lqr", None), getattr(controller, "fallback", None)):
+        if obj is not None and getattr(obj, "k", None) is not None and "lqr_K" not in out:
+            out["lqr_K"] = np.asarray(obj.k).tolist()
+            out["lqr_q"] = np.asarray(getattr(obj, "q", [])).tolist()
+            out["lqr_r"] = np.asarray(getattr(obj, "r", [])).tolist()
+    params = getattr(controller, "params", None)
+    if params is not None and dataclasses.is_dataclass(params):
+        out[f"{opts.controller}_params"] = dataclasses.asdict(params)
+    return out
 
 
 SHIPPED = "shipped"  # --model shipped: the rig's ONNX pair in fm_core/weights (export/shipped.py)
@@ -279,6 +343,12 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         raise ValueError("latency source 'predictor' needs the learned model: pass --model (or --endpoint)")
     if opts.model and not Path(opts.model).is_file():
         raise FileNotFoundError(f"--model {opts.model}: no such file")
+    if opts.on_log_error not in ("stop", "continue"):
+        raise ValueError(f"--on-log-error {opts.on_log_error!r}: choose stop or continue")
+    if opts.foxglove is not None:
+        from hardware.live_view import parse_address
+
+        parse_address(opts.foxglove)  # a bad address fails before anything starts
     cfg = rigs.load_config(opts.rig)
     check_run_options(opts, cfg)
     model = rigs.make_model(cfg, opts.model_params or None)
@@ -290,6 +360,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         proc = None
         errors: tuple = ()
         endpoint = None
+        info: dict[str, Any] = {}
         if opts.model or opts.endpoint:
             from export.client import PredictorError
 
@@ -299,8 +370,10 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         # -- the rig ----------------------------------------------------------------------------------
         port = opts.port
         from hardware.driver import RigConnection, RigError
+        from hardware.state_feed import StateFeed
         from hardware.virtual_rig_process import VirtualRigError
 
+        feed = StateFeed()  # every STATE frame the driver receives, for the loop to log
         try:
             if opts.virtual:
                 from hardware.virtual_rig_process import VirtualRigProcess
@@ -315,7 +388,9 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                     realtime_process(vr.proc.pid, priority=49)  # the plant outranks everything but the loop
             # a new run clears the e-stop latch that the previous run's clean exit left (once, at first
             # connect; never on a reconnect mid-run); the firmware still enforces its limits and watchdog
-            conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True))
+            conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True,
+                                                     on_state=feed))
+            feed.attach(conn)
             if opts.watchdog_ms is not None:
                 conn.configure(watchdog_ms=int(opts.watchdog_ms))  # kept across reconnects by the driver
         except (RigError, VirtualRigError) as exc:
@@ -324,17 +399,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             raise RunSetupError(f"{port}: the rig answered HELLO but sent no STATE within 5 s: check the "
                                 "firmware's telemetry (state divider) and the link")
         rig = DryRunRig(conn) if opts.dry_run else conn
-
-        # -- logger -----------------------------------------------------------------------------------
         logger = None
-        if opts.log_dir:
-            from hardware.logger import RunLogger
-
-            logger = RunLogger(opts.log_dir, metadata={
-                "rig": cfg.name, "controller": opts.controller, "rate_hz": opts.rate_hz,
-                "model": opts.model or opts.endpoint or "", "dry_run": opts.dry_run,
-                "model_dt": cfg.model_dt, "state_names": list(cfg.state_names)})
-            stack.callback(logger.close)
 
         # -- predictor tap ----------------------------------------------------------------------------
         tap = None
@@ -370,6 +435,53 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                                       opts.mpc_max_plan_age_s)
         if hasattr(controller, "close"):
             stack.callback(controller.close)
+
+        # -- logger and live view (after the predictor: the metadata names the model it serves) ------------
+        if opts.log_dir:
+            import shlex
+
+            from hardware.logger import RunLogger
+
+            dev = conn.device_info
+            pinfo = info if endpoint else {}
+            model_path = opts.model or str(pinfo.get("model_path") or "")
+            logger = RunLogger(opts.log_dir, metadata={
+                "rig": cfg.name, "rig_config": cfg, "rig_config_source": str(opts.rig),
+                "firmware_version": ".".join(map(str, dev.firmware_version)) if dev else "no handshake",
+                "protocol_version": dev.protocol_version if dev else "no handshake",
+                "device": {"rig_kind": dev.rig_kind, "uid": dev.uid, "port": dev.port,
+                           "loop_rate_hz": dev.loop_rate_hz, "max_voltage": dev.max_voltage,
+                           "watchdog_ms": dev.watchdog_ms} if dev else {},
+                "virtual": bool(opts.virtual),
+                "controller": opts.controller, "rate_hz": opts.rate_hz,
+                "controller_params": _controller_params(controller, tuning, opts, cfg),
+                "model": model_path or "none (no learned model)",
+                "model_sha256": (_file_sha256(model_path) if model_path and Path(model_path).is_file()
+                                 else "none (no learned model)" if not endpoint else "not readable here"),
+                "model_checkpoint_sha256": str(pinfo.get("model_sha256") or "none"),
+                "predictor_endpoint": endpoint or "none",
+                "dry_run": opts.dry_run, "model_dt": cfg.model_dt, "state_names": list(cfg.state_names),
+                "command_line": shlex.join(opts.command_line if opts.command_line is not None else sys.argv),
+            })
+            stack.callback(logger.close)
+        live = None
+        if opts.foxglove is not None:
+            from hardware.live_view import LiveView, is_loopback, parse_address
+
+            host, fport = parse_address(opts.foxglove)
+            live = stack.enter_context(LiveView(host, fport, name=f"rigfm {cfg.name}"))
+            if not is_loopback(host):
+                print(f"rigfm run: WARNING: the live view on {host} can be read by anyone who reaches this "
+                      "machine", file=sys.stderr)
+            print(f"rigfm run: Foxglove live view on {live.url} (Foxglove: Open connection -> Foxglove "
+                  "WebSocket)", file=sys.stderr)
+        sink: Any = logger
+        if live is not None:
+            from hardware.live_view import LogTee
+
+            sink = LogTee(logger, live)
+        if tap is not None:
+            tap.logger = sink
         forecaster: Any = None
         if opts.latency_ms > 0:
             forecaster = PhysicsForecaster(model, opts.latency_ms / 1000.0)
@@ -383,9 +495,19 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         from controllers.trajectory import TickRecorder
 
         record = TickRecorder(cfg.n)  # bounded: the newest 2^20 ticks (RunResult.trajectory / .modes)
+        status_cb = None
+        if opts.status:
+            show = status_printer()
+
+            def status_cb(st: dict[str, Any]) -> None:
+                if logger is not None and logger.error:
+                    lst = logger.stats()
+                    st = {**st, "log_error": logger.error, "log_lost": lst["dropped"]}
+                show(st)
+
         loop = ControlLoop(rig, controller, model, cfg, rate_hz=opts.rate_hz, estimator=estimator,
-                           stale_ms=opts.stale_ms, logger=logger, tap=tap, forecaster=forecaster,
-                           dry_run=opts.dry_run, status_cb=status_printer() if opts.status else None)
+                           stale_ms=opts.stale_ms, logger=sink, tap=tap, forecaster=forecaster,
+                           dry_run=opts.dry_run, status_cb=status_cb, state_feed=feed)
         t_start = time.monotonic()
         kill_at = None if opts.kill_predictor_after_s is None else t_start + opts.kill_predictor_after_s
         killed_at: list[float] = []
@@ -401,7 +523,13 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                 fallback += ", latency forecast from physics only"
             watch = PredictorWatch(tap, proc, t0=t_start, fallback=fallback, clear_line=opts.status)
 
+        from controllers.safety import SafetyFault
+
         def tick(now: float) -> bool:
+            if logger is not None and logger.error is not None and opts.on_log_error == "stop":
+                loop.trip(SafetyFault("log_write", f"logging failed (--on-log-error stop): {logger.error}"),
+                          now)
+                return False
             if kill_at is not None and not killed_at and now >= kill_at and proc is not None:
                 proc.proc.kill()  # SIGKILL, as a crash would (reaped by PredictorProcess.stop)
                 killed_at.append(time.monotonic())
@@ -432,8 +560,9 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         gc.freeze()  # long-lived objects out of the collector's way; no cyclic GC pauses in the loop
         gc.disable()
         interrupted = None
+        feed.keep_latest()  # frames from before the run (handshake, predictor start) are not part of it
         try:
-            with MotorGuard(rig) as guard:
+            with MotorGuard(_LoggedShutdown(rig, loop)) as guard:
                 loop.runner.run(tick, opts.duration_s, stop)
         except (KeyboardInterrupt, SystemExit):  # the guard has already put the motor to 0 V and e-stopped
             interrupted = guard.stopped_by or "interrupted"
@@ -468,7 +597,10 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         files: list[str] = []
         if logger is not None:
             log_stats = logger.close()
+            log_stats["state_frames_received"] = feed.received
+            log_stats["state_feed_overflow"] = feed.overflow
             files = [str(p) for p in logger.files]
+        live_stats = live.close() if live is not None else {}
         fault = None if loop.fault is None else f"{loop.fault.code}: {loop.fault.message}"
         traj, modes = record.arrays()
         if interrupted and fault is None:
@@ -479,5 +611,5 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             monitor=monitor.snapshot() if monitor else {},
             trajectory=traj, modes=modes, predictor=pred,
             logger=log_stats, first_fallback_after_kill_s=first_fb[0] if first_fb else None, log_files=files,
-            rig_stats=rig_stats)
+            rig_stats=rig_stats, live_view=live_stats)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -73,11 +73,15 @@ def run_lockstep(loop: Any, rig: SimulatedRig, duration_s: float, on_tick: Any =
     """Alternate ``rig.advance(period)`` and ``loop.tick(t)`` for ``duration_s``; returns the true states."""
     period = 1.0 / loop.rate_hz
     states = []
-    for k in range(int(round(duration_s / period))):
-        if not loop.tick(k * period):
-            break
-        rig.advance(period)
-        states.append(np.asarray(rig.sim.state, dtype=float).copy())
-        if on_tick is not None:
-            on_tick(k, loop)
+    clock, loop.clock = loop.clock, lambda: rig.t  # log times on the simulated clock, like the samples
+    try:
+        for k in range(int(round(duration_s / period))):
+            if not loop.tick(k * period):
+                break
+            rig.advance(period)
+            states.append(np.asarray(rig.sim.state, dtype=float).copy())
+            if on_tick is not None:
+                on_tick(k, loop)
+    finally:
+        loop.clock = clock
     return states

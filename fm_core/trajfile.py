@@ -1,6 +1,6 @@
 """Trajectory dataset files (``.npz``, numpy only): rig data collection, datasets from logs, fine-tuning.
 
-Fields of a file (format_version 1):
+Fields of a file (format_version 1; format_version 2 adds the optional provenance fields below):
 
 =================  =================  ==============================================================
 ``x``              float32 (K,T,n)    states, K trajectories of T samples
@@ -11,7 +11,18 @@ Fields of a file (format_version 1):
 ``split``          str (K,)           "train" | "val" | "test" per trajectory
 ``source``         str (K,)           run / log id per trajectory (never split across train/val/test)
 ``rig``            str ()             rig name, e.g. "cartpole"
-``format_version`` int64 ()           ``FORMAT_VERSION``
+``format_version`` int64 ()           1, or 2 when the provenance fields are present
+=================  =================  ==============================================================
+
+Provenance (format_version 2, all four or none; ``rigfm dataset build`` writes them):
+
+=================  =================  ==============================================================
+``run_id``         str (K,)           logged run id (``source`` may carry a ``#split`` suffix)
+``episode``        int64 (K,)         episode index: one continuous valid stretch of one run (and split)
+``frame_index``    int64 (K,)         frame of the window's first sample within its episode (sample t
+                                      is frame ``frame_index + t``)
+``timestamp``      float64 (K,)       host wall time of the window's first sample (s since the Unix
+                                      epoch, the log's clock); sample t is at ``timestamp + t * dt``
 =================  =================  ==============================================================
 
 Every problem raises ``TrajectoryFileError`` whose message names the file and the field.
@@ -28,9 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written when the provenance fields are present; 1 otherwise (both are read)
+SUPPORTED_VERSIONS = (1, 2)
 SPLITS = ("train", "val", "test")
 FIELDS = ("x", "u", "dt", "state_names", "input_names", "split", "source", "rig", "format_version")
+PROVENANCE = ("run_id", "episode", "frame_index", "timestamp")
 
 
 class TrajectoryFileError(ValueError):
@@ -64,6 +77,10 @@ class TrajectorySet:
     source: np.ndarray
     rig: str
     paths: tuple[Path, ...] = ()
+    run_id: np.ndarray | None = None  # provenance (format_version 2), see the module docstring
+    episode: np.ndarray | None = None
+    frame_index: np.ndarray | None = None
+    timestamp: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -80,9 +97,30 @@ class TrajectorySet:
     def T(self) -> int:
         return int(self.x.shape[1])
 
+    @property
+    def has_provenance(self) -> bool:
+        """Whether run id, episode, frame index and timestamp are known (format_version 2)."""
+        return self.episode is not None
+
+    def frame_indices(self) -> np.ndarray:
+        """(K, T) frame index of every sample within its episode."""
+        if self.frame_index is None:
+            raise ValueError(f"{self._name()}: no frame indices (format_version 1 file; rebuild it with "
+                             "rigfm dataset build)")
+        return self.frame_index[:, None] + np.arange(self.T)[None, :]
+
+    def timestamps(self) -> np.ndarray:
+        """(K, T) host wall time of every sample (s since the Unix epoch)."""
+        if self.timestamp is None:
+            raise ValueError(f"{self._name()}: no timestamps (format_version 1 file; rebuild it with "
+                             "rigfm dataset build)")
+        return self.timestamp[:, None] + self.dt * np.arange(self.T)[None, :]
+
     def _take(self, idx: np.ndarray) -> TrajectorySet:
+        prov = {k: (None if getattr(self, k) is None else getattr(self, k)[idx]) for k in PROVENANCE}
         return TrajectorySet(self.x[idx], self.u[idx], self.dt, list(self.state_names),
-                             list(self.input_names), self.split[idx], self.source[idx], self.rig, self.paths)
+                             list(self.input_names), self.split[idx], self.source[idx], self.rig, self.paths,
+                             **prov)
 
     def subset(self, split: str | Iterable[str]) -> TrajectorySet:
         """The trajectories of one or more splits: ``ts.subset("train")``, ``ts.subset(["val", "test"])``."""
@@ -121,8 +159,9 @@ class TrajectorySet:
 
     def save(self, path: str | Path) -> Path:
         """Write this set with ``save_trajectories``."""
+        prov = {k: getattr(self, k) for k in PROVENANCE} if self.has_provenance else {}
         return save_trajectories(path, self.x, self.u, self.dt, self.state_names, self.input_names,
-                                 self.split, self.source, self.rig)
+                                 self.split, self.source, self.rig, **prov)
 
     def _name(self) -> str:
         return ", ".join(str(p) for p in self.paths) or "<TrajectorySet>"
@@ -158,9 +197,9 @@ def _validate(where: str, data: dict[str, object]) -> TrajectorySet:
         if f not in data:
             raise _err(where, f, "is missing")
     version = np.asarray(data["format_version"])
-    if version.ndim != 0 or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
+    if version.ndim != 0 or version.dtype.kind not in "iu" or int(version) not in SUPPORTED_VERSIONS:
         raise _err(where, "format_version",
-                   f"is {data['format_version']!r}, this reader supports {FORMAT_VERSION}")
+                   f"is {data['format_version']!r}, this reader supports {list(SUPPORTED_VERSIONS)}")
     x = np.asarray(data["x"])
     u = np.asarray(data["u"])
     for name, a in (("x", x), ("u", u)):
@@ -210,29 +249,65 @@ def _validate(where: str, data: dict[str, object]) -> TrajectorySet:
     mixed = _mixed_source(source, split)
     if mixed:
         raise _err(where, "split", f"mixes source {mixed[0]!r} across splits {mixed[1]}")
-    return TrajectorySet(x, u, dt, state_names.tolist(), input_names.tolist(), split, source, str(rig))
+    prov = _provenance(where, data, k, int(version))
+    return TrajectorySet(x, u, dt, state_names.tolist(), input_names.tolist(), split, source, str(rig),
+                         **prov)
+
+
+def _provenance(where: str, data: dict[str, object], k: int, version: int) -> dict[str, np.ndarray]:
+    """The format-2 fields (all or none), checked: shapes (K,), dtypes, finite timestamps."""
+    present = [f for f in PROVENANCE if data.get(f) is not None]
+    if not present:
+        return {}
+    if version < 2:
+        raise _err(where, present[0], "needs format_version 2")
+    missing = [f for f in PROVENANCE if f not in present]
+    if missing:
+        raise _err(where, missing[0], f"is missing (the provenance fields {list(PROVENANCE)} come together)")
+    out: dict[str, np.ndarray] = {"run_id": _str_array(where, "run_id", data["run_id"], 1)}
+    for f, kinds, dtype in (("episode", "iu", np.int64), ("frame_index", "iu", np.int64),
+                            ("timestamp", "fiu", np.float64)):
+        a = np.asarray(data[f])
+        if a.ndim != 1 or (a.size and a.dtype.kind not in kinds):
+            raise _err(where, f, f"must be a 1-d {dtype.__name__} array, got shape {a.shape} dtype {a.dtype}")
+        out[f] = a.astype(dtype)
+    for f, a in out.items():
+        if a.shape[0] != k:
+            raise _err(where, f, f"has {a.shape[0]} entries but there are K={k} trajectories")
+    if (out["episode"] < 0).any() or (out["frame_index"] < 0).any():
+        raise _err(where, "episode" if (out["episode"] < 0).any() else "frame_index", "has negative values")
+    if not np.isfinite(out["timestamp"]).all():
+        raise _err(where, "timestamp", "has NaN/Inf")
+    return out
 
 
 def save_trajectories(
     path: str | Path, x: np.ndarray, u: np.ndarray, dt: float, state_names: Sequence[str],
     input_names: Sequence[str], split: Sequence[str] | np.ndarray, source: Sequence[str] | np.ndarray,
-    rig: str,
+    rig: str, run_id: Sequence[str] | np.ndarray | None = None, episode: np.ndarray | None = None,
+    frame_index: np.ndarray | None = None, timestamp: np.ndarray | None = None,
 ) -> Path:
-    """Validate and write a trajectory file (atomically: temp file + rename). Returns the path."""
+    """Validate and write a trajectory file (atomically: temp file + rename). Returns the path.
+
+    With the provenance fields (all four) the file is format_version 2, else 1."""
     p = Path(path)
+    prov = {"run_id": run_id, "episode": episode, "frame_index": frame_index, "timestamp": timestamp}
+    given = {k: v for k, v in prov.items() if v is not None}
+    version = FORMAT_VERSION if given else 1
     data = {"x": np.asarray(x), "u": np.asarray(u), "dt": dt,
             "state_names": np.array(list(state_names), dtype=str),
             "input_names": np.array(list(input_names), dtype=str).reshape(-1),
             "split": np.asarray(split), "source": np.asarray(source).astype(str), "rig": np.array(str(rig)),
-            "format_version": np.int64(FORMAT_VERSION)}
+            "format_version": np.int64(version), **{k: np.asarray(v) for k, v in given.items()}}
     ts = _validate(f"{p} (saving)", data)
+    extra = {k: getattr(ts, k) for k in PROVENANCE} if ts.has_provenance else {}
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     with open(tmp, "wb") as fh:
         np.savez_compressed(fh, x=ts.x, u=ts.u, dt=np.float64(ts.dt),
                             state_names=np.array(ts.state_names, str),
                             input_names=np.array(ts.input_names, str).reshape(-1), split=ts.split,
-                            source=ts.source, rig=np.array(ts.rig), format_version=np.int64(FORMAT_VERSION))
+                            source=ts.source, rig=np.array(ts.rig), format_version=np.int64(version), **extra)
     os.replace(tmp, p)
     return p
 
@@ -289,9 +364,16 @@ def load_trajectories(path: str | Path | Sequence[str | Path]) -> TrajectorySet:
             raise _err(str(where), "x", f"has T={s.T} steps but {first.paths[0]} has T={first.T}")
     if len(sets) == 1:
         return first
+    prov: dict[str, np.ndarray] = {}
+    if all(s.has_provenance for s in sets):  # episodes renumbered so that each file's stay distinct
+        offsets = np.cumsum([0] + [int(s.episode.max()) + 1 if len(s) else 0 for s in sets[:-1]])
+        prov = {"run_id": np.concatenate([s.run_id for s in sets]),
+                "episode": np.concatenate([s.episode + o for s, o in zip(sets, offsets, strict=True)]),
+                "frame_index": np.concatenate([s.frame_index for s in sets]),
+                "timestamp": np.concatenate([s.timestamp for s in sets])}
     out = TrajectorySet(np.concatenate([s.x for s in sets]), np.concatenate([s.u for s in sets]), first.dt,
                         first.state_names, first.input_names, np.concatenate([s.split for s in sets]),
-                        np.concatenate([s.source for s in sets]), first.rig, tuple(paths))
+                        np.concatenate([s.source for s in sets]), first.rig, tuple(paths), **prov)
     mixed = _mixed_source(out.source, out.split)
     if mixed:
         raise _err(out._name(), "split", f"mixes source {mixed[0]!r} across splits {mixed[1]} "

@@ -73,9 +73,10 @@ class Segment:
     """A stretch of valid grid points of one run."""
 
     run_id: str
-    t_start: float
+    t_start: float  # grid time of the first point (s since the run's first state)
     x: np.ndarray  # (L, n)
     u: np.ndarray  # (L, 1)
+    t0_ns: float = 0.0  # host time of the run's first state (ns): absolute time = t0_ns + t_start
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -216,21 +217,29 @@ def _assemble(run_id: str, items: list, warnings: list[str]) -> RunData:
             f"run {run_id} ({names}): malformed /command, /mode or /fault record: {exc!r}"
         ) from exc
 
-    # the driver stamps states with time.monotonic_ns(); commands and MCAP log times use time.time_ns()
+    # log format v2: every host time, MCAP log times included, is on one clock (hardware.log_clock; in a
+    # lock-step simulation the simulated one). v1: the driver stamped states with time.monotonic_ns() while
+    # commands and MCAP log times used time.time_ns(): then the states' log times stand in
     host_ok = bool(np.median(np.abs(host_t - log_t)) < 1e9)
+    one_clock = host_ok and str(meta.get("log_format", "")) >= "rigfm-log-v2"
     ref_t = host_t if host_ok else log_t
+    origin = int(ref_t.min())  # ns since the epoch exceed float64's integers: work relative to an origin
     dev_ns = np.concatenate([[0], np.cumsum(np.diff(dev_t) % DEVICE_CLOCK_WRAP_US)]).astype(np.float64) * 1e3
-    rate = _clock_rate(dev_ns, ref_t.astype(np.float64))
+    rate = _clock_rate(dev_ns, (ref_t - origin).astype(np.float64))
+    t0_abs = 0
     if rate is None or 0.98 < rate < 1.02:
         # real time: states on the host clock (device clock fitted to it), the rest at their host times
-        t_state_ns, clock = _device_to_host(dev_t, ref_t)
+        t_state_ns, clock = _device_to_host(dev_t, ref_t - origin)
         clock += " fitted to " + (
+            "host_time_ns (one log clock)" if one_clock else
             "host_time_ns" if host_ok else "MCAP log time (host_time_ns is another clock)"
         )
         t0 = float(np.min(t_state_ns))
+        t0_abs = origin + int(round(t0))
 
         def when(order: np.ndarray, host_ns: np.ndarray) -> np.ndarray:
-            return (host_ns.astype(np.float64) - t0) / 1e9
+            # 1 us early: a command stamped at the instant of a grid point counts at that point
+            return (host_ns - origin).astype(np.float64) / 1e9 - t0 / 1e9 - 1e-6
     else:
         # not real time (lock-step simulation): device time for states; every other record takes the time
         # of the last state logged before it (the loop logs a state, then the command computed from it)
@@ -257,7 +266,7 @@ def _assemble(run_id: str, items: list, warnings: list[str]) -> RunData:
         files=files,
         rig=rig,
         metadata=meta,
-        t0_ns=int(t0),
+        t0_ns=t0_abs,
         t_state=t_state[so],
         x=x[so],
         flags=flags[so],
@@ -301,6 +310,9 @@ def _device_to_host(dev_us: np.ndarray, host_ns: np.ndarray) -> tuple[np.ndarray
             out[a:b] = hv
             continue
         fit = hv[0] + icpt + slope * (dv - dv[0])
+        if np.ptp(hv - fit) < 2e3:  # host times already jitter-free (a lock-step simulation): keep them
+            out[a:b] = hv
+            continue
         out[a:b] = fit + np.quantile(hv - fit, 0.02)
     return out, "device"
 
@@ -366,7 +378,7 @@ def valid_segments(
     counts["valid"] = int((~invalid).sum())
     segments = []
     for a, b in _true_runs(~invalid):
-        segments.append(Segment(run.run_id, float(grid[a]), x[a:b], u[a:b, None]))
+        segments.append(Segment(run.run_id, float(grid[a]), x[a:b], u[a:b, None], float(run.t0_ns)))
     return segments, counts
 
 
@@ -498,13 +510,29 @@ def build_dataset(
     active = sum(f > 0 for f in fractions)
     by_time = len(runs) < active
     xs, us, splits, sources = [], [], [], []
+    run_ids: list[str] = []
+    episodes: list[int] = []
+    frames: list[int] = []
+    stamps: list[float] = []
+    n_episodes = [0]
 
-    def add(run_id: str, split_name: str, sx: np.ndarray, su: np.ndarray) -> int:
+    def add(source: str, split_name: str, sx: np.ndarray, su: np.ndarray, run_id: str, t_first_s: float
+            ) -> int:
+        """Windows of one continuous stretch (= one episode; t_first_s: host time of its first point)."""
         wx, wu = cut_windows(sx, su, window, stride)
+        if not len(wx):
+            return 0
+        starts = np.arange(0, sx.shape[0] - window + 1, stride)[: len(wx)]
+        episode = n_episodes[0]
+        n_episodes[0] += 1
         xs.append(wx)
         us.append(wu)
         splits.extend([split_name] * len(wx))
-        sources.extend([run_id] * len(wx))
+        sources.extend([source] * len(wx))
+        run_ids.extend([run_id] * len(wx))
+        episodes.extend([episode] * len(wx))
+        frames.extend(starts.tolist())
+        stamps.extend((t_first_s + starts * dt).tolist())
         return len(wx)
 
     if by_time:
@@ -519,12 +547,15 @@ def build_dataset(
             cat_x = np.concatenate([v[0] for v in valid]) if valid else np.zeros((0, n))
             cat_u = np.concatenate([v[1] for v in valid]) if valid else np.zeros((0, 1))
             seg_id = np.concatenate([np.full(len(v[0]), k) for k, v in enumerate(valid)]) if valid else []
+            cat_t = (np.concatenate([sg.t0_ns / 1e9 + sg.t_start + dt * np.arange(len(sg.x))
+                                     for sg in segs[r.run_id]]) if valid else np.zeros(0))
             counts = {}
             for split_name, a, b in blocks:  # windows never cross a block or a segment boundary
                 cnt = 0
                 for k in np.unique(seg_id[a:b]):
                     idx = np.flatnonzero(seg_id[a:b] == k) + a
-                    cnt += add(f"{r.run_id}#{split_name}", split_name, cat_x[idx], cat_u[idx])
+                    cnt += add(f"{r.run_id}#{split_name}", split_name, cat_x[idx], cat_u[idx], r.run_id,
+                               float(cat_t[idx[0]]))
                 counts[split_name] = cnt
             per_run[r.run_id]["split"] = counts
     else:
@@ -533,7 +564,8 @@ def build_dataset(
                  for r in runs}
         assignment = assign_runs(sizes, fractions, seed)
         for r in runs:
-            cnt = sum(add(r.run_id, assignment[r.run_id], sg.x, sg.u) for sg in segs[r.run_id])
+            cnt = sum(add(r.run_id, assignment[r.run_id], sg.x, sg.u, r.run_id, sg.t0_ns / 1e9 + sg.t_start)
+                      for sg in segs[r.run_id])
             per_run[r.run_id]["split"] = {assignment[r.run_id]: cnt}
 
     if not splits:
@@ -554,6 +586,10 @@ def build_dataset(
         split=np.array(splits),
         source=np.array(sources),
         rig=rig,
+        run_id=np.array(run_ids),
+        episode=np.array(episodes, dtype=np.int64),
+        frame_index=np.array(frames, dtype=np.int64),
+        timestamp=np.array(stamps, dtype=np.float64),
     )
     windows = {s: splits.count(s) for s in SPLITS}
     empty = [name for name, f in zip(SPLITS, fractions, strict=False) if f > 0 and windows[name] == 0]
@@ -577,6 +613,7 @@ def build_dataset(
         "shape_x": list(x.shape),
         "shape_u": list(u.shape),
         "windows": windows,
+        "episodes": n_episodes[0],
         "split_mode": "time-blocks" if by_time else "by-run",
         "input": input_source,
         "exclude_flags": exclude_flags,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 from mcap.records import Channel, Message, Schema
 from mcap.writer import CompressionType, Writer
 
-from hardware.log_reader import ScanResult, decode_json, scan_file
+from hardware.foxglove_rules import schema_problems
+from hardware.log_reader import MessageDecoder, ScanResult, scan_file
 from hardware.log_schema import END_METADATA_NAME, RECOVERY_METADATA_NAME, REQUIRED, decode_metadata
 
 SEQ_TOPICS = ("/state", "/command")
@@ -49,6 +51,45 @@ class SeqStats:
 
 
 @dataclass
+class StateLoss:
+    """Why /state seq numbers are missing, from the fields ``rx_index`` (host count of received STATE
+    frames) and ``link_lost`` (cumulative link losses seen by the driver) of consecutive records:
+
+    * ``not_logged``: frames the host received but that are not in the log (a lossy logger / loop);
+    * ``link_lost``: frames lost on the serial link (a lossy link);
+    * ``other_frames``: seq numbers taken by device frames that are not STATE (heartbeat echoes, ACKs):
+      no loss at all (the device numbers all its frames with one counter).
+    ``known`` is False for logs without these fields (log format v1): then a gap cannot be explained."""
+
+    known: bool = True
+    not_logged: int = 0
+    link_lost: int = 0
+    other_frames: int = 0
+    _prev: tuple[int, int | None, int | None] | None = None
+
+    def add(self, rec: dict[str, Any]) -> None:
+        seq = int(rec["seq"])
+        rx = rec.get("rx_index")
+        link = rec.get("link_lost")
+        if rx is None or link is None:
+            self.known = False
+        prev, self._prev = self._prev, (seq, rx, link)
+        if prev is None:
+            return
+        step = (seq - prev[0]) % (1 << 16)
+        missing = step - 1 if 0 < step < (1 << 15) else 0
+        rx_missed = max(int(rx) - int(prev[1]) - 1, 0) if rx is not None and prev[1] is not None else 0
+        link_d = max(int(link) - int(prev[2]), 0) if link is not None and prev[2] is not None else 0
+        self.not_logged += rx_missed
+        self.link_lost += link_d
+        self.other_frames += max(missing - rx_missed - link_d, 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"known": self.known, "not_logged": self.not_logged, "link_lost": self.link_lost,
+                "other_frames": self.other_frames}
+
+
+@dataclass
 class CheckReport:
     """Result of checking one file."""
 
@@ -61,6 +102,8 @@ class CheckReport:
     time_range_ns: tuple[int, int] | None
     run: dict[str, Any]
     run_end: dict[str, Any]
+    state_loss: StateLoss | None = None
+    foxglove_problems: list[str] = field(default_factory=list)
     recovered_path: Path | None = None
     recovered_messages: int = 0
 
@@ -88,6 +131,9 @@ class CheckReport:
                 for t, q in self.seq.items()
             },
             "bad_messages": self.bad_messages,
+            "state_loss": self.state_loss.as_dict() if self.state_loss else None,
+            "foxglove_problems": list(self.foxglove_problems),
+            "log_format": self.run.get("log_format"),
             "run_id": self.run.get("run_id"),
             "part": self.run.get("part"),
             "logger": self.run_end,
@@ -121,14 +167,27 @@ class CheckReport:
                     shown = ", ".join(f"{a}->{b}" for a, b in st.gaps[:5])
                     line += f" [{shown}{', ...' if st.n_gaps > 5 else ''}]"
             lines.append(line)
-        if self.run_end:
-            lines.append(
-                "  logger: written {w}, dropped {d}, write errors {e}".format(
-                    w=self.run_end.get("written_total", "?"),
-                    d=self.run_end.get("dropped_total", "?"),
-                    e=self.run_end.get("write_errors_total", "?"),
+        sl = self.state_loss
+        if sl is not None and self.seq.get("/state") is not None:
+            if sl.known:
+                lines.append(
+                    f"  /state gaps explained: {sl.not_logged} received but not logged (logger), "
+                    f"{sl.link_lost} lost on the link, {sl.other_frames} other device frames (no loss)"
                 )
+            else:
+                lines.append("  /state gaps: records without rx_index/link_lost (log format v1, or not "
+                             "written through a StateFeed): logger and link losses cannot be told apart")
+        if self.run_end:
+            line = "  logger: written {w}, dropped {d}, write errors {e}".format(
+                w=self.run_end.get("written_total", "?"),
+                d=self.run_end.get("dropped_total", "?"),
+                e=self.run_end.get("write_errors_total", "?"),
             )
+            if self.run_end.get("error"):
+                line += f"; LOGGING FAILED: {self.run_end['error']}"
+            lines.append(line)
+        for problem in self.foxglove_problems:
+            lines.append(f"  foxglove: {problem}")
         if self.recovered_path is not None:
             lines.append(f"  recovered {self.recovered_messages} messages -> {self.recovered_path}")
         return "\n".join(lines)
@@ -138,17 +197,19 @@ def check_file(path: str | Path) -> CheckReport:
     """Verify one MCAP log: structure, CRCs, every message decodable with its required fields, seq gaps."""
     counts: dict[str, int] = {}
     seq = {t: SeqStats() for t in SEQ_TOPICS}
+    loss = StateLoss()
     bad = [0, None]
     trange = [None, None]
+    decoder = MessageDecoder()
 
-    def on_message(ch: Channel, _schema: Schema | None, msg: Message) -> None:
+    def on_message(ch: Channel, schema: Schema | None, msg: Message) -> None:
         topic = ch.topic
         counts[topic] = counts.get(topic, 0) + 1
         t = msg.log_time
         trange[0] = t if trange[0] is None else min(trange[0], t)
         trange[1] = t if trange[1] is None else max(trange[1], t)
         try:
-            rec = decode_json(ch, msg)
+            rec = decoder.decode(ch, schema, msg)
             missing = [k for k in REQUIRED.get(topic, ()) if k not in rec]
             if missing:
                 raise ValueError(f"{topic}: missing field(s) {', '.join(missing)}")
@@ -158,6 +219,8 @@ def check_file(path: str | Path) -> CheckReport:
             return
         if topic in seq:
             seq[topic].add(int(rec["seq"]))
+        if topic == "/state":
+            loss.add(rec)
 
     scan = scan_file(path, on_message)
     run_end: dict[str, Any] = {}
@@ -174,7 +237,28 @@ def check_file(path: str | Path) -> CheckReport:
         time_range_ns=(trange[0], trange[1]) if trange[0] is not None else None,
         run=scan.run_metadata(),
         run_end=run_end,
+        state_loss=loss if counts.get("/state") else None,
+        foxglove_problems=foxglove_problems(scan),
     )
+
+
+def foxglove_problems(scan: ScanResult) -> list[str]:
+    """JSON schemas of the file that Foxglove's JSON-schema parser rejects (``hardware.foxglove_rules``)."""
+    out = []
+    for schema in scan.schemas.values():
+        if schema.encoding != "jsonschema":
+            continue
+        try:
+            parsed = json.loads(schema.data) if schema.data else None
+        except ValueError as exc:
+            out.append(f"schema {schema.name}: not JSON ({exc})")
+            continue
+        if parsed is None:
+            continue
+        problems = schema_problems(parsed, schema.name)
+        if problems:
+            out.append(f"schema {schema.name} does not load in Foxglove: " + "; ".join(problems))
+    return out
 
 
 def check_run_continuity(reports: list[CheckReport]) -> list[str]:
@@ -222,6 +306,16 @@ def recover_file(path: str | Path, out: str | Path | None = None) -> tuple[Path,
     out = Path(out) if out is not None else recovered_path_for(path)
     tmp = out.with_name(out.name + ".tmp")
     n = [0]
+    try:
+        _write_recovered(path, tmp, n)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    return out, n[0]
+
+
+def _write_recovered(path: Path, tmp: Path, n: list[int]) -> None:
     with open(tmp, "wb") as f:
         writer = Writer(f, compression=CompressionType.ZSTD, enable_data_crcs=True)
         writer.start(profile="", library="rigfm-logs-recover")
@@ -258,5 +352,3 @@ def recover_file(path: str | Path, out: str | Path | None = None) -> tuple[Path,
             },
         )
         writer.finish()
-    tmp.replace(out)
-    return out, n[0]

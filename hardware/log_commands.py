@@ -1,4 +1,5 @@
-"""CLI: ``rigfm logs check FILES... [--recover]`` and ``rigfm dataset build RUNS... -o DATASET.npz``.
+"""CLI: ``rigfm logs check FILES... [--recover]``, ``rigfm dataset build RUNS... -o DATASET.npz`` and
+``rigfm dataset export DATASET.npz --format lerobot -o DIR``.
 
 Cheap to import: the MCAP/numpy work is imported inside the handlers."""
 
@@ -67,6 +68,18 @@ def register(subparsers) -> None:
     b.add_argument("--json", action="store_true", help="print the build report as JSON")
     b.set_defaults(func=_build)
 
+    ex = ds_sub.add_parser(
+        "export",
+        help="trajectory dataset (.npz from dataset build) -> another tool's format (LeRobot v3.0)",
+    )
+    ex.add_argument("dataset", help="dataset .npz written by rigfm dataset build (format 2)")
+    ex.add_argument("--format", choices=["lerobot"], default="lerobot", help="output format")
+    ex.add_argument("-o", "--output", required=True, help="output directory (the LeRobot dataset root)")
+    ex.add_argument("--task", default=None, help="task description stored with every episode")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    ex.add_argument("--json", action="store_true", help="print the export report as JSON")
+    ex.set_defaults(func=_export)
+
 
 def _check(args: argparse.Namespace) -> int:
     from hardware.log_check import check_file, check_run_continuity, recover_file
@@ -82,14 +95,19 @@ def _check(args: argparse.Namespace) -> int:
             rc = 1
             continue
         if not rep.ok and args.recover:
-            out, n = recover_file(path)
-            if n == 0:  # nothing readable: no recovered file, and the check failed
-                out.unlink(missing_ok=True)
-                print(f"ERROR {path}: nothing to recover (0 readable messages; the file holds no complete "
-                      "chunk)", file=sys.stderr)
+            try:
+                out, n = recover_file(path)
+            except OSError as exc:
+                print(f"ERROR {path}: cannot write the recovered file: {exc}", file=sys.stderr)
                 rc = 1
             else:
-                rep.recovered_path, rep.recovered_messages = out, n
+                if n == 0:  # nothing readable: no recovered file, and the check failed
+                    out.unlink(missing_ok=True)
+                    print(f"ERROR {path}: nothing to recover (0 readable messages; the file holds no "
+                          "complete chunk)", file=sys.stderr)
+                    rc = 1
+                else:
+                    rep.recovered_path, rep.recovered_messages = out, n
         elif not rep.ok:
             rc = 1
         reports.append(rep)
@@ -140,4 +158,22 @@ def _build(args: argparse.Namespace) -> int:
               f"{' (excluded: ' + excluded + ')' if excluded else ''}; windows {info['split']}")
         for w in info["warnings"]:
             print(f"    warning: {w}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fm_core.trajfile import TrajectoryFileError
+    from hardware.lerobot_export import ExportError, export_lerobot
+
+    try:
+        report = export_lerobot(args.dataset, args.output, task=args.task, overwrite=args.overwrite)
+    except (ExportError, TrajectoryFileError) as exc:
+        print(f"dataset export: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"wrote {report['out']}: LeRobot v3.0, {report['episodes']} episodes, "
+              f"{report['frames']} frames at {report['fps']} fps (from {report['windows']} windows), "
+              f"splits {report['splits']}")
     return 0

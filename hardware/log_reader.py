@@ -19,7 +19,7 @@ from mcap.opcode import Opcode
 from mcap.records import Channel, Chunk, DataEnd, Footer, Message, Metadata, Schema, Statistics
 from mcap.stream_reader import breakup_chunk
 
-from hardware.log_schema import METADATA_NAME, decode_metadata
+from hardware.log_schema import METADATA_NAME, decode_metadata, from_file
 
 MAGIC = bytes([137, 77, 67, 65, 80, 48, 13, 10])
 _FOOTER_LEN = 1 + 8 + 8 + 8 + 4
@@ -170,8 +170,8 @@ def _handle(res: ScanResult, rec: Any, on_message: MessageCallback | None) -> No
             on_message(ch, res.schemas.get(ch.schema_id), rec)
 
 
-def decode_json(channel: Channel, message: Message) -> dict[str, Any]:
-    """Decode one JSON message (ValueError with the topic on failure)."""
+def decode_file_json(channel: Channel, message: Message) -> dict[str, Any]:
+    """The JSON object of one message as it is in the file (ValueError with the topic on failure)."""
     if channel.message_encoding != "json":
         raise ValueError(f"{channel.topic}: message encoding {channel.message_encoding!r} is not json")
     try:
@@ -181,6 +181,40 @@ def decode_json(channel: Channel, message: Message) -> dict[str, Any]:
     if not isinstance(rec, dict):
         raise ValueError(f"{channel.topic}: message is not a JSON object")
     return rec
+
+
+def decode_json(channel: Channel, message: Message) -> dict[str, Any]:
+    """Decode one JSON message into its API record (``log_schema.from_file``: ``host_time_ns`` ints, nested
+    ``predicted``, dict ``data``; v1 and v2 files alike). ValueError with the topic on failure."""
+    return from_file(channel.topic, decode_file_json(channel, message))
+
+
+class MessageDecoder:
+    """Decodes any message of a rigfm log: JSON channels into API records, protobuf channels (``/log``,
+    foxglove.Log) into dicts through the schema's own FileDescriptorSet (mcap-protobuf-support)."""
+
+    def __init__(self) -> None:
+        self._proto: dict[int, Callable[[bytes], Any]] = {}
+
+    def decode(self, channel: Channel, schema: Schema | None, message: Message) -> dict[str, Any]:
+        if channel.message_encoding == "json":
+            return decode_json(channel, message)
+        if channel.message_encoding == "protobuf" and schema is not None:
+            fn = self._proto.get(schema.id)
+            if fn is None:
+                from mcap_protobuf.decoder import DecoderFactory
+
+                fn = DecoderFactory().decoder_for("protobuf", schema)
+                if fn is None:
+                    raise ValueError(f"{channel.topic}: cannot build a protobuf decoder for {schema.name}")
+                self._proto[schema.id] = fn
+            try:
+                from google.protobuf.json_format import MessageToDict
+
+                return MessageToDict(fn(message.data), preserving_proto_field_name=True)
+            except Exception as exc:  # noqa: BLE001 - any decoding failure names the topic
+                raise ValueError(f"{channel.topic}: invalid protobuf message: {exc}") from exc
+        raise ValueError(f"{channel.topic}: message encoding {channel.message_encoding!r} is not supported")
 
 
 def read_topics(path: str | Path, topics: set[str]) -> tuple[ScanResult, dict[str, list[tuple[int, dict]]]]:

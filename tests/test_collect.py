@@ -57,7 +57,11 @@ def test_logs_carry_the_loop_schema_metadata_and_excitation_modes(tmp_path):
     collect(CollectOptions(rig="cartpole", runs=1, duration_s=6.0, out=tmp_path, seed=11, progress=False))
     (path,) = tmp_path.glob("*.mcap")
     topics: dict[str, list[dict]] = {}
-    scan = scan_file(path, lambda ch, _s, msg: topics.setdefault(ch.topic, []).append(decode_json(ch, msg)))
+    def on_message(ch, _schema, msg):
+        if ch.message_encoding == "json":  # /log is foxglove.Log (protobuf)
+            topics.setdefault(ch.topic, []).append(decode_json(ch, msg))
+
+    scan = scan_file(path, on_message)
     assert scan.complete
     meta = scan.run_metadata()
     assert meta["rig"] == "cartpole" and meta["controller"] == "collect"

@@ -108,6 +108,28 @@ def test_build_splits_by_run_and_excludes_faults(runs, tmp_path):
     assert "host_time_ns" in rep["runs"]["run_a"]["clock"]
 
 
+def test_dataset_keeps_run_id_episode_frame_index_and_timestamps(runs, tmp_path):
+    out = tmp_path / "prov.npz"
+    rep = build_dataset([runs], out, window=64, stride=32, split="0.6,0.2,0.2", seed=1)
+    ts = load_trajectories(out)
+    assert ts.has_provenance and rep["episodes"] == len(set(ts.episode.tolist()))
+    assert ts.run_id.tolist() == ts.source.tolist()  # split by run: the source is the run id
+    p = ts.x[:, :, 0].astype(np.float64)  # p == time since the run's first state
+    # timestamps: host time of each sample (the runs' first states were received at T0 + 150 us)
+    for run in ("run_a", "run_c"):
+        sel = ts.run_id == run
+        assert np.allclose(ts.timestamps()[sel] - p[sel], T0 / 1e9 + 150e-6, atol=2e-4)
+    # frames: consecutive at dt inside an episode; an episode never spans two runs or splits
+    for ep in set(ts.episode.tolist()):
+        sel = ts.episode == ep
+        assert len(set(ts.run_id[sel].tolist())) == 1 and len(set(ts.split[sel].tolist())) == 1
+        start = p[sel][:, 0] - ts.frame_index[sel] * ts.dt  # the episode's first grid time, for every window
+        assert np.allclose(start, start[0], atol=1e-4)
+    assert np.array_equal(ts.frame_indices()[:, 1:] - ts.frame_indices()[:, :-1], np.ones((len(ts), 63)))
+    # run_a has a fault and a flagged stretch: it falls into more than one episode
+    assert len(set(ts.episode[ts.run_id == "run_a"].tolist())) >= 3
+
+
 def test_single_run_splits_by_time_blocks(runs, tmp_path):
     out = tmp_path / "one.npz"
     rep = build_dataset([runs / "c" / "run_c_0000.mcap"], out, window=50, stride=50, split="0.8,0.1,0.1")
@@ -117,6 +139,10 @@ def test_single_run_splits_by_time_blocks(runs, tmp_path):
     t_end = {s: ts.x[ts.split == s][:, :, 0] for s in ("train", "val", "test")}
     assert t_end["train"].max() < t_end["val"].min() and t_end["val"].max() < t_end["test"].min()
     assert set(ts.source.tolist()) == {"run_c#train", "run_c#val", "run_c#test"}
+    assert set(ts.run_id.tolist()) == {"run_c"}
+    for split in ("train", "val", "test"):  # each time block is its own episode, its frames counted from 0
+        sel = ts.split == split
+        assert len(set(ts.episode[sel].tolist())) == 1 and ts.frame_index[sel].min() == 0
 
 
 def test_applied_voltage_input(runs, tmp_path):

@@ -52,12 +52,50 @@ def test_round_trip(tmp_path):
     assert ts.dt == 0.01 and ts.state_names == STATES and ts.input_names == INPUTS and ts.rig == "cartpole"
     assert ts.split.tolist() == list(a["split"]) and ts.source.tolist() == a["source"]
     assert (len(ts), ts.T, ts.n, ts.m) == (6, 20, 4, 1)
-    assert int(_raw(p)["format_version"]) == FORMAT_VERSION
+    assert int(_raw(p)["format_version"]) == 1  # no provenance fields: still the version-1 layout
+    assert not ts.has_provenance and ts.episode is None
     # a set saves itself and m = 0 (no inputs) works
     ts.subset("train").save(tmp_path / "t.npz")
     assert len(load_trajectories(tmp_path / "t.npz")) == 2
     b = {**a, "u": np.zeros((6, 20, 0)), "input_names": []}
     assert load_trajectories(save_trajectories(tmp_path / "auto.npz", **b)).m == 0
+
+
+def _provenance(k: int = 6) -> dict:
+    return {"run_id": [f"run{i // 2}" for i in range(k)], "episode": np.arange(k) // 2,
+            "frame_index": (np.arange(k) % 2) * 10, "timestamp": 1.7e9 + np.arange(k) * 0.5}
+
+
+def test_provenance_round_trip_subset_and_concatenation(tmp_path):
+    a = {**_arrays(), **_provenance()}
+    p = save_trajectories(tmp_path / "p.npz", **a)
+    assert int(_raw(p)["format_version"]) == FORMAT_VERSION == 2
+    ts = load_trajectories(p)
+    assert ts.has_provenance and ts.run_id.tolist() == a["run_id"]
+    assert ts.episode.tolist() == [0, 0, 1, 1, 2, 2] and ts.frame_index.tolist() == [0, 10] * 3
+    np.testing.assert_array_equal(ts.frame_indices()[1], np.arange(10, 30))
+    np.testing.assert_allclose(ts.timestamps()[2], 1.7e9 + 1.0 + 0.01 * np.arange(20))
+    val = ts.subset("val")
+    assert val.episode.tolist() == [1, 1] and val.timestamp.tolist() == [1.7e9 + 1.0, 1.7e9 + 1.5]
+    both = load_trajectories([p, val.save(tmp_path / "v.npz")])  # episodes of the 2nd file renumbered
+    assert both.episode.tolist() == [0, 0, 1, 1, 2, 2, 4, 4]
+    plain = load_trajectories([p, save_trajectories(tmp_path / "old.npz", **_arrays())])
+    assert not plain.has_provenance and len(plain) == 12  # mixed with a version-1 file: dropped
+    with pytest.raises(ValueError, match="no frame indices .*rigfm dataset build"):
+        plain.frame_indices()
+
+
+def test_provenance_fields_are_validated(tmp_path):
+    base = {**_arrays(), **_provenance()}
+    with pytest.raises(TrajectoryFileError, match="field 'timestamp' is missing"):
+        save_trajectories(tmp_path / "a.npz", **{**base, "timestamp": None})
+    with pytest.raises(TrajectoryFileError, match="field 'episode' has 5 entries but there are K=6"):
+        save_trajectories(tmp_path / "b.npz", **{**base, "episode": np.arange(5)})
+    with pytest.raises(TrajectoryFileError, match="field 'timestamp' has NaN"):
+        save_trajectories(tmp_path / "c.npz", **{**base, "timestamp": np.full(6, np.nan)})
+    p = save_trajectories(tmp_path / "ok.npz", **base)
+    with pytest.raises(TrajectoryFileError, match="field 'run_id' needs format_version 2"):
+        load_trajectories(_resave(p, tmp_path, "v1.npz", format_version=np.int64(1)))
 
 
 def test_subset_fraction_and_normalisation(tmp_path):
