@@ -187,7 +187,9 @@ def _assemble(run_id: str, items: list, warnings: list[str]) -> RunData:
         if not merged[topic]:
             raise DatasetBuildError(f"run {run_id} ({names}): no {topic} messages")
     rig = str(meta.get("rig", "unknown"))
-    states = merged["/state"]
+    # frames logged between control ticks carry the held velocity estimate: the data uses the frames the
+    # loop estimated from (logs without the field: every frame)
+    states = [st for st in merged["/state"] if st[2].get("estimated", True)]
     try:
         s_order = np.array([o for o, _, _ in states], dtype=np.int64)
         log_t = np.array([t for _, t, _ in states], dtype=np.int64)

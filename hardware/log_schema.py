@@ -69,6 +69,9 @@ _PROPERTIES: dict[str, dict[str, dict[str, Any]]] = {
         "device_time_us": {**_INT, "description": "firmware clock at sampling (us, wraps at 2^32)"},
         "positions": {**_NUM_LIST, "description": "SI: cart-pole [p, theta], Furuta [theta, alpha]"},
         "velocities": {**_NUM_LIST, "description": "SI velocities as estimated by the control loop"},
+        "estimated": {**_BOOL, "description": "true: the loop's velocity estimate was updated from this "
+                                              "frame (the newest of a tick); false: a frame between ticks, "
+                                              "logged with the held estimate"},
         "counts": {**_INT_LIST, "description": "raw encoder counts"},
         "flags": {**_INT, "description": "device status flags (hardware.protocol.StatusFlags bits)"},
         "current": {**_NUM, "description": "motor current (A), optional"},
