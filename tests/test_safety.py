@@ -285,6 +285,8 @@ def test_sigterm_run_zeroes_the_motor_at_once_and_closes_the_log(tmp_path):
         run.proc.send_signal(signal.SIGTERM)
         run.proc.wait(30)
         t0v, _, _, watchdog = run.first_zero_after(t_kill)
+        # the rig writes its stats file every ~0.25 s: wait for the one written after the e-stop frame
+        _wait(lambda: run.rig.stats().get("estop_latched", False), 5, "the rig to report its e-stop latch")
         st = run.rig.stats()
     after_kill_ms = (t0v - t_kill) / 1e6
     print(f"\nSIGTERM: 0 V at the rig {after_kill_ms:.1f} ms after the signal")
