@@ -111,7 +111,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="renew a full stream cache with a shadow cache grown one token per step (default: no latency "
         "spikes, ~2x step compute) or with one full-window call every context/2 steps",
     )
-    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
+    p.add_argument(
+        "--max-elements",
+        type=int_range(1, 1 << 26),
+        default=65_536,
+        help="element budget: window steps (B x T of a predict, K x (L-1+H) of a rollout) one request may "
+        "run; beyond it the reply is too_large (default 65536 = B256 x T256; docs/security.md)",
+    )
+    p.add_argument("--no-ort-arena", action="store_true",
+                   help="disable onnxruntime's CPU memory arena for the window graph (docs/security.md)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback bind without CURVE (prints a warning; docs/security.md)")
     p.add_argument(
         "--gen-curve-keys",
         metavar="DIR",

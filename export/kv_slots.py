@@ -96,6 +96,13 @@ class BufferSlots:
         """Empty the slot (its buffer rows are simply overwritten later)."""
         self.len[row] = 0
 
+    def save(self) -> np.ndarray:
+        """The slots' lengths: restoring them undoes any step (a step writes only past a slot's length)."""
+        return self.len.copy()
+
+    def restore(self, saved: np.ndarray) -> None:
+        self.len[:] = saved
+
     def load(self, row: int, k: np.ndarray, v: np.ndarray) -> None:
         """Fill the slot from a full-window cache k, v (L,1,H,T,dh)."""
         t = k.shape[3]
@@ -142,6 +149,13 @@ class ConcatSlots:
 
     def clear(self, row: int) -> None:
         self.k[row] = self.v[row] = self._empty()
+
+    def save(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The slots' arrays (a step replaces them with grown copies, it never writes into them)."""
+        return list(self.k), list(self.v)
+
+    def restore(self, saved: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
+        self.k[:], self.v[:] = saved
 
     def load(self, row: int, k: np.ndarray, v: np.ndarray) -> None:
         self.k[row], self.v[row] = k, v

@@ -28,6 +28,11 @@ STEP_INPUTS = ("x_win", "u_win", "obs_win", "past_k", "past_v")  # a "concat" st
 STEP_OUTPUTS = ("pred", "present_k", "present_v")
 
 
+# every state / input value the predictor accepts, raw units: |v| <= MAX_ABS_INPUT (float32 models overflow to
+# NaN near 3e38; 1e6 leaves six orders of magnitude of headroom above any rig's physical range)
+MAX_ABS_INPUT = 1e6
+
+
 class ModelFileError(ValueError):
     """An ONNX file is missing, unreadable, or its metadata/graph does not match the rigfm contract."""
 
@@ -223,8 +228,9 @@ def _angle_channels(raw: str, n: int, path: str) -> tuple[int, ...]:
     return tuple(sorted(val))
 
 
-def make_session(path: str | Path, threads: int = 1, sequential: bool = True) -> Any:
-    """An onnxruntime CPU InferenceSession (1 intra-op thread and sequential execution by default)."""
+def make_session(path: str | Path, threads: int = 1, sequential: bool = True, mem_arena: bool = True) -> Any:
+    """An onnxruntime CPU InferenceSession (1 intra-op thread and sequential execution by default);
+    ``mem_arena=False``: no CPU memory arena (every buffer malloc'd and freed per run)."""
     import onnxruntime as ort
 
     path = str(path)
@@ -236,6 +242,7 @@ def make_session(path: str | Path, threads: int = 1, sequential: bool = True) ->
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if sequential else ort.ExecutionMode.ORT_PARALLEL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = bool(mem_arena)
     try:
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -251,15 +258,35 @@ def _check_io(sess: Any, path: str, inputs: Sequence[str], outputs: Sequence[str
         raise ModelFileError(f"{path}: graph outputs {got_out}, expected {list(outputs)}")
 
 
-def _f32(name: str, a: Any, shape: tuple[int | None, ...]) -> np.ndarray:
-    """float32 C-contiguous view/copy of ``a`` with the given shape pattern (None = any); finite."""
+def _f32(
+    name: str, a: Any, shape: tuple[int | None, ...], lo: float = -MAX_ABS_INPUT, hi: float = MAX_ABS_INPUT
+) -> np.ndarray:
+    """float32 C-contiguous view/copy of ``a`` with the given shape pattern (None = any); every value finite
+    and inside [lo, hi] (default: |value| <= MAX_ABS_INPUT)."""
     arr = np.ascontiguousarray(a, dtype=np.float32)
     if arr.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, arr.shape, strict=True)):
         want = "(" + ",".join("*" if s is None else str(s) for s in shape) + ")"
         raise InputError(f"{name} must have shape {want}, got {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise InputError(f"{name} contains NaN or Inf", kind="value")
+    if arr.size:
+        a_min, a_max = float(arr.min()), float(arr.max())  # NaN propagates into both
+        if not (lo <= a_min and a_max <= hi):
+            if not (np.isfinite(a_min) and np.isfinite(a_max)):
+                raise InputError(f"{name} contains NaN or Inf", kind="value")
+            raise InputError(
+                f"{name} has values in [{a_min:.6g}, {a_max:.6g}], outside the accepted range "
+                f"[{lo:g}, {hi:g}]",
+                kind="value",
+            )
     return arr
+
+
+def check_output(name: str, out: np.ndarray) -> np.ndarray:
+    """``out`` if all finite, else InputError (kind "value"): inputs the model cannot represent."""
+    if not np.isfinite(out).all():
+        raise InputError(
+            f"{name}: the model's output is not finite (NaN/Inf) for these inputs", kind="value"
+        )
+    return out
 
 
 def run_step_graph(
@@ -309,11 +336,12 @@ class OnnxPredictor:
         sequential: bool = True,
         self_test: bool = True,
         find_step: bool = False,
+        mem_arena: bool = True,
     ) -> None:
         """Load ``full_path`` (and ``step_path``; with ``find_step`` the step graph named in the full graph's
         ``rigfm.step_file`` metadata, next to it, when it exists). Raises ModelFileError naming the file."""
         self.full_path = str(full_path)
-        self.full = make_session(self.full_path, threads, sequential)
+        self.full = make_session(self.full_path, threads, sequential, mem_arena)
         self.meta = parse_metadata(self.full.get_modelmeta().custom_metadata_map, self.full_path)
         if self.meta.graph != "full":
             raise ModelFileError(
@@ -377,7 +405,7 @@ class OnnxPredictor:
         x = _f32("x", x, (None, None, me.n))
         b, t = x.shape[:2]
         u = _f32("u", u, (b, t, me.m))
-        obs = np.ones((b, t), np.float32) if obs is None else _f32("obs", obs, (b, t))
+        obs = np.ones((b, t), np.float32) if obs is None else _f32("obs", obs, (b, t), 0.0, 1.0)
         if not 1 <= b <= me.max_batch:
             raise InputError(f"batch size {b} outside [1, {me.max_batch}]")
         if not 1 <= t <= me.max_len:
@@ -386,8 +414,12 @@ class OnnxPredictor:
 
     def predict(self, x: Any, u: Any, obs: Any | None = None) -> np.ndarray:
         """pred (B,T,n): the model's estimate of x[t+1] at every position t (raw units)."""
-        x, u, obs = self.check_window(x, u, obs)
-        pred = self._run_full(self.encode(x), u, obs)
+        return self.predict_checked(*self.check_window(x, u, obs))
+
+    def predict_checked(self, x: np.ndarray, u: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        """:meth:`predict` of arrays :meth:`check_window` accepted (the server runs big batches in chunks);
+        InputError (kind "value") if the model's output is not finite."""
+        pred = check_output("predict", self._run_full(self.encode(x), u, obs))
         if self.codec is None or (obs > 0).all():
             return self.decode(pred, x)
         return self._decode_hidden(pred, x, obs)
@@ -441,6 +473,13 @@ class OnnxPredictor:
         fine: the first row, applied before the window, is ignored). History older than ``context`` (or than
         what fits into max_len with the horizon) is dropped from the front.
         """
+        return self.rollout_checked(*self.check_rollout(x_hist, u_hist, u_plan))
+
+    def check_rollout(
+        self, x_hist: Any, u_hist: Any, u_plan: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validate a rollout's arrays; returns (x_hist, u_hist, u_plan) with the history trimmed to what the
+        window uses (L rows of x_hist, L-1 of u_hist): the model runs K x (L-1+H) window steps."""
         me = self.meta
         x_hist = _f32("x_hist", x_hist, (None, me.n))
         u_hist = _f32("u_hist", u_hist, (None, me.m))
@@ -458,6 +497,14 @@ class OnnxPredictor:
         lx = min(lx, me.context, me.max_len - h + 1)
         x_hist = x_hist[x_hist.shape[0] - lx :]
         u_hist = u_hist[lu - (lx - 1) :] if lx > 1 else u_hist[:0]
+        return x_hist, u_hist, u_plan
+
+    def rollout_checked(self, x_hist: np.ndarray, u_hist: np.ndarray, u_plan: np.ndarray) -> np.ndarray:
+        """:meth:`rollout` of arrays :meth:`check_rollout` returned (any slice of the K plans); InputError
+        (kind "value") if the model's output is not finite."""
+        me = self.meta
+        lx = x_hist.shape[0]
+        k, h = u_plan.shape[:2]
         t = lx - 1 + h
         x = np.zeros((k, t, me.n_model), np.float32)
         x[:, :lx] = self.encode(x_hist)
@@ -470,6 +517,7 @@ class OnnxPredictor:
             pred = self._rollout_ar(x[:, :lx], u, h)
         else:
             pred = np.ascontiguousarray(self._run_full(x, u, obs)[:, lx - 1 :])
+        check_output("rollout", pred)
         if self.codec is None:
             return pred
         start = np.broadcast_to(self._angles(x_hist[-1]), (k, len(me.angle_channels)))
@@ -531,6 +579,12 @@ class OnnxPredictor:
         return StreamState(self, shadow=shadow)
 
 
+def _check_cache(pred: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+    """InputError (kind "value") unless a prime's prediction and KV cache are all finite."""
+    if not (np.isfinite(pred).all() and np.isfinite(k).all() and np.isfinite(v).all()):
+        raise InputError("stream: the model's output is not finite (NaN/Inf) for this history", kind="value")
+
+
 class StreamState:
     """Incremental next-state prediction for one stream of (x_t, u_t) steps.
 
@@ -590,7 +644,25 @@ class StreamState:
         me = p.meta
         x_t = _f32("x_t", x_t, (me.n,))
         u_t = _f32("u_t", u_t, (me.m,))
-        return p.decode(self._step_encoded(p.encode(x_t), u_t), x_t)
+        saved = self._save()
+        try:
+            return check_output("stream_step", p.decode(self._step_encoded(p.encode(x_t), u_t), x_t))
+        except BaseException:
+            self._restore(saved)  # a failed step never enters the history or the cache
+            raise
+
+    def _save(self) -> tuple[Any, ...]:
+        """What a step changes: counters, the history window and the slots' lengths (a step writes the cache
+        only at positions past them; a re-prime loads a slot only after its output was found finite)."""
+        sl = None if self.slots is None else self.slots.save()
+        return (self.t, self.start, self.live, self.primed, self.sh_start, self.primes, self.x.copy(),
+                self.u.copy(), sl)
+
+    def _restore(self, saved: tuple[Any, ...]) -> None:
+        self.t, self.start, self.live, self.primed, self.sh_start, self.primes, x, u, sl = saved
+        self.x[:], self.u[:] = x, u
+        if self.slots is not None:
+            self.slots.restore(sl)
 
     def _step_encoded(self, z_t: np.ndarray, u_t: np.ndarray) -> np.ndarray:
         p = self.pred_
@@ -626,6 +698,7 @@ class StreamState:
             np.ascontiguousarray(uw[None]),
             np.ones((1, length), np.float32),
         )
+        _check_cache(pred, k, v)  # before the load overwrites the live cache
         sl.load(live, k, v)
         if self.primed:
             self.primes += 1
@@ -678,10 +751,15 @@ class StreamState:
             length = min(self.t, self.keep if self.t > me.context - 1 else self.t)
             self.start = self.t - length
             xw, uw = self._window(length)
-            _, k, v = self.pred_.prime(
+            pred, k, v = self.pred_.prime(
                 np.ascontiguousarray(xw[None]),
                 np.ascontiguousarray(uw[None]),
                 np.ones((1, length), np.float32),
             )
+            try:
+                _check_cache(pred, k, v)
+            except InputError:
+                self._clear()  # an empty stream rather than a poisoned one
+                raise
             self.slots.load(self.live, k, v)
             self.primed = True

@@ -42,9 +42,19 @@ E_ARRAYS = "bad_arrays"  # array declarations vs frames mismatch, wrong dtype / 
 E_VALUE = "bad_value"  # NaN / Inf or out-of-range values
 E_PARAMS = "bad_params"
 E_STREAM = "stream_unknown"  # stream_step without stream state (after restart / reload / reset needed)
-E_BUSY = "busy"  # e.g. a reload already in progress
+E_BUSY = "busy"  # e.g. a reload already in progress, the batch queue full
+E_TOO_LARGE = "too_large"  # the request exceeds the server's element budget (--max-elements)
 E_RELOAD = "reload_failed"
 E_INTERNAL = "internal"  # unexpected server-side failure (the server stays up)
+
+
+def max_frame_bytes(n: int, m: int, max_elements: int) -> int:
+    """The ZeroMQ frame-size limit (``ZMQ_MAXMSGSIZE``) of a server with ``max_elements``: twice the largest
+    legal array frame (``max_elements`` rows of max(n, m, 1) float32), so a request up to twice the budget
+    still gets the named ``too_large`` reply; anything bigger is dropped by ZeroMQ, which disconnects the
+    peer. Never below :data:`MAX_HEADER_BYTES`, never above :data:`MAX_ARRAY_BYTES`."""
+    legal = 4 * int(max_elements) * max(int(n), int(m), 1)
+    return int(min(MAX_ARRAY_BYTES, max(MAX_HEADER_BYTES, 2 * legal)))
 
 
 class SchemaError(ValueError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ipaddress
 import os
 import signal
 import sys
@@ -20,16 +19,25 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
 
 from export import schema
-from export.onnx_runtime import InputError, ModelFileError, OnnxPredictor, StreamState
+from export.batch_worker import BatchWorker, Job
+from export.endpoint import EndpointError, check_port, parse_bind
+from export.onnx_runtime import MAX_ABS_INPUT, InputError, ModelFileError, OnnxPredictor, StreamState
 
 MAX_STREAMS = 256
 LATENCY_WINDOW = 10_000
+# Work per request (docs/security.md): a predict / rollout may run at most --max-elements window steps
+# (B x T; K x (L-1+H)); beyond INLINE_STEPS it runs in the batch thread in chunks of CHUNK_STEPS steps
+# (bounded onnxruntime memory whatever the request), so stream_step never waits behind it.
+DEFAULT_MAX_ELEMENTS = 65_536  # B256 x T256
+CHUNK_STEPS = 1024
+INLINE_STEPS = 64
+RCVHWM = 16  # queued requests per connected peer (a well-behaved client has one in flight)
+SNDHWM = 256  # queued replies per peer; beyond it ROUTER drops them (a peer that never reads)
 
 
 STREAM_REPRIME = ("shadow", "full")  # how a full stream cache is renewed (export.onnx_runtime.StreamState)
@@ -40,19 +48,12 @@ class ServerConfigError(ValueError):
 
 
 def is_local_endpoint(endpoint: str) -> bool:
-    """True for ipc://, inproc:// and tcp:// on a loopback address (127.0.0.0/8, ::1, localhost)."""
-    scheme = endpoint.split("://", 1)[0]
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = urlsplit(endpoint).hostname or ""
-    if host == "localhost":
-        return True
+    """True for ipc://, inproc:// and tcp:// on a loopback address (127.0.0.0/8, ::1, localhost), the host
+    read as ZeroMQ reads it (export.endpoint); False for anything else, malformed endpoints included."""
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # '*', interface names, hostnames: treat as exposed
+        return parse_bind(endpoint).local
+    except EndpointError:
+        return False
 
 
 def load_curve_secret(path: str) -> tuple[bytes, bytes]:
@@ -76,7 +77,13 @@ def write_curve_keys(directory: str | Path, name: str = "server") -> tuple[Path,
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    pub, sec = zmq.auth.create_certificates(str(directory), name)
+    old_umask = os.umask(0o077)  # the secret key is never readable by others, not even for a moment
+    try:
+        pub, sec = zmq.auth.create_certificates(str(directory), name)
+    finally:
+        os.umask(old_umask)
+    os.chmod(sec, 0o600)  # also when the file existed before (open() keeps an existing file's mode)
+    os.chmod(pub, 0o644)
     return Path(pub), Path(sec)
 
 
@@ -138,17 +145,44 @@ class PredictorServer:
         reload_dir: str | None = None,
         spin_us: float = 0.0,
         stream_reprime: str = "shadow",
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        mem_arena: bool = True,
     ) -> None:
-        if "://" not in bind:
-            raise ServerConfigError(f"--bind {bind!r}: expected ipc:///path or tcp://HOST:PORT")
+        try:
+            ep = parse_bind(bind)
+        except EndpointError as exc:
+            raise ServerConfigError(str(exc)) from None
         self.curve: tuple[bytes, bytes] | None = (
             load_curve_secret(curve_secret_key) if curve_secret_key else None
         )
-        if not is_local_endpoint(bind) and self.curve is None and not insecure:
-            raise ServerConfigError(
-                f"refusing to bind {bind}: a non-loopback address needs CURVE encryption; pass "
-                "--curve-secret-key FILE (see rigfm serve --gen-curve-keys) or --insecure"
+        if not ep.local and self.curve is None:
+            what = "all interfaces" if ep.wildcard else "a non-loopback address"
+            if not insecure:
+                raise ServerConfigError(
+                    f"refusing to bind {bind}: ZeroMQ would listen on host {ep.host!r} ({what}) without "
+                    "CURVE encryption or authentication; pass --curve-secret-key FILE (see rigfm serve "
+                    "--gen-curve-keys), bind tcp://127.0.0.1:PORT, or --insecure"
+                )
+            print(
+                f"rigfm serve: WARNING: --insecure: serving on host {ep.host!r} ({what}) without CURVE: "
+                "anyone who can reach it can run requests, reload models from the reload folder and read "
+                "replies",
+                file=sys.stderr,
+                flush=True,
             )
+        elif insecure:
+            print(f"rigfm serve: note: --insecure has no effect on {bind} (local or CURVE)", file=sys.stderr)
+        try:
+            check_port(ep)
+        except EndpointError as exc:
+            raise ServerConfigError(str(exc)) from None
+        if not 1 <= int(max_elements) <= schema.MAX_ARRAY_BYTES // 4:
+            raise ServerConfigError(
+                f"--max-elements {max_elements}: must be in [1, {schema.MAX_ARRAY_BYTES // 4}]"
+            )
+        self.max_elements = int(max_elements)
+        self.mem_arena = bool(mem_arena)
+        self.ipv6 = ep.ipv6
         self.bind = bind
         self.threads, self.sequential = threads, sequential
         self.spin_s = max(0.0, float(spin_us)) / 1e6
@@ -171,12 +205,30 @@ class PredictorServer:
         self._reload_waiters: list[tuple[bytes, bool, str]] = []
         self._sighup = False
         self._compute_s: float | None = None  # time inside the model call of the request being answered
+        self._t_recv = 0.0  # when the request being handled arrived
+        self._deferred = False  # the request being handled became a batch job
+        self.worker: BatchWorker | None = None  # the batch lane, started by open()
 
     # ------------------------------------------------------------------------------------------ model
     def _load(self, model_path: str, step_path: str | None) -> OnnxPredictor:
         return OnnxPredictor(
-            model_path, step_path, threads=self.threads, sequential=self.sequential, find_step=True
+            model_path, step_path, threads=self.threads, sequential=self.sequential, find_step=True,
+            mem_arena=self.mem_arena,
         )
+
+    def limits(self) -> dict[str, Any]:
+        """The request limits in force (``info``; docs/security.md)."""
+        me = self.predictor.meta
+        return {
+            "max_elements": self.max_elements,
+            "inline_steps": INLINE_STEPS,
+            "chunk_steps": CHUNK_STEPS,
+            "max_frame_bytes": schema.max_frame_bytes(me.n, me.m, self.max_elements),
+            "max_header_bytes": schema.MAX_HEADER_BYTES,
+            "max_streams": MAX_STREAMS,
+            "max_abs_input": MAX_ABS_INPUT,
+            "rcvhwm": RCVHWM,
+        }
 
     def info(self) -> dict[str, Any]:
         p = self.predictor
@@ -191,6 +243,7 @@ class PredictorServer:
             "pid": os.getpid(),
             "endpoint": self.endpoint,
             "stream_reprime": self.stream_reprime,
+            "limits": self.limits(),
         }
 
     # ------------------------------------------------------------------------------------------ socket
@@ -217,9 +270,11 @@ class PredictorServer:
             raise ServerConfigError(f"cannot bind {self.bind}: another process is serving there")
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 10_000)
-        sock.setsockopt(zmq.SNDHWM, 10_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, 2 * schema.MAX_ARRAY_BYTES)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        sock.setsockopt(zmq.SNDHWM, SNDHWM)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits()["max_frame_bytes"])  # bigger frames: peer disconnected
+        if self.ipv6:
+            sock.setsockopt(zmq.IPV6, 1)
         if self.curve is not None:
             sock.curve_publickey, sock.curve_secretkey = self.curve
             sock.curve_server = True
@@ -230,6 +285,7 @@ class PredictorServer:
             raise ServerConfigError(f"cannot bind {self.bind}: {exc}") from exc
         self.sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.worker = BatchWorker(self.ctx, 2 * self.max_elements)
         return self.endpoint
 
     def _send(self, identity: bytes, frames: list[Any]) -> None:
@@ -255,6 +311,10 @@ class PredictorServer:
         sock.setsockopt(zmq.RCVTIMEO, 50)  # a blocking receive wakes at least every 50 ms to check the flags
         poller = zmq.Poller()  # only for --spin-us: busy-poll between requests
         poller.register(sock, zmq.POLLIN)
+        assert self.worker is not None
+        both = zmq.Poller()  # while batch jobs run: requests and finished jobs
+        both.register(sock, zmq.POLLIN)
+        both.register(self.worker.wake, zmq.POLLIN)
         spin_until = 0.0
         try:
             while not (self._signalled or self._stop.is_set()):
@@ -262,12 +322,25 @@ class PredictorServer:
                     self._sighup = False
                     self._start_reload(self.model_path, self.step_path, None)
                 self._finish_reload()
-                if self.spin_s > 0 and time.perf_counter() < spin_until and not poller.poll(0):
+                if self.worker.outstanding:
+                    self._reply_jobs()
+                    try:
+                        ready = dict(both.poll(50))
+                    except zmq.ZMQError as exc:
+                        if exc.errno == zmq.EINTR:
+                            continue
+                        raise
+                    if sock not in ready:
+                        continue
+                    flags = zmq.NOBLOCK
+                elif self.spin_s > 0 and time.perf_counter() < spin_until and not poller.poll(0):
                     continue  # stay hot: no scheduler wake-up for the next request of a fast loop
-                try:
+                else:
                     # one blocking call per request: a poll, a non-blocking receive and an EVENTS check
                     # cost ~2.5 µs more
-                    frames = sock.recv_multipart(copy=False)
+                    flags = 0
+                try:
+                    frames = self._recv(sock, flags)
                 except zmq.Again:  # 50 ms without a request
                     continue
                 except zmq.ZMQError as exc:
@@ -280,16 +353,52 @@ class PredictorServer:
         finally:
             self.close()
 
+    @staticmethod
+    def _recv(sock: zmq.Socket, flags: int) -> list[Any]:
+        """One multipart message, as ``recv_multipart(copy=False)``, but never more frames than a legal
+        request has: the rest of a longer one is read and dropped (a peer cannot make the server hold an
+        unbounded multipart message; ZeroMQ bounds each frame with MAXMSGSIZE)."""
+        frames = [sock.recv(flags, copy=False)]
+        limit = schema.MAX_ARRAYS + 3  # identity, delimiter, header, arrays
+        while sock.getsockopt(zmq.RCVMORE):
+            frame = sock.recv(0, copy=False)
+            if len(frames) < limit:
+                frames.append(frame)
+            elif len(frames) == limit:
+                frames.append(b"")  # marks the message as too long for the decoder (one frame too many)
+        return frames
+
+    def _reply_jobs(self) -> None:
+        """Send the replies of finished batch jobs (the server's thread)."""
+        assert self.worker is not None
+        for job in self.worker.collect():
+            delim, rid = job.delimiter, job.req_id
+            if job.error is not None:
+                reply = self._error_reply(job.error, rid, delim)
+            else:
+                reply = schema.encode_reply(
+                    rid, job.method, job.result, None, delim,
+                    server_us=round((time.perf_counter() - job.received) * 1e6, 1),
+                    compute_us=round(job.compute_s * 1e6, 1),
+                )
+            self._send(job.identity, reply)
+            self.stats.record(job.method, (time.perf_counter() - job.received) * 1e6)
+
     def stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
         if self._reload_thread is not None:
             self._reload_thread.join(timeout=30)
+        worker_done = True
+        if self.worker is not None:
+            worker_done = self.worker.close()
+            self.worker = None
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
-        self.ctx.term()
+        if worker_done:  # else term() would wait for the batch thread's socket: the process exits anyway
+            self.ctx.term()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop after the current request; SIGHUP: reload the model files."""
@@ -310,7 +419,7 @@ class PredictorServer:
     # ------------------------------------------------------------------------------------------ requests
     def handle(self, frames: list[Any]) -> None:
         """Answer one ROUTER message; never raises (errors become error replies)."""
-        t0 = time.perf_counter()
+        t0 = self._t_recv = time.perf_counter()
         self._compute_s = None
         identity = frames[0].bytes if frames else b""
         delim, _ = schema.split_envelope(frames[1:])
@@ -329,18 +438,24 @@ class PredictorServer:
                     req_id, method, out[1], out[0], delim, server_us=server_us,
                     compute_us=None if compute_us is None else round(compute_us * 1e6, 1),
                 )
-        except schema.SchemaError as exc:
-            req_id = req_id or exc.req_id
-            reply = self._error(req_id, exc.code, str(exc), delim)
-        except InputError as exc:
-            code = schema.E_VALUE if exc.kind == "value" else schema.E_ARRAYS
-            reply = self._error(req_id, code, str(exc), delim)
         except Exception as exc:  # noqa: BLE001 - the server must survive anything a request triggers
-            traceback.print_exc(file=sys.stderr)
-            reply = self._error(req_id, schema.E_INTERNAL, f"{type(exc).__name__}: {exc}", delim)
+            reply = self._error_reply(exc, req_id, delim)
         if reply is not None:
             self._send(identity, reply)
+        elif self._deferred:
+            self._deferred = False
+            return  # recorded when the batch job is answered
         self.stats.record(method if method in schema.METHODS else "invalid", (time.perf_counter() - t0) * 1e6)
+
+    def _error_reply(self, exc: BaseException, req_id: str | None, delim: bool) -> list[Any]:
+        """The error reply naming what went wrong (an unexpected exception is printed and is ``internal``)."""
+        if isinstance(exc, schema.SchemaError):
+            return self._error(req_id or exc.req_id, exc.code, str(exc), delim)
+        if isinstance(exc, InputError):
+            code = schema.E_VALUE if exc.kind == "value" else schema.E_ARRAYS
+            return self._error(req_id, code, str(exc), delim)
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        return self._error(req_id, schema.E_INTERNAL, f"{type(exc).__name__}: {exc}", delim)
 
     def _error(self, req_id: str | None, code: str, message: str, delim: bool) -> list[Any]:
         self.stats.errors[code] += 1
@@ -375,18 +490,27 @@ class PredictorServer:
                 **self.stats.to_dict(),
             }
             return res, None
+        self._check_sizes(msg)
         if m == "predict":
             a = schema.require(msg, ("x", "u"), optional=("obs",))
-            t0 = time.perf_counter()
-            pred = p.predict(a["x"], a["u"], a.get("obs"))
-            self._compute_s = time.perf_counter() - t0
-            return None, {"pred": pred}
+            x = a["x"]
+            if x.ndim == 3:
+                self._check_budget(msg, x.shape[0] * x.shape[1], f"B x T = {x.shape[0]} x {x.shape[1]}")
+            x, u, obs = p.check_window(x, a["u"], a.get("obs"))
+            b, t = x.shape[:2]
+            return self._window_work(identity, msg, b * t, max(1, CHUNK_STEPS // t), b,
+                                     lambda i, j: p.predict_checked(x[i:j], u[i:j], obs[i:j]))
         if m == "rollout":
             a = schema.require(msg, ("x_hist", "u_hist", "u_plan"))
-            t0 = time.perf_counter()
-            pred = p.rollout(a["x_hist"], a["u_hist"], a["u_plan"])
-            self._compute_s = time.perf_counter() - t0
-            return None, {"pred": pred}
+            xh, up = a["x_hist"], a["u_plan"]
+            if xh.ndim == 2 and up.ndim == 3 and 1 <= up.shape[1] <= p.meta.max_len:
+                k, h = up.shape[:2]
+                lx = max(1, min(xh.shape[0], p.meta.context, p.meta.max_len - h + 1))
+                self._check_budget(msg, k * (lx - 1 + h), f"K x (L-1+H) = {k} x {lx - 1 + h}")
+            xh, uh, up = p.check_rollout(xh, a["u_hist"], up)
+            k, span = up.shape[0], xh.shape[0] - 1 + up.shape[1]
+            return self._window_work(identity, msg, k * span, max(1, CHUNK_STEPS // span), k,
+                                     lambda i, j: p.rollout_checked(xh, uh, up[i:j]))
         if m == "stream_reset":
             a = schema.require(msg, (), optional=("x_hist", "u_hist"))
             key = self._stream_key(identity, msg)
@@ -446,6 +570,61 @@ class PredictorServer:
             self._start_reload(model, step, (identity, d, rid))
             return None  # answered when the new model is in place (or failed)
         raise schema.SchemaError(schema.E_METHOD, f"method {m!r} not implemented", rid)
+
+    def _check_sizes(self, msg: schema.Message) -> None:
+        """too_large for any array beyond the budget's largest legal one (max_elements rows of the widest
+        of n, m): only frames up to twice that get past ZeroMQ's MAXMSGSIZE at all."""
+        me = self.predictor.meta
+        cap = self.max_elements * max(me.n, me.m, 1)
+        for name, arr in msg.arrays.items():
+            if arr.size > cap:
+                raise schema.SchemaError(
+                    schema.E_TOO_LARGE,
+                    f"array {name!r} has {arr.size} elements, beyond this server's limit of {cap} "
+                    f"(--max-elements {self.max_elements} rows x {max(me.n, me.m, 1)})",
+                    msg.id,
+                )
+
+    def _check_budget(self, msg: schema.Message, steps: int, what: str) -> None:
+        if steps > self.max_elements:
+            raise schema.SchemaError(
+                schema.E_TOO_LARGE,
+                f"{msg.method}: {what} = {steps} window steps exceeds this server's budget of "
+                f"{self.max_elements} (--max-elements); split the request",
+                msg.id,
+            )
+
+    def _window_work(
+        self, identity: bytes, msg: schema.Message, steps: int, rows: int, total: int, run: Any
+    ) -> tuple[None, dict[str, Any]] | None:
+        """Run ``run(i, j)`` (rows i..j of a validated window request) inline when small, else as a batch job
+        in chunks of ``rows`` rows; returns the reply arrays, or None when the job answers later."""
+        if steps <= INLINE_STEPS or self.worker is None:
+            t0 = time.perf_counter()
+            pred = run(0, total)
+            self._compute_s = time.perf_counter() - t0
+            return None, {"pred": pred}
+
+        def chunks() -> Any:
+            out: np.ndarray | None = None
+            for i in range(0, total, rows):
+                part = run(i, min(total, i + rows))
+                if out is None:
+                    out = np.empty((total, *part.shape[1:]), np.float32)
+                out[i : i + len(part)] = part
+                yield
+            return {"pred": out}
+
+        job = Job(identity, msg.delimiter, msg.id, str(msg.method), steps, self._t_recv, chunks())
+        if not self.worker.submit(job):
+            raise schema.SchemaError(
+                schema.E_BUSY,
+                f"batch queue full ({self.worker.pending_steps} window steps pending, limit "
+                f"{self.worker.max_pending_steps}): retry later",
+                msg.id,
+            )
+        self._deferred = True
+        return None
 
     # ------------------------------------------------------------------------------------------ reload
     def _start_reload(self, model: str, step: str | None, waiter: tuple[bytes, bool, str] | None) -> None:
@@ -514,7 +693,11 @@ def _exit_with_parent(parent_pid: int) -> bool:
 def run(args: argparse.Namespace) -> int:
     """Handler of ``rigfm serve``: returns the exit code (2 on configuration errors)."""
     if args.gen_curve_keys:
-        pub, sec = write_curve_keys(args.gen_curve_keys)
+        try:
+            pub, sec = write_curve_keys(args.gen_curve_keys)
+        except OSError as exc:
+            print(f"rigfm serve --gen-curve-keys: cannot write keys: {exc}", file=sys.stderr)
+            return 2
         print(f"public key (clients): {pub}\nsecret key (server): {sec}")
         return 0
     if not args.model:
@@ -537,6 +720,8 @@ def run(args: argparse.Namespace) -> int:
             reload_dir=args.reload_dir,
             spin_us=args.spin_us,
             stream_reprime=args.stream_reprime,
+            max_elements=args.max_elements,
+            mem_arena=not args.no_ort_arena,
         )
         server.install_signal_handlers()
         server.open()
