@@ -98,6 +98,8 @@ class PredictorClient:
         s.setsockopt(zmq.IMMEDIATE, 1)  # queue only to live connections: no server -> cannot send
         s.setsockopt(zmq.RECONNECT_IVL, 20)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 250)
+        if self.endpoint.startswith("tcp://["):
+            s.setsockopt(zmq.IPV6, 1)  # ZeroMQ connects to an IPv6 literal only with this set
         if self._curve is not None:
             pub, sec = zmq.curve_keypair()
             s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, self._curve
@@ -172,26 +174,51 @@ class PredictorClient:
                     continue
                 self.last_server_us = msg.header.get("server_us")
                 self.last_compute_us = msg.header.get("compute_us")
-                if not msg.header.get("ok"):
-                    err = msg.header.get("error") or {}
+                if msg.header.get("ok") is not True:
+                    err = msg.header.get("error")
+                    err = err if isinstance(err, dict) else {}
                     raise PredictorRequestError(str(err.get("code", "?")), str(err.get("message", "")))
                 return msg
+
+    # -------------------------------------------------------------------------------------------- replies
+    def _result(self, msg: schema.Message, method: str) -> dict[str, Any]:
+        """The ``result`` object of an ok reply (PredictorError when it is missing or not an object)."""
+        res = msg.header.get("result")
+        if not isinstance(res, dict):
+            raise PredictorError(
+                f"{method}: malformed reply from {self.endpoint}: 'result' is {type(res).__name__}, "
+                "not an object"
+            )
+        return res
+
+    def _pred(self, msg: schema.Message, method: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The ``pred`` array of an ok reply, checked: present, the expected shape, finite (else
+        PredictorError: a controller's fallback catches it like a timeout)."""
+        pred = msg.arrays.get("pred")
+        where = f"{method}: malformed reply from {self.endpoint}"
+        if pred is None:
+            raise PredictorError(f"{where}: no 'pred' array (got {sorted(msg.arrays)})")
+        if pred.shape != tuple(shape):
+            raise PredictorError(f"{where}: 'pred' has shape {pred.shape}, expected {tuple(shape)}")
+        if not np.isfinite(pred).all():
+            raise PredictorError(f"{where}: 'pred' holds NaN or Inf")
+        return pred
 
     # -------------------------------------------------------------------------------------------- methods
     def info(self) -> dict[str, Any]:
         """Model metadata: n, m, dt, state/input names, context, max_len, model sha256, ..."""
-        return self.request("info").header["result"]
+        return self._result(self.request("info"), "info")
 
     def health(self) -> dict[str, Any]:
         """Server status: request counts, errors, latency percentiles (µs), reloads, uptime."""
-        return self.request("health").header["result"]
+        return self._result(self.request("health"), "health")
 
     stats = health
 
     def predict(self, x: Any, u: Any, obs: Any | None = None) -> np.ndarray:
         """x (B,T,n), u (B,T,m), obs (B,T) (default all observed) -> (B,T,n) estimates of x[t+1]."""
         arrays = {"x": x, "u": u} if obs is None else {"x": x, "u": u, "obs": obs}
-        return self.request("predict", arrays).arrays["pred"]
+        return self._pred(self.request("predict", arrays), "predict", np.shape(x))
 
     def rollout(self, x_hist: Any, u_hist: Any, u_plan: Any) -> np.ndarray:
         """Open-loop rollouts of K input plans: x_hist (L,n), u_hist (L or L-1,m), u_plan (K,H,m) -> (K,H,n).
@@ -200,7 +227,9 @@ class PredictorClient:
         right after applying ``u_plan[k, j]``; the last L-1 rows of ``u_hist`` are the inputs applied at
         ``x_hist[:-1]`` (see docs/predictor.md).
         """
-        return self.request("rollout", {"x_hist": x_hist, "u_hist": u_hist, "u_plan": u_plan}).arrays["pred"]
+        msg = self.request("rollout", {"x_hist": x_hist, "u_hist": u_hist, "u_plan": u_plan})
+        ks, hs = np.shape(u_plan)[:2], np.shape(x_hist)[-1:]
+        return self._pred(msg, "rollout", (*ks, *hs))
 
     def stream_reset(self, x_hist: Any | None = None, u_hist: Any | None = None) -> dict[str, Any]:
         """Start (or restart) this client's stream, optionally primed with a history of (x, u) steps."""
@@ -209,9 +238,12 @@ class PredictorClient:
         if x_hist is not None or u_hist is not None:
             xh, uh = np.asarray(x_hist, np.float32), np.asarray(u_hist, np.float32)
             arrays = {"x_hist": xh, "u_hist": uh}
-        res = self.request("stream_reset", arrays, {"stream": self.stream_key}).header["result"]
+        res = self._result(self.request("stream_reset", arrays, {"stream": self.stream_key}), "stream_reset")
+        context = res.get("context", 256)
+        if type(context) is not int or not 1 <= context <= 1 << 20:
+            raise PredictorError(f"stream_reset: malformed reply from {self.endpoint}: context {context!r}")
         self._stream_dirty = False
-        self._hist = collections.deque(maxlen=int(res.get("context", 256)))
+        self._hist = collections.deque(maxlen=context)
         if arrays is not None:
             for xt, ut in zip(arrays["x_hist"], arrays["u_hist"], strict=False):
                 self._hist.append((xt, ut))
@@ -249,8 +281,13 @@ class PredictorClient:
         except (PredictorTimeout, PredictorUnavailable):
             self._stream_dirty = True  # the server may or may not have applied this step
             raise
+        try:
+            pred = self._pred(msg, "stream_step", arrays["x_t"].shape)
+        except PredictorError:
+            self._stream_dirty = True  # the server took the step, the client cannot use it: re-prime next
+            raise
         self._hist.append((arrays["x_t"].copy(), arrays["u_t"].copy()))
-        return msg.arrays["pred"]
+        return pred
 
     def reload(
         self, path: str | None = None, streaming: str | None = None, timeout_ms: float = 60_000.0
@@ -261,7 +298,7 @@ class PredictorClient:
             params["model"] = str(path)
         if streaming is not None:
             params["streaming"] = str(streaming)
-        return self.request("reload", None, params, timeout_ms=timeout_ms).header["result"]
+        return self._result(self.request("reload", None, params, timeout_ms=timeout_ms), "reload")
 
 
 def _server_key(key: bytes | str) -> bytes:

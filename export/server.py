@@ -487,6 +487,7 @@ class PredictorServer:
                 "model_sha256": p.meta.checkpoint_sha256,
                 "streams": len(self.streams),
                 "reload_in_progress": self._reload_thread is not None,
+                "batch_jobs": 0 if self.worker is None else self.worker.outstanding,
                 **self.stats.to_dict(),
             }
             return res, None

@@ -110,3 +110,92 @@ def test_deployment_modules_do_not_import_torch():
 def test_process_that_cannot_start_raises_unavailable_with_its_stderr(tmp_path):
     with pytest.raises(PredictorUnavailable, match=r"code 2 before READY[\s\S]*missing\.onnx"):
         PredictorProcess(tmp_path / "missing.onnx").start()
+
+
+def _ok(rid: str, method: str, arrays: dict | None = None, result: object = "absent") -> list:
+    """An ok reply; ``result`` "absent" leaves the key out, anything else is written as is."""
+    frames = schema.encode_reply(rid, method, arrays)
+    if result != "absent":
+        import json
+
+        hdr = json.loads(frames[1])
+        hdr["result"] = result
+        frames[1] = json.dumps(hdr).encode()
+    return frames
+
+
+def _raw(header: dict, *frames: bytes) -> list:
+    import json
+
+    return [b"", json.dumps(header).encode(), *frames]
+
+
+x4, u1 = np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 1), np.float32)
+MALFORMED_OK = [  # (call, reply to it) : every one must raise PredictorError, never KeyError / TypeError
+    ("info", lambda c: c.info(), lambda rid: _ok(rid, "info")),
+    ("info-list", lambda c: c.info(), lambda rid: _ok(rid, "info", result=[1, 2])),
+    ("health-null", lambda c: c.health(), lambda rid: _ok(rid, "health", result=None)),
+    ("reload-str", lambda c: c.reload(), lambda rid: _ok(rid, "reload", result="done")),
+    ("reset-no-result", lambda c: c.stream_reset(), lambda rid: _ok(rid, "stream_reset")),
+    ("reset-bad-context", lambda c: c.stream_reset(),
+     lambda rid: _ok(rid, "stream_reset", result={"t": 0, "context": "many"})),
+    ("predict-no-pred", lambda c: c.predict(x4, u1), lambda rid: _ok(rid, "predict")),
+    ("predict-other-name", lambda c: c.predict(x4, u1),
+     lambda rid: _ok(rid, "predict", {"prediction": np.zeros((1, 2, 4))})),
+    ("predict-shape", lambda c: c.predict(x4, u1), lambda rid: _ok(rid, "predict", {"pred": np.zeros(3)})),
+    ("predict-nan", lambda c: c.predict(x4, u1),
+     lambda rid: _ok(rid, "predict", {"pred": np.full((1, 2, 4), np.nan)})),
+    ("rollout-shape", lambda c: c.rollout(np.zeros((3, 4)), np.zeros((3, 1)), np.zeros((2, 5, 1))),
+     lambda rid: _ok(rid, "rollout", {"pred": np.zeros((2, 4, 4))})),
+    ("error-not-object", lambda c: c.info(),
+     lambda rid: _raw({"v": 1, "id": rid, "ok": False, "error": "boom", "arrays": []})),
+    ("ok-string", lambda c: c.info(),
+     lambda rid: _raw({"v": 1, "id": rid, "ok": "yes", "result": {}, "arrays": []})),
+    ("float64", lambda c: c.predict(x4, u1),
+     lambda rid: _raw({"v": 1, "id": rid, "ok": True,
+                       "arrays": [{"name": "pred", "shape": [1, 2, 4], "dtype": "float64"}]},
+                      np.zeros((1, 2, 4)).tobytes())),
+]
+
+
+@pytest.mark.parametrize(("name", "call", "reply"), MALFORMED_OK, ids=[m[0] for m in MALFORMED_OK])
+def test_malformed_ok_replies_raise_predictor_error(router, name, call, reply):
+    """A real REP-side ROUTER socket answers each request with a malformed reply (issue 22 item 7: the
+    client raised KeyError 'result' / 'pred', which the controllers' fallback does not catch)."""
+    sock, endpoint = router
+    with PredictorClient(endpoint, timeout_ms=5000) as c:
+        out: dict = {}
+
+        def run() -> None:
+            try:
+                out["value"] = call(c)
+            except BaseException as exc:  # noqa: BLE001 - the test inspects the type
+                out["exc"] = exc
+
+        th = threading.Thread(target=run)
+        th.start()
+        ident, msg = recv_request(sock)
+        sock.send_multipart([ident, *reply(msg.id)])
+        th.join(10)
+        assert isinstance(out.get("exc"), PredictorError), out
+        assert not isinstance(out["exc"], PredictorTimeout)
+
+
+def test_malformed_stream_step_reply_marks_the_stream_for_repriming(router):
+    sock, endpoint = router
+    with PredictorClient(endpoint, timeout_ms=5000) as c:
+        out: dict = {}
+
+        def run() -> None:
+            try:
+                c.stream_step(np.zeros(4), np.zeros(1))
+            except BaseException as exc:  # noqa: BLE001
+                out["exc"] = exc
+
+        th = threading.Thread(target=run)
+        th.start()
+        ident, msg = recv_request(sock)
+        sock.send_multipart([ident, *_ok(msg.id, "stream_step", {"pred": np.zeros(2)}, result={"t": 1})])
+        th.join(10)
+        assert isinstance(out.get("exc"), PredictorError) and "shape" in str(out["exc"])
+        assert c._stream_dirty  # the server took the step: the next call re-primes from the client's history
