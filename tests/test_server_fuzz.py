@@ -1,5 +1,6 @@
-"""Fuzz the predictor with >= 10,000 random and malformed multipart messages: every one gets an error reply,
-the server never dies and still answers a valid request afterwards."""
+"""Fuzz the predictor with random and malformed multipart messages (10^4 in the normal run, 10^5 in a slow
+test): every one gets an error reply with the right code, the server never dies, its RSS grows by < 50 MB,
+and it still answers a valid request bit-identically afterwards."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from export.onnx_export import export_checkpoint, save_random_checkpoint
 
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "max_len": 32}
 N_MESSAGES = 10_000
+N_SLOW = 100_000
+KINDS = 20
+RSS_GROWTH_MB = 50
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,7 @@ def _hdr(rng: np.random.Generator, **over) -> dict:
 
 def malformed(rng: np.random.Generator, i: int) -> list[bytes]:
     """One bad message (frames after the DEALER's identity); the kind cycles through many corruptions."""
-    kind, j = i % 16, i // 16  # j picks the variant within a kind
+    kind, j = i % KINDS, i // KINDS  # j picks the variant within a kind
     delim = [b""] if rng.uniform() < 0.7 else []
     if kind == 0:  # random bytes frames
         return delim + [rng.bytes(int(rng.integers(0, 64))) for _ in range(int(rng.integers(1, 5)))]
@@ -77,6 +81,21 @@ def malformed(rng: np.random.Generator, i: int) -> list[bytes]:
         return delim + [json.dumps(h).encode()]
     if kind == 14:  # deeply nested JSON / huge header
         return delim + [b"[" * 5000 + b"]" * 5000] if j % 2 else delim + [b"{" + b" " * (70 * 1024) + b"}"]
+    if kind == 16:  # finite but extreme values (issue 22: 3e38 gave NaN with an ok reply)
+        v = [3e38, -3e38, 1e7, 1.5e6][j % 4]
+        x = np.full((1, 3, 4), v, np.float32)
+        return schema.encode_request("predict", f"e{i}", {"x": x, "u": np.zeros((1, 3, 1), np.float32)})
+    if kind == 17:  # obs out of [0, 1]
+        obs = np.full((1, 3), [-5.0, 2.0, np.nan][j % 3], np.float32)
+        return schema.encode_request("predict", f"o{i}", {"x": np.zeros((1, 3, 4), np.float32),
+                                                          "u": np.zeros((1, 3, 1), np.float32), "obs": obs})
+    if kind == 18:  # beyond the element budget: a rollout of K x (L-1+H) > 65536 window steps
+        k = int(rng.integers(2200, 4097))  # x 31 steps (L 8, H 24) > 65536
+        return schema.encode_request("rollout", f"b{i}", {"x_hist": np.zeros((8, 4), np.float32),
+                                                          "u_hist": np.zeros((8, 1), np.float32),
+                                                          "u_plan": np.zeros((k, 24, 1), np.float32)})
+    if kind == 19:  # too many frames (dropped past the limit by the server's receive)
+        return delim + [json.dumps(_hdr(rng, method="info")).encode()] + [b"x"] * int(rng.integers(12, 200))
     # kind 15: too many frames, empty frames, stream_step without reset
     if j % 2:
         return delim + [json.dumps(_hdr(rng, method="info")).encode()] + [b""] * int(rng.integers(1, 20))
@@ -84,18 +103,32 @@ def malformed(rng: np.random.Generator, i: int) -> list[bytes]:
                                                           "u_t": np.zeros(1, np.float32)})
 
 
-def test_fuzz_every_message_gets_an_error_reply(model, tmp_path):
-    rng = np.random.default_rng(1234)
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+CHECK_X = np.random.default_rng(7).normal(size=(1, 4, 4)).astype(np.float32)
+CHECK_U = np.random.default_rng(8).normal(size=(1, 4, 1)).astype(np.float32)
+
+
+def run_fuzz(model: str, tmp_path, n_messages: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
     with PredictorProcess(model, f"ipc://{tmp_path}/fuzz.sock") as proc:
+        with proc.client(5000) as c:
+            check = np.array(c.predict(CHECK_X, CHECK_U))  # the answer every later check must repeat
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(proc.endpoint)
         replies = 0
         codes: dict[str, int] = {}
+        rss: list[float] = []
         try:
             t0 = time.monotonic()
             batch = 250
-            for start in range(0, N_MESSAGES, batch):
+            for start in range(0, n_messages, batch):
+                if start == 2000:  # after warm-up (every kind's code path, allocator pools filled)
+                    rss.append(rss_mb(proc.pid))
                 for i in range(start, start + batch):
                     sock.send_multipart(malformed(rng, i))
                 for _ in range(batch):
@@ -107,16 +140,31 @@ def test_fuzz_every_message_gets_an_error_reply(model, tmp_path):
                     assert hdr["error"]["message"], hdr
                     codes[hdr["error"]["code"]] = codes.get(hdr["error"]["code"], 0) + 1
                     replies += 1
+                if (start // batch) % 40 == 39:  # every 10,000 messages: still the same answer
+                    with proc.client(5000) as c:
+                        np.testing.assert_array_equal(c.predict(CHECK_X, CHECK_U), check)
             assert proc.proc.poll() is None, "server died"
             elapsed = time.monotonic() - t0
+            rss.append(rss_mb(proc.pid))
         finally:
             sock.close(0)
-        assert replies == N_MESSAGES
+        assert replies == n_messages
         assert {schema.E_MALFORMED, schema.E_VERSION, schema.E_METHOD, schema.E_ARRAYS, schema.E_VALUE,
-                schema.E_PARAMS, schema.E_STREAM} <= set(codes), codes
+                schema.E_PARAMS, schema.E_STREAM, schema.E_TOO_LARGE} <= set(codes), codes
         assert schema.E_INTERNAL not in codes, codes  # every bad input was recognised as such
         with proc.client(5000) as c:
-            pred = c.predict(np.zeros((1, 4, 4), np.float32), np.zeros((1, 4, 1), np.float32))
-            assert pred.shape == (1, 4, 4) and np.isfinite(pred).all()
-            assert c.health()["errors_total"] == N_MESSAGES
-        print(f"fuzz: {N_MESSAGES} messages in {elapsed:.2f} s, codes {codes}")
+            np.testing.assert_array_equal(c.predict(CHECK_X, CHECK_U), check)
+            assert c.health()["errors_total"] == n_messages
+        growth = rss[-1] - rss[0]
+        print(f"fuzz: {n_messages} messages in {elapsed:.2f} s, server RSS {rss[0]:.1f} -> {rss[-1]:.1f} MB "
+              f"(+{growth:.1f}), codes {codes}")
+        assert growth < RSS_GROWTH_MB, rss
+
+
+def test_fuzz_every_message_gets_an_error_reply(model, tmp_path):
+    run_fuzz(model, tmp_path, N_MESSAGES, 1234)
+
+
+@pytest.mark.slow
+def test_fuzz_1e5_messages_bounded_memory(model, tmp_path):
+    run_fuzz(model, tmp_path, N_SLOW, 4321)
