@@ -11,7 +11,9 @@ message on an inproc PUSH/PULL pair the server polls; only the server's thread t
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
+import os
 import threading
 import time
 from collections.abc import Generator
@@ -21,6 +23,7 @@ from typing import Any
 import zmq
 
 _ids = itertools.count()
+BATCH_NICE = 19  # the batch thread's nice value (Linux, per thread)
 
 
 @dataclass
@@ -104,6 +107,11 @@ class BatchWorker:
         return out
 
     def _run(self) -> None:
+        if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+            # Linux: a thread's own nice value; the scheduler gives the server's thread (stream_step) the CPU
+            # first when both want it (raising one's nice value needs no privilege)
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BATCH_NICE)
         push = self.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(self.endpoint)
