@@ -114,7 +114,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-elements",
         type=int_range(1, 1 << 26),
-        default=65_536,
+        default=65_536,  # export.server.DEFAULT_MAX_ELEMENTS (not imported: this module stays cheap)
         help="element budget: window steps (B x T of a predict, K x (L-1+H) of a rollout) one request may "
         "run; beyond it the reply is too_large (default 65536 = B256 x T256; docs/security.md)",
     )

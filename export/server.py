@@ -36,8 +36,8 @@ LATENCY_WINDOW = 10_000
 DEFAULT_MAX_ELEMENTS = 65_536  # B256 x T256
 CHUNK_STEPS = 1024
 INLINE_STEPS = 64
-RCVHWM = 16  # queued requests per connected peer (a well-behaved client has one in flight)
-SNDHWM = 256  # queued replies per peer; beyond it ROUTER drops them (a peer that never reads)
+RCVHWM = 4  # queued requests per connected peer (a client has one in flight; more wait in its own queue)
+SNDHWM = 256  # queued replies per peer (a client may pipeline); beyond it ROUTER drops them
 
 
 STREAM_REPRIME = ("shadow", "full")  # how a full stream cache is renewed (export.onnx_runtime.StreamState)
@@ -228,6 +228,7 @@ class PredictorServer:
             "max_streams": MAX_STREAMS,
             "max_abs_input": MAX_ABS_INPUT,
             "rcvhwm": RCVHWM,
+            "sndhwm": SNDHWM,
         }
 
     def info(self) -> dict[str, Any]:

@@ -276,3 +276,14 @@ def test_non_finite_output_is_bad_value_and_rolled_back(overflow, tmp_path):
                 with pytest.raises(PredictorError):
                     c.stream_step(poison, ut)
             np.testing.assert_allclose(c.stream_step(xt, ut), ref.step(xt, ut), rtol=1e-6, atol=1e-6)
+
+
+def test_cli_default_budget_is_the_servers():
+    import argparse
+
+    from export.export_commands import add_serve_arguments
+    from export.server import DEFAULT_MAX_ELEMENTS
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    assert p.parse_args([]).max_elements == DEFAULT_MAX_ELEMENTS
