@@ -23,6 +23,9 @@ def register(subparsers: Any) -> None:
                                           "optional learned-model prediction/MPC and MCAP logging.")
     p.add_argument("rig", help="cartpole, furuta or a rig TOML file")
     p.add_argument("--controller", choices=("lqr", "swingup", "mpc"), default="swingup")
+    p.add_argument("--estimator", choices=("diff", "kf", "fm-ukf"), default="diff",
+                   help="state estimator: diff (filtered differentiation, default), kf (EKF on the rig "
+                        "physics), fm-ukf (UKF on the learned model; needs --model)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--port", help="serial port of the rig (e.g. /dev/ttyUSB0 or a pty)")
     where.add_argument("--virtual", action="store_true", help="start a virtual rig on a pty and use it")
@@ -108,6 +111,12 @@ def summary_table(result: Any) -> str:
             ("tick busy p50 / p99 (us)", f"{s['busy_p50_us']:.1f} / {s['busy_p99_us']:.1f}"),
             ("fault", result.fault or "none"),
             ("mode changes / final mode", mode_summary(result))]
+    est = getattr(result, "estimation", None) or {}
+    if est:
+        line = str(est.get("estimator"))
+        if est.get("error_rms"):
+            line += " (RMS error vs /truth: " + ", ".join(f"{v:.3g}" for v in est["error_rms"]) + ")"
+        rows.append(("estimator", line))
     m = result.monitor
     if m:
         rows += [("pred err 1-step EWMA / window", f"{m.get('err1_ewma', float('nan')):.4f} / "
@@ -139,6 +148,7 @@ def _jsonable(result: Any) -> dict[str, Any]:
             "monitor": result.monitor, "predictor": result.predictor, "logger": result.logger,
             "first_fallback_after_kill_s": result.first_fallback_after_kill_s, "log_files": result.log_files,
             "rig_stats": result.rig_stats, "live_view": result.live_view, "log_error": result.log_error,
+            "estimation": getattr(result, "estimation", {}),
             "final_state": result.trajectory[-1, 2:].tolist() if len(result.trajectory) else None}
 
 
@@ -146,7 +156,8 @@ def run_handler(args: argparse.Namespace) -> int:
     """``rigfm run``: returns 0 on a clean run, 1 on a fault, 2 on bad arguments."""
     from controllers.session import RunOptions, run_session
 
-    opts = RunOptions(rig=args.rig, controller=args.controller, port=args.port, virtual=args.virtual,
+    opts = RunOptions(rig=args.rig, controller=args.controller, estimator=args.estimator, port=args.port,
+                      virtual=args.virtual,
                       duration_s=args.duration, rate_hz=args.rate, model=args.model, endpoint=args.endpoint,
                       log_dir=args.log, dry_run=args.dry_run, init=args.init,
                       virtual_params=dict(args.virtual_param), model_params=dict(args.model_param),

@@ -30,6 +30,7 @@ class RunOptions:
 
     rig: str = "cartpole"
     controller: str = "lqr"
+    estimator: str = "diff"             # diff | kf | fm-ukf (controllers.estimators)
     port: str | None = None
     virtual: bool = False
     duration_s: float | None = 10.0
@@ -74,6 +75,7 @@ class RunResult:
     log_files: list[str] = field(default_factory=list)
     rig_stats: dict[str, Any] = field(default_factory=dict)
     live_view: dict[str, Any] = field(default_factory=dict)
+    estimation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def log_error(self) -> str | None:
@@ -274,7 +276,8 @@ def _controller_params(controller: Any, tuning: dict, opts: RunOptions, cfg: Any
     import dataclasses
 
     out: dict[str, Any] = {
-        "controller": opts.controller, "rate_hz": opts.rate_hz, "tuning_file": opts.tuning or "built-in",
+        "controller": opts.controller, "estimator": opts.estimator, "rate_hz": opts.rate_hz,
+        "tuning_file": opts.tuning or "built-in",
         "tuning": tuning, "latency_ms": opts.latency_ms, "latency_source": opts.latency_source,
         "predictor_timeout_ms": opts.predictor_timeout_ms, "mpc_timeout_ms": opts.mpc_timeout_ms,
         "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "stale_ms": opts.stale_ms, "dry_run": opts.dry_run,
@@ -337,6 +340,15 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
     if opts.controller == "mpc" and not (opts.model or opts.endpoint):
         raise ValueError("controller 'mpc' needs the learned model: pass --model model.onnx, --model shipped "
                          "(the rig's shipped ONNX) or --endpoint")
+    from controllers.estimators import ESTIMATORS, EstimatorSetupError
+
+    if opts.estimator not in ESTIMATORS:
+        raise EstimatorSetupError(f"unknown estimator {opts.estimator!r}; choose one of "
+                                  f"{', '.join(ESTIMATORS)}")
+    if opts.estimator == "fm-ukf" and not opts.model:
+        raise EstimatorSetupError(
+            "--estimator fm-ukf needs a learned model to run in-process: pass --model model.onnx or --model "
+            "shipped (an --endpoint alone is not enough; the filter calls onnxruntime itself)")
     if opts.latency_source not in ("physics", "predictor"):
         raise ValueError(f"unknown latency source {opts.latency_source!r}; choose physics or predictor")
     if opts.latency_source == "predictor" and opts.latency_ms > 0 and not (opts.model or opts.endpoint):
@@ -389,7 +401,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             # a new run clears the e-stop latch that the previous run's clean exit left (once, at first
             # connect; never on a reconnect mid-run); the firmware still enforces its limits and watchdog
             conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True,
-                                                     on_state=feed))
+                                                     on_state=feed, truth=opts.virtual))
             feed.attach(conn)
             if opts.watchdog_ms is not None:
                 conn.configure(watchdog_ms=int(opts.watchdog_ms))  # kept across reconnects by the driver
@@ -488,10 +500,12 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             if opts.latency_source == "predictor" and tap is not None:
                 forecaster = PredictorForecaster(forecaster, tap.last_one_step, tap.model_dt,
                                                  _monitor_scale(cfg))
-        est_cut = float(tuning.get("estimation", {}).get("velocity_cutoff_hz", 25.0))
-        from controllers.estimation import VelocityEstimator
+        from controllers.estimators import make_estimator
 
-        estimator = VelocityEstimator(cfg.n // 2, est_cut, angle_channels=(pendulum_index(model),))
+        estimator = make_estimator(opts.estimator, model, cfg, tuning, fm_model=opts.model,
+                                   pendulum=pendulum_index(model))
+        if hasattr(estimator, "close"):
+            stack.callback(estimator.close)
         from controllers.trajectory import TickRecorder
 
         record = TickRecorder(cfg.n)  # bounded: the newest 2^20 ticks (RunResult.trajectory / .modes)
@@ -611,5 +625,5 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             monitor=monitor.snapshot() if monitor else {},
             trajectory=traj, modes=modes, predictor=pred,
             logger=log_stats, first_fallback_after_kill_s=first_fb[0] if first_fb else None, log_files=files,
-            rig_stats=rig_stats, live_view=live_stats)
+            rig_stats=rig_stats, live_view=live_stats, estimation=loop.estimation_summary())
     raise AssertionError("unreachable")  # pragma: no cover
