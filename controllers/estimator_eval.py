@@ -96,3 +96,31 @@ def simulate_balance(cfg: Any, estimator: Any, controller: Any, duration_s: floa
             break
     t, tr, es, u, ne = zip(*rows, strict=True)
     return EvalRun(np.array(t), np.array(tr), np.array(es), np.array(u), np.array(ne), fault)
+
+
+def log_metrics(path: str, skip_s: float = 1.0) -> dict[str, float]:
+    """Estimation error and balance figures of a ``rigfm run --log`` file with a /truth channel.
+
+    From /truth (records with ``error``, i.e. samples the loop estimated): RMS velocity error per joint;
+    from every /truth state: pendulum angle RMS (wrapped) and base position RMS; from /command (controller
+    commands): RMS command and chatter RMS(u[k] - u[k-1]). The first ``skip_s`` seconds are left out."""
+    from hardware.log_reader import read_topics
+
+    _, recs = read_topics(path, {"/truth", "/command"})
+    truth = [r for _, r in recs["/truth"]]
+    if not truth:
+        raise ValueError(f"{path}: no /truth records (not a virtual-rig run?)")
+    t0 = truth[0]["host_time_ns"] + skip_s * 1e9
+    truth = [r for r in truth if r["host_time_ns"] >= t0]
+    err = np.array([r["error"] for r in truth if "error" in r])
+    x = np.array([r["state"] for r in truth])
+    u = np.array([r["voltage"] for _, r in recs["/command"]
+                  if r.get("source") == "controller" and r["host_time_ns"] >= t0])
+    du = np.diff(u)
+    return {"vel_rms_q0": float(np.sqrt(np.mean(err[:, 2] ** 2))) if err.size else float("nan"),
+            "vel_rms_q1": float(np.sqrt(np.mean(err[:, 3] ** 2))) if err.size else float("nan"),
+            "angle_rms": float(np.sqrt(np.mean(wrap_angle(x[:, 1]) ** 2))),
+            "base_rms": float(np.sqrt(np.mean(x[:, 0] ** 2))),
+            "u_rms": float(np.sqrt(np.mean(u**2))) if u.size else float("nan"),
+            "chatter_rms": float(np.sqrt(np.mean(du**2))) if du.size else float("nan"),
+            "truth_samples": len(truth), "estimated_samples": int(len(err))}
