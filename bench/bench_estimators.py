@@ -57,7 +57,8 @@ def cost(n: int = 2000) -> None:
             if hasattr(est, "stats"):
                 st = est.stats()
                 extra = (f"  model call p50 {st['fm_model_ms_p50']:.2f} ms p99 "
-                         f"{st['fm_model_ms_p99']:.2f} ms, grid updates {st['fm_grid_updates']}, late {st['fm_late']}")
+                         f"{st['fm_model_ms_p99']:.2f} ms, grid updates {st['fm_grid_updates']}, "
+                         f"late {st['fm_late']}")
                 est.close()
             print(f"{rig:8s} {name:7s} update p50 {np.percentile(us, 50):7.1f} us  p99 "
                   f"{np.percentile(us, 99):7.1f} us{extra}", flush=True)
@@ -105,7 +106,8 @@ def runs(args: argparse.Namespace) -> None:
             print(f"| {r['rig']} | {r['plant']} | {r['estimator']} | {r['error'][:80]} |")
             continue
         print(f"| {r['rig']} | {r['plant']} | {r['estimator']} | {r['vel_rms_q0']:.4f} / "
-              f"{r['vel_rms_q1']:.4f} | {r['angle_rms'] * 1e3:.2f} | {r['base_rms'] * 1e3:.1f} | {r['u_rms']:.2f} | "
+              f"{r['vel_rms_q1']:.4f} | {r['angle_rms'] * 1e3:.2f} | {r['base_rms'] * 1e3:.1f} | "
+              f"{r['u_rms']:.2f} | "
               f"{r['chatter_rms']:.3f} | {r['overrun_pct']:.2f} | {r['fault'] or 'none'} |")
 
 
