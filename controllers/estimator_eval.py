@@ -112,15 +112,15 @@ def log_metrics(path: str, skip_s: float = 1.0) -> dict[str, float]:
         raise ValueError(f"{path}: no /truth records (not a virtual-rig run?)")
     t0 = truth[0]["host_time_ns"] + skip_s * 1e9
     truth = [r for r in truth if r["host_time_ns"] >= t0]
-    err = np.array([r["error"] for r in truth if "error" in r])
-    x = np.array([r["state"] for r in truth])
+    err = np.array([r["error"] for r in truth if "error" in r]).reshape(-1, 4)
+    x = np.array([r["state"] for r in truth]).reshape(-1, 4)
     u = np.array([r["voltage"] for _, r in recs["/command"]
                   if r.get("source") == "controller" and r["host_time_ns"] >= t0])
     du = np.diff(u)
     return {"vel_rms_q0": float(np.sqrt(np.mean(err[:, 2] ** 2))) if err.size else float("nan"),
             "vel_rms_q1": float(np.sqrt(np.mean(err[:, 3] ** 2))) if err.size else float("nan"),
-            "angle_rms": float(np.sqrt(np.mean(wrap_angle(x[:, 1]) ** 2))),
-            "base_rms": float(np.sqrt(np.mean(x[:, 0] ** 2))),
+            "angle_rms": float(np.sqrt(np.mean(wrap_angle(x[:, 1]) ** 2))) if x.size else float("nan"),
+            "base_rms": float(np.sqrt(np.mean(x[:, 0] ** 2))) if x.size else float("nan"),
             "u_rms": float(np.sqrt(np.mean(u**2))) if u.size else float("nan"),
             "chatter_rms": float(np.sqrt(np.mean(du**2))) if du.size else float("nan"),
             "truth_samples": len(truth), "estimated_samples": int(len(err))}
