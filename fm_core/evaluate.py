@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -477,13 +478,54 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         cfg = EvalConfig(**kw)
     if args.steps is not None:
         cfg.budget = replace(cfg.budget, steps=args.steps)
+    overrides = getattr(args, "overrides", None) or []
+    if overrides:
+        cfg.budget = replace(cfg.budget, **_budget_overrides(overrides))
     return cfg
+
+
+def _budget_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as Budget fields (TOML values; bare words are strings); named errors."""
+    from dataclasses import fields
+
+    import tomllib
+
+    known = {f.name: f for f in fields(Budget)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise EvaluateError(f"--set {item!r}: expected KEY=VALUE")
+        if key not in known:
+            raise EvaluateError(f"--set {item!r}: unknown budget field {key!r}; one of {', '.join(known)}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        default = getattr(Budget(), key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise EvaluateError(f"--set {item!r}: {key} takes true or false")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise EvaluateError(f"--set {item!r}: {key} takes a number")
+            value = type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
+        out[key] = value
+    try:
+        Budget(**out).validate()
+    except ValueError as exc:
+        raise EvaluateError(f"--set: {str(exc).replace('FinetuneConfig.', '')}") from None
+    return out
 
 
 def main_evaluate(args: argparse.Namespace) -> int:
     """CLI handler of ``rigfm evaluate``: prints where the results went and the verdict."""
-    cfg = config_from_args(args)
-    res = run_evaluation(cfg)
+    try:
+        cfg = config_from_args(args)
+        res = run_evaluation(cfg)
+    except EvaluateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"results in {cfg.out}/ (summary.md, results.json) after {res['wall_s']} s")
     for k, v in res["verdict"].items():
         print(f"  {k}: {v['holds']}")
