@@ -17,7 +17,7 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from fm_core.evaluate import main_evaluate
+    from controllers.evaluate import main_evaluate
 
     return main_evaluate(args)
 

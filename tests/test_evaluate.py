@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from controllers.evaluate import EvalConfig, EvaluateError, config_from_args, run_evaluation, verdict
 from fm_core.checkpoint import save_checkpoint
-from fm_core.evaluate import EvalConfig, EvaluateError, config_from_args, run_evaluation, verdict
 from fm_core.model import DynamicsFM, ModelConfig
 
 MODEL_ROWS = (
@@ -174,7 +174,7 @@ def test_verdict_logic_on_known_numbers():
     q1 = verdict({"rigs": {"a": good}})["fm_lowest_every_fraction"]
     exc = q1["per_rig"]["a"]["exceptions"]
     assert [(e["model"], e["fraction"]) for e in exc] == [("sindy", 0.02), ("linreg", 1.0)]
-    from fm_core.evaluate import aggregate
+    from controllers.evaluate import aggregate
 
     agg = aggregate(good)[("sindy", 1.0)]
     assert agg["multi_step_mse_mean"] == math.inf and agg["multi_step_mse_std"] == math.inf
