@@ -14,12 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from rigs.physics_base import wrap_angle
+
 __all__ = ["SinCosCodec", "SinCosPredictor", "rig_angle_codec", "wrap_angle"]
-
-
-def wrap_angle(a: np.ndarray) -> np.ndarray:
-    """Angle(s) mapped to [-pi, pi)."""
-    return (np.asarray(a) + np.pi) % (2.0 * np.pi) - np.pi
 
 
 class SinCosCodec:
