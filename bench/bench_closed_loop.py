@@ -16,7 +16,7 @@ For each rig (cartpole, furuta) and plant mismatch (``mass_friction``: pole mass
    (the rig's LQR weights, ``e`` the loop's state estimate minus upright); faults; overruns.
 
 Prints a markdown table (means over seeds) and writes JSON.  ``--quick``: 2 seeds x 12 s, 20 s flywheel runs
-with 150 fine-tune steps.  ``python bench/bench_closed_loop.py [--quick] [--rigs cartpole furuta]
+with at most 150 fine-tune steps.  ``python bench/bench_closed_loop.py [--quick] [--rigs cartpole furuta]
 [--mismatch mass_friction gain_delay] [--seeds 5] [--duration 30] [--estimators diff] [--realtime]
 [--out DIR]``.
 """
@@ -111,7 +111,7 @@ def metrics(result: Any, cfg: Any, q: np.ndarray, r: np.ndarray, pend: int, base
 
 
 def one_run(rig: str, mismatch: str, seed: int, duration: float, model: str | None, design: str,
-            estimator: str, stale_ms: float, realtime: bool) -> dict[str, Any]:
+            estimator: str, stale_ms: float, realtime: bool, init: str = "hanging") -> dict[str, Any]:
     import rigs
     from controllers.base import base_index, pendulum_index
     from controllers.lqr import lqr_weights
@@ -120,7 +120,7 @@ def one_run(rig: str, mismatch: str, seed: int, duration: float, model: str | No
     cfg = rigs.load_config(rig)
     m = rigs.make_model(cfg)
     q, r = lqr_weights(cfg)
-    opts = RunOptions(rig=rig, controller="swingup", virtual=True, duration_s=duration, seed=seed,
+    opts = RunOptions(rig=rig, controller="swingup", virtual=True, duration_s=duration, seed=seed, init=init,
                       virtual_params=dict(MISMATCHES[mismatch]), model=model, lqr_design=design, status=False,
                       stale_ms=stale_ms, realtime=realtime, **estimator_kwargs(estimator))
     res = run_session(opts)
@@ -183,12 +183,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="as the flywheel: tolerant on a loaded machine")
     p.add_argument("--realtime", action="store_true", help="SCHED_FIFO for the loop and the virtual rig "
                                                             "(rigfm run --realtime), as docs/controllers.md")
+    p.add_argument("--init", choices=("hanging", "upright"), default="hanging",
+                   help="virtual rig start: hanging (swing-up, then balance; default) or upright (balance "
+                        "only: the balance figures even where the swing-up fails)")
     p.add_argument("--quick", action="store_true", help="2 seeds x 12 s, 20 s flywheel runs, 150 steps")
     p.add_argument("--out", default="runs/bench_closed_loop")
     p.add_argument("--json", default=None, help="results JSON (default OUT/closed_loop.json)")
     a = p.parse_args(argv)
     if a.quick:
-        a.seeds, a.duration, a.flywheel_duration, a.flywheel_steps = 2, 12.0, 20.0, 150
+        a.seeds, a.duration, a.flywheel_duration = 2, 12.0, 20.0
+        a.flywheel_steps = min(a.flywheel_steps, 150)
     for est in a.estimators:
         estimator_kwargs(est)
     out = Path(a.out)
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, model, design, est in ctrls:
                 rows = []
                 for seed in range(a.seeds):
-                    row = one_run(rig, mm, seed, a.duration, model, design, est, a.stale_ms, a.realtime)
+                    row = one_run(rig, mm, seed, a.duration, model, design, est, a.stale_ms, a.realtime,
+                                  a.init)
                     rows.append({"seed": seed, **row})
                     print(f"  {key} {name} seed {seed}: cost {fmt(row.get('cost'))} fault {row['fault']} "
                           f"design {row['lqr_design']}", file=sys.stderr, flush=True)

@@ -160,18 +160,22 @@ def design_learned(nominal: LQRController, ad_model: np.ndarray, bd_model: np.nd
                    scale: np.ndarray, max_gain_change: float = DEFAULT_MAX_GAIN_CHANGE,
                    model_sha256: str = "") -> LQRDesign:
     """dlqr on the learned Jacobians at the control step, or the nominal design when the trust band fails."""
+    info: dict[str, Any] = {}
     kw = {"ad_model": np.asarray(ad_model, float), "bd_model": np.asarray(bd_model, float),
-          "model_sha256": model_sha256}
+          "model_sha256": model_sha256, "info": info}
     try:
         if not (np.all(np.isfinite(ad_model)) and np.all(np.isfinite(bd_model))):
             raise LQRDesignError("the learned Jacobians are not finite")
         a_c, b_c = continuous_from_zoh(np.asarray(ad_model, float), np.asarray(bd_model, float), model_dt)
         ad, bd = discretize_zoh(a_c, b_c, nominal.dt)
         k, p = dlqr(ad, bd, nominal.q, nominal.r)
+        info["k_learned"] = k.tolist()  # kept for the record even when the trust band rejects it
         rho = float(np.max(np.abs(np.linalg.eigvals(ad - bd @ k))))
+        info["rho_learned"] = rho
         if not rho < 1.0:
             raise LQRDesignError(f"the learned closed loop is not stable (spectral radius {rho:.4f})")
         rho_nom = float(np.max(np.abs(np.linalg.eigvals(nominal.ad - nominal.bd @ k))))
+        info["rho_nominal_plant"] = rho_nom
         if not rho_nom < 1.0:
             raise LQRDesignError(f"the learned gain does not stabilise the nominal physics (spectral radius "
                                  f"{rho_nom:.4f})")
@@ -179,12 +183,11 @@ def design_learned(nominal: LQRController, ad_model: np.ndarray, bd_model: np.nd
         return nominal_design(nominal, reason=str(exc), **kw)
     s = np.diag(np.asarray(scale, float))
     change = float(np.linalg.norm((k - nominal.k) @ s) / max(np.linalg.norm(nominal.k @ s), 1e-12))
-    info = {"rho_learned": rho, "rho_nominal_plant": rho_nom}
     if not change <= max_gain_change:
         return nominal_design(nominal, reason=f"the learned gain differs from the nominal by {change:.2f} "
                                               f"(scaled norm) > max_gain_change {max_gain_change:g}",
-                              gain_change=change, info=info, **kw)
-    return LQRDesign("learned", k, ad, bd, p, nominal.k.copy(), gain_change=change, info=info, **kw)
+                              gain_change=change, **kw)
+    return LQRDesign("learned", k, ad, bd, p, nominal.k.copy(), gain_change=change, **kw)
 
 
 class LearnedLQRController(LQRController):
