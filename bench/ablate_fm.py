@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fm_core.evaluate import EvalConfig, angle_codec, load_splits, metric_setup, score  # noqa: E402
+from controllers.evaluate import EvalConfig, angle_codec, load_splits, metric_setup, score  # noqa: E402
 
 
 def _value(text: str):

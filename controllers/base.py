@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rigs.physics_base import wrap_angle
+
 
 @dataclass
 class ControlOutput:
@@ -26,11 +28,6 @@ class Controller(Protocol):
     def reset(self) -> None: ...
 
     def compute(self, x: np.ndarray, t: float = 0.0) -> ControlOutput: ...
-
-
-def wrap_angle(a: np.ndarray | float) -> np.ndarray | float:
-    """Wrap to [-pi, pi)."""
-    return (np.asarray(a) + np.pi) % (2 * np.pi) - np.pi
 
 
 def angle_error(a: float, ref: float) -> float:

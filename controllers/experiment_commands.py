@@ -17,7 +17,7 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from fm_core.evaluate import main_evaluate
+    from controllers.evaluate import main_evaluate
 
     return main_evaluate(args)
 
@@ -71,6 +71,9 @@ def register(subparsers) -> None:
                    help="seconds per collected run")
     e.add_argument("--steps", type=int_range(1, 10**9), default=None,
                    help="max optimiser steps per trained model")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="training-budget field for every model (fm_core/baselines.py Budget; repeatable), "
+                        "e.g. --set patience=20 --set ft_mode=head")
     e.add_argument("--context", type=int_range(1, 65_536), default=None,
                    help="context steps of the multi-step metric")
     e.add_argument("--horizon", type=int_range(1, 65_536), default=None,

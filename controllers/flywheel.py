@@ -50,6 +50,7 @@ class FlywheelConfig:
     context: int = 64                       # predictor window of the exported ONNX
     status: bool = False
     angle_features: str = "auto"            # v2's pendulum angle: "raw", "sincos" or "auto" (as v1 has it)
+    lqr_design: str = "nominal"             # "learned": both runs balance on the served model's linearisation
 
     def __post_init__(self) -> None:
         if self.angle_features not in ("auto", "raw", "sincos"):
@@ -98,7 +99,8 @@ def _errors(res: Any) -> dict[str, Any]:
                                    "err10_count")}
     out.update(fault=res.fault, overruns=res.stats.get("overruns"), modes=sorted(set(res.modes)),
                predictor={k: v for k, v in res.predictor.items() if isinstance(v, (int, float, str))},
-               log_files=list(res.log_files))
+               log_files=list(res.log_files),
+               lqr_design={k: v for k, v in (res.lqr_design or {}).items() if k != "designs"})
     return out
 
 
@@ -108,7 +110,7 @@ def _run(cfg: FlywheelConfig, endpoint: str, log_dir: Path | None) -> Any:
     opts = RunOptions(rig=cfg.rig, controller=cfg.controller, virtual=True, duration_s=cfg.duration_s,
                       endpoint=endpoint, log_dir=str(log_dir) if log_dir else None,
                       virtual_params=dict(cfg.virtual_params), stale_ms=cfg.stale_ms, status=cfg.status,
-                      seed=cfg.seed)
+                      seed=cfg.seed, lqr_design=cfg.lqr_design)
     return run_session(opts)
 
 
@@ -268,13 +270,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--angle-features", choices=("auto", "raw", "sincos"), default="auto",
                    help="fine-tune v2 on the pendulum angle as logged or as (sin, cos) (the predictor still "
                         "serves raw states); auto (default): as v1 has it")
+    p.add_argument("--lqr-design", choices=("nominal", "learned"), default="nominal",
+                   help="balance LQR of both runs: physics (default) or the served model's linearisation "
+                        "(run 2 then balances on v2's, controllers/learned_lqr.py)")
 
 
 def handler(args: argparse.Namespace) -> int:
     cfg = FlywheelConfig(out=args.out, rig=args.rig, controller=args.controller, duration_s=args.duration,
                          finetune_steps=args.steps, init_checkpoint=args.init, seed=args.seed,
                          stale_ms=args.stale_ms, window=args.window, status=args.status,
-                         angle_features=args.angle_features,
+                         angle_features=args.angle_features, lqr_design=args.lqr_design,
                          virtual_params=dict(args.virtual_param or DEFAULT_PARAMS))
     try:
         res = run_flywheel(cfg, progress=lambda m: print(f"flywheel: {m}", file=sys.stderr, flush=True))

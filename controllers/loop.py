@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from controllers.base import ControlOutput, pendulum_index
+from controllers.base import ControlOutput, pendulum_index, wrap_angle
 from controllers.estimation import VelocityEstimator
+from controllers.estimators import DiffEstimator
 from controllers.safety import OverrunWatch, SafetyFault, SoftLimits, StaleStateWatch
 from hardware import log_clock
 
@@ -155,7 +156,7 @@ class ControlLoop:
     """One rig, one controller: the per-tick pipeline (see module docstring)."""
 
     def __init__(self, rig: Any, controller: Any, model: Any, cfg: Any, *, rate_hz: float = 500.0,
-                 limits: SoftLimits | None = None, estimator: VelocityEstimator | None = None,
+                 limits: SoftLimits | None = None, estimator: Any = None,
                  stale_ms: float = 25.0, logger: Any = None, tap: Any = None, forecaster: Any = None,
                  dry_run: bool = False, status_cb: Callable[[dict[str, Any]], None] | None = None,
                  status_hz: float = 5.0, clock: Callable[[], float] = time.monotonic,
@@ -167,7 +168,17 @@ class ControlLoop:
         self.rate_hz = float(rate_hz)
         self.limits = limits or SoftLimits.from_config(cfg, model)
         npos = model.n // 2
-        self.estimator = estimator or VelocityEstimator(npos, angle_channels=(pendulum_index(model),))
+        # a StateEstimator (controllers.estimators: diff, kf, fm-ukf); a bare VelocityEstimator is ``diff``
+        estimator = estimator or VelocityEstimator(npos, angle_channels=(pendulum_index(model),))
+        if isinstance(estimator, VelocityEstimator):
+            estimator = DiffEstimator(estimator)
+        self.estimator = estimator
+        self._every_frame = bool(getattr(estimator, "every_frame", False))
+        self._pend = pendulum_index(model)
+        self._est_at: dict[int, np.ndarray] = {}  # device_time_us -> estimate, for /truth records
+        self.truth_frames = 0
+        self.truth_matched = 0
+        self.truth_err_sq = np.zeros(model.n)
         self.stale = StaleStateWatch(stale_ms)
         self.overrun_watch = OverrunWatch()
         self.logger = logger
@@ -234,12 +245,18 @@ class ControlLoop:
         ``estimated: false``: differencing every 1 kHz frame doubles the quantisation noise the velocity
         filter sees (docs/logging.md, "Every state frame"), so the estimator runs once per tick."""
         pos = np.asarray(s.positions, dtype=float)
-        if estimate or self._x is None:
-            vel = self.estimator.update(pos, self._device_time(s.device_time_us))
-            self._x = np.concatenate([pos, vel])
+        if estimate or self._x is None or self._every_frame:
+            u_app = getattr(s, "applied_voltage", None)
+            if u_app is None or not np.isfinite(u_app):
+                u_app = self.last.u  # a rig that does not report it: the last command sent
+            self._x = self.estimator.update(pos, self._device_time(s.device_time_us), float(u_app))
+            vel = self._x[len(pos):]
             self._seq = int(s.seq)
             self._state_host_ns = log_clock.from_monotonic_ns(s.host_time_ns)
             estimate = True
+            if len(self._est_at) >= 64:
+                del self._est_at[next(iter(self._est_at))]
+            self._est_at[int(s.device_time_us)] = self._x
         else:
             vel = self._x[len(pos):]
         if self.logger is None:
@@ -258,6 +275,41 @@ class ControlLoop:
         if link_lost is not None:
             rec["link_lost"] = int(link_lost)
         self.logger.write("/state", rec)
+
+    def _log_truth(self, samples: list[Any]) -> None:
+        """/truth records (virtual rig only): the true state of each sample, with the loop's estimate and its
+        error (angle wrapped) when that sample was estimated."""
+        self.truth_frames += len(samples)
+        for tr in samples:
+            x = np.asarray(tr.state, dtype=float)
+            est = self._est_at.get(int(tr.device_time_us))
+            err = None
+            if est is not None:
+                err = est - x
+                err[self._pend] = wrap_angle(err[self._pend])
+                self.truth_err_sq = self.truth_err_sq + err * err
+                self.truth_matched += 1
+            if self.logger is None:
+                continue
+            rec: dict[str, Any] = {"device_time_us": int(tr.device_time_us),
+                                   "host_time_ns": log_clock.from_monotonic_ns(tr.host_time_ns),
+                                   "state": x.tolist(), "voltage": float(tr.voltage)}
+            if err is not None:
+                rec["estimate"] = est.tolist()
+                rec["error"] = err.tolist()
+            self.logger.write("/truth", rec)
+
+    def estimation_summary(self) -> dict[str, Any]:
+        """Estimator name and, on a rig with a truth channel, the RMS estimation error per state over the
+        estimated samples (``truth_matched`` of them; ``truth_frames`` received)."""
+        out: dict[str, Any] = {"estimator": getattr(self.estimator, "name", "?"),
+                               "truth_frames": self.truth_frames, "truth_matched": self.truth_matched}
+        if self.truth_matched:
+            out["error_rms"] = np.sqrt(self.truth_err_sq / self.truth_matched).tolist()
+        extra = getattr(self.estimator, "stats", None)
+        if callable(extra):
+            out.update(extra())
+        return out
 
     def _set_mode(self, mode: str, now: float, reason: str = "") -> None:
         if mode != self.mode:
@@ -304,6 +356,9 @@ class ControlLoop:
                 self._take_state(s)
         elif seq != self._seq:
             self._take_state(s)
+        drain_truth = getattr(self.rig, "drain_truth", None)
+        if drain_truth is not None:
+            self._log_truth(drain_truth())
         seq = self._seq
         x = self._x
         fault = self.limits.check(x)
@@ -364,7 +419,8 @@ class ControlLoop:
         """Run at the fixed rate until a fault, ``duration_s`` or ``stop``; returns the timing stats."""
         self._log("/event", {"host_time_ns": self.host_ns(), "name": "run_start",
                              "data": {"rate_hz": self.rate_hz, "dry_run": self.dry_run,
-                                      "controller": getattr(self.controller, "name", "?")}})
+                                      "controller": getattr(self.controller, "name", "?"),
+                                      "estimator": getattr(self.estimator, "name", "?")}})
         try:
             self.runner.run(self.tick, duration_s, stop)
         finally:

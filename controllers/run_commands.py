@@ -23,6 +23,9 @@ def register(subparsers: Any) -> None:
                                           "optional learned-model prediction/MPC and MCAP logging.")
     p.add_argument("rig", help="cartpole, furuta or a rig TOML file")
     p.add_argument("--controller", choices=("lqr", "swingup", "mpc"), default="swingup")
+    p.add_argument("--estimator", choices=("diff", "kf", "fm-ukf"), default="diff",
+                   help="state estimator: diff (filtered differentiation, default), kf (EKF on the rig "
+                        "physics), fm-ukf (UKF on the learned model; needs --model)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--port", help="serial port of the rig (e.g. /dev/ttyUSB0 or a pty)")
     where.add_argument("--virtual", action="store_true", help="start a virtual rig on a pty and use it")
@@ -53,6 +56,10 @@ def register(subparsers: Any) -> None:
                    help="override of the controller's physics model (repeatable)")
     p.add_argument("--tuning", default=None,
                    help="controller tuning TOML (overrides controllers/tuning.toml)")
+    p.add_argument("--lqr-design", choices=("nominal", "learned"), default="nominal",
+                   help="balance LQR designed on the physics (nominal, default) or on the served model's "
+                        "linearisation (learned; needs --model/--endpoint; redesigned when the predictor "
+                        "reloads a new model; falls back to nominal outside the trust band)")
     p.add_argument("--latency-comp-ms", type=finite_float(0, MAX_LATENCY_COMP_MS, unit="ms"), default=0.0,
                    help="forecast the state this far ahead with the physics model (0 = off)")
     p.add_argument("--latency-source", choices=("physics", "predictor"), default="physics",
@@ -107,7 +114,14 @@ def summary_table(result: Any) -> str:
             ("overruns", f"{s['overruns']} ({s['overrun_pct']:.3f} %)"),
             ("tick busy p50 / p99 (us)", f"{s['busy_p50_us']:.1f} / {s['busy_p99_us']:.1f}"),
             ("fault", result.fault or "none"),
+            *([("LQR design", _design_row(result.lqr_design))] if result.lqr_design else []),
             ("mode changes / final mode", mode_summary(result))]
+    est = getattr(result, "estimation", None) or {}
+    if est:
+        line = str(est.get("estimator"))
+        if est.get("error_rms"):
+            line += " (RMS error vs /truth: " + ", ".join(f"{v:.3g}" for v in est["error_rms"]) + ")"
+        rows.append(("estimator", line))
     m = result.monitor
     if m:
         rows += [("pred err 1-step EWMA / window", f"{m.get('err1_ewma', float('nan')):.4f} / "
@@ -133,12 +147,21 @@ def summary_table(result: Any) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _design_row(d: dict[str, Any]) -> str:
+    """``learned (gain change 0.12, 1 refresh)`` or ``nominal (reason)``."""
+    if d.get("source") == "learned":
+        return f"learned (gain change {d.get('gain_change') or 0:.3f}, refreshes {d.get('refreshes', 0)})"
+    return f"nominal ({d.get('reason') or 'not designed'})"
+
+
 def _jsonable(result: Any) -> dict[str, Any]:
     return {"stats": result.stats, "fault": result.fault, "mode_changes": result.mode_changes,
             "mode_change_count": len(result.mode_changes), "final_mode": final_mode(result),
             "monitor": result.monitor, "predictor": result.predictor, "logger": result.logger,
             "first_fallback_after_kill_s": result.first_fallback_after_kill_s, "log_files": result.log_files,
             "rig_stats": result.rig_stats, "live_view": result.live_view, "log_error": result.log_error,
+            "estimation": getattr(result, "estimation", {}),
+            "lqr_design": result.lqr_design,
             "final_state": result.trajectory[-1, 2:].tolist() if len(result.trajectory) else None}
 
 
@@ -146,11 +169,13 @@ def run_handler(args: argparse.Namespace) -> int:
     """``rigfm run``: returns 0 on a clean run, 1 on a fault, 2 on bad arguments."""
     from controllers.session import RunOptions, run_session
 
-    opts = RunOptions(rig=args.rig, controller=args.controller, port=args.port, virtual=args.virtual,
+    opts = RunOptions(rig=args.rig, controller=args.controller, estimator=args.estimator, port=args.port,
+                      virtual=args.virtual,
                       duration_s=args.duration, rate_hz=args.rate, model=args.model, endpoint=args.endpoint,
                       log_dir=args.log, dry_run=args.dry_run, init=args.init,
                       virtual_params=dict(args.virtual_param), model_params=dict(args.model_param),
-                      tuning=args.tuning, latency_ms=args.latency_comp_ms, latency_source=args.latency_source,
+                      tuning=args.tuning, lqr_design=args.lqr_design, latency_ms=args.latency_comp_ms,
+                      latency_source=args.latency_source,
                       predictor_timeout_ms=args.predictor_timeout_ms, stale_ms=args.stale_ms,
                       watchdog_ms=args.watchdog_ms,
                       status=not args.quiet, seed=args.seed, realtime=args.realtime,

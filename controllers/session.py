@@ -30,6 +30,7 @@ class RunOptions:
 
     rig: str = "cartpole"
     controller: str = "lqr"
+    estimator: str = "diff"             # diff | kf | fm-ukf (controllers.estimators)
     port: str | None = None
     virtual: bool = False
     duration_s: float | None = 10.0
@@ -42,6 +43,7 @@ class RunOptions:
     virtual_params: dict[str, float] = field(default_factory=dict)  # plant overrides (virtual rig)
     model_params: dict[str, float] = field(default_factory=dict)    # controller-model overrides
     tuning: str | None = None
+    lqr_design: str = "nominal"         # "learned": LQR on the served model's linearisation (learned_lqr.py)
     latency_ms: float = 0.0             # latency compensation (physics forecast), 0 = off
     latency_source: str = "physics"     # "predictor": + the learned one-step correction (physics fallback)
     predictor_timeout_ms: float | None = None  # one-step deadline; default 0.8 model steps
@@ -74,6 +76,8 @@ class RunResult:
     log_files: list[str] = field(default_factory=list)
     rig_stats: dict[str, Any] = field(default_factory=dict)
     live_view: dict[str, Any] = field(default_factory=dict)
+    estimation: dict[str, Any] = field(default_factory=dict)
+    lqr_design: dict[str, Any] = field(default_factory=dict)  # the gain in use at the end and its history
 
     @property
     def log_error(self) -> str | None:
@@ -219,14 +223,15 @@ def _monitor_scale(cfg: Any) -> np.ndarray:
 
 
 def build_controller(name: str, model: Any, cfg: Any, tuning: dict, dt: float, mpc_rollout: Any = None,
-                     errors: tuple = (), max_plan_age_s: float = 0.1) -> Any:
-    """Controller by name; ``mpc`` needs a rollout function and falls back to LQR."""
+                     errors: tuple = (), max_plan_age_s: float = 0.1, lqr: Any = None) -> Any:
+    """Controller by name; ``mpc`` needs a rollout function and falls back to LQR.  ``lqr``: the balance
+    LQR to use (default: the nominal one on the physics)."""
     from controllers.lqr import LQRController
     from controllers.swingup import SwingUpController
 
     if name not in CONTROLLERS:
         raise ValueError(f"unknown controller {name!r}; choose one of {', '.join(CONTROLLERS)}")
-    lqr = LQRController(model, dt, cfg=cfg, tuning=tuning)
+    lqr = lqr if lqr is not None else LQRController(model, dt, cfg=cfg, tuning=tuning)
     if name == "lqr":
         return lqr
     if name == "swingup":
@@ -274,10 +279,12 @@ def _controller_params(controller: Any, tuning: dict, opts: RunOptions, cfg: Any
     import dataclasses
 
     out: dict[str, Any] = {
-        "controller": opts.controller, "rate_hz": opts.rate_hz, "tuning_file": opts.tuning or "built-in",
+        "controller": opts.controller, "estimator": opts.estimator, "rate_hz": opts.rate_hz,
+        "tuning_file": opts.tuning or "built-in",
         "tuning": tuning, "latency_ms": opts.latency_ms, "latency_source": opts.latency_source,
         "predictor_timeout_ms": opts.predictor_timeout_ms, "mpc_timeout_ms": opts.mpc_timeout_ms,
-        "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "stale_ms": opts.stale_ms, "dry_run": opts.dry_run,
+        "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "lqr_design": opts.lqr_design,
+        "stale_ms": opts.stale_ms, "dry_run": opts.dry_run,
         "model_params": dict(opts.model_params), "on_log_error": opts.on_log_error,
         "watchdog_ms": cfg.watchdog_ms if opts.watchdog_ms is None else int(opts.watchdog_ms),
     }
@@ -292,6 +299,54 @@ def _controller_params(controller: Any, tuning: dict, opts: RunOptions, cfg: Any
     if params is not None and dataclasses.is_dataclass(params):
         out[f"{opts.controller}_params"] = dataclasses.asdict(params)
     return out
+
+
+def _learned_lqr(endpoint: str | None, info: dict, model: Any, cfg: Any, tuning: dict, dt: float,
+                 stack: contextlib.ExitStack) -> tuple[Any, Any]:
+    """The balance LQR designed on the served model's linearisation (controllers/learned_lqr.py), and the
+    thread that redesigns it when the predictor starts serving another model (flywheel redeploy)."""
+    from controllers.learned_lqr import (
+        GainRefresher,
+        LearnedDesignParams,
+        LearnedLQRController,
+        design_from_client,
+    )
+    from export.client import PredictorClient, PredictorError
+
+    params = LearnedDesignParams.from_tuning(tuning)
+    ctl = LearnedLQRController(model, dt, cfg=cfg, tuning=tuning, trust_frac=params.trust_frac)
+    client = PredictorClient(str(endpoint), timeout_ms=5000.0)
+    stack.callback(client.close)
+    try:
+        design = design_from_client(client, ctl, model, cfg, params, info)
+    except PredictorError as exc:
+        raise RunSetupError(f"--lqr-design learned: the predictor did not answer the linearisation request "
+                            f"({exc})") from None
+    ctl.apply(design)
+    if design.source != "learned":
+        print(f"rigfm run: learned LQR design rejected, using the nominal gain: {design.reason}",
+              file=sys.stderr)
+    ident = (str(info.get("model_sha256") or ""), str(info.get("model_path") or ""))
+    refresher = GainRefresher(client, ctl, model, cfg, params, ident)
+    stack.callback(refresher.close)
+    return ctl, refresher
+
+
+def _log_design(sink: Any, design: Any) -> None:
+    """An ``lqr_design`` event in the run log (which gain is in use, and why)."""
+    if sink is not None:
+        from hardware import log_clock
+
+        sink.write("/event", {"host_time_ns": log_clock.now_ns(), "name": "lqr_design",
+                              "data": design.summary()})
+
+
+def _design_summary(ctl: Any, refresher: Any) -> dict[str, Any]:
+    if ctl is None:
+        return {}
+    return {**ctl.design.summary(), "designs": [d.summary() for d in ctl.designs],
+            "refreshes": refresher.refreshes if refresher is not None else 0,
+            "refresh_errors": list(refresher.errors) if refresher is not None else []}
 
 
 SHIPPED = "shipped"  # --model shipped: the rig's ONNX pair in fm_core/weights (export/shipped.py)
@@ -337,6 +392,22 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
     if opts.controller == "mpc" and not (opts.model or opts.endpoint):
         raise ValueError("controller 'mpc' needs the learned model: pass --model model.onnx, --model shipped "
                          "(the rig's shipped ONNX) or --endpoint")
+    from controllers.estimators import ESTIMATORS, EstimatorSetupError
+
+    if opts.estimator not in ESTIMATORS:
+        raise EstimatorSetupError(f"unknown estimator {opts.estimator!r}; choose one of "
+                                  f"{', '.join(ESTIMATORS)}")
+    if opts.estimator == "fm-ukf" and not opts.model:
+        raise EstimatorSetupError(
+            "--estimator fm-ukf needs a learned model to run in-process: pass --model model.onnx or --model "
+            "shipped (an --endpoint alone is not enough; the filter calls onnxruntime itself)")
+    from controllers.learned_lqr import LQR_DESIGNS
+
+    if opts.lqr_design not in LQR_DESIGNS:
+        raise ValueError(f"unknown --lqr-design {opts.lqr_design!r}; choose one of {', '.join(LQR_DESIGNS)}")
+    if opts.lqr_design == "learned" and not (opts.model or opts.endpoint):
+        raise ValueError("--lqr-design learned needs the learned model: pass --model model.onnx, --model "
+                         "shipped or --endpoint")
     if opts.latency_source not in ("physics", "predictor"):
         raise ValueError(f"unknown latency source {opts.latency_source!r}; choose physics or predictor")
     if opts.latency_source == "predictor" and opts.latency_ms > 0 and not (opts.model or opts.endpoint):
@@ -389,7 +460,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             # a new run clears the e-stop latch that the previous run's clean exit left (once, at first
             # connect; never on a reconnect mid-run); the firmware still enforces its limits and watchdog
             conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True,
-                                                     on_state=feed))
+                                                     on_state=feed, truth=opts.virtual))
             feed.attach(conn)
             if opts.watchdog_ms is not None:
                 conn.configure(watchdog_ms=int(opts.watchdog_ms))  # kept across reconnects by the driver
@@ -431,8 +502,12 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                 stack.callback(mpc_client.close)
                 mpc_rollout = PredictorRollout(mpc_client)
 
+        lqr_ctl = None
+        refresher = None
+        if opts.lqr_design == "learned":
+            lqr_ctl, refresher = _learned_lqr(endpoint, info, model, cfg, tuning, dt, stack)
         controller = build_controller(opts.controller, model, cfg, tuning, dt, mpc_rollout, errors,
-                                      opts.mpc_max_plan_age_s)
+                                      opts.mpc_max_plan_age_s, lqr=lqr_ctl)
         if hasattr(controller, "close"):
             stack.callback(controller.close)
 
@@ -482,16 +557,21 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             sink = LogTee(logger, live)
         if tap is not None:
             tap.logger = sink
+        if lqr_ctl is not None:
+            _log_design(sink, lqr_ctl.design)
+            refresher.on_design = lambda d: _log_design(sink, d)
         forecaster: Any = None
         if opts.latency_ms > 0:
             forecaster = PhysicsForecaster(model, opts.latency_ms / 1000.0)
             if opts.latency_source == "predictor" and tap is not None:
                 forecaster = PredictorForecaster(forecaster, tap.last_one_step, tap.model_dt,
                                                  _monitor_scale(cfg))
-        est_cut = float(tuning.get("estimation", {}).get("velocity_cutoff_hz", 25.0))
-        from controllers.estimation import VelocityEstimator
+        from controllers.estimators import make_estimator
 
-        estimator = VelocityEstimator(cfg.n // 2, est_cut, angle_channels=(pendulum_index(model),))
+        estimator = make_estimator(opts.estimator, model, cfg, tuning, fm_model=opts.model,
+                                   pendulum=pendulum_index(model))
+        if hasattr(estimator, "close"):
+            stack.callback(estimator.close)
         from controllers.trajectory import TickRecorder
 
         record = TickRecorder(cfg.n)  # bounded: the newest 2^20 ticks (RunResult.trajectory / .modes)
@@ -544,6 +624,8 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
 
         if tap is not None:
             tap.start()
+        if refresher is not None:
+            refresher.start()
         if hasattr(controller, "start"):
             controller.start()
         restore = None
@@ -611,5 +693,6 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             monitor=monitor.snapshot() if monitor else {},
             trajectory=traj, modes=modes, predictor=pred,
             logger=log_stats, first_fallback_after_kill_s=first_fb[0] if first_fb else None, log_files=files,
-            rig_stats=rig_stats, live_view=live_stats)
+            rig_stats=rig_stats, live_view=live_stats, estimation=loop.estimation_summary(),
+            lqr_design=_design_summary(lqr_ctl, refresher))
     raise AssertionError("unreachable")  # pragma: no cover

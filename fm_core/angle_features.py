@@ -14,12 +14,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SinCosCodec", "SinCosPredictor", "wrap_angle"]
+from rigs.physics_base import wrap_angle
 
-
-def wrap_angle(a: np.ndarray) -> np.ndarray:
-    """Angle(s) mapped to [-pi, pi)."""
-    return (np.asarray(a) + np.pi) % (2.0 * np.pi) - np.pi
+__all__ = ["SinCosCodec", "SinCosPredictor", "rig_angle_codec", "wrap_angle"]
 
 
 class SinCosCodec:
@@ -113,3 +110,15 @@ class SinCosPredictor:
         """Open-loop rollout; angles unwrapped along the horizon from the last context angle."""
         pz = self.inner.rollout(self.codec.encode(x_ctx), u_ctx, u_future)
         return self.codec.decode_sequence(pz, np.asarray(x_ctx)[:, -1][..., list(self.codec.channels)])
+
+
+def rig_angle_codec(rig: str, td: Any) -> SinCosCodec:
+    """The (sin, cos) codec of ``rig``'s pendulum angle (``rigs.physics.pendulum_angle_name``) in the state
+    layout of ``td`` (anything with ``state_names`` and ``x``); ``ValueError`` naming it if it is missing."""
+    from rigs.physics import pendulum_angle_name
+
+    name = pendulum_angle_name(rig)
+    names = list(td.state_names)
+    if name not in names:
+        raise ValueError(f"--angle-features sincos: the {rig} data has no state {name!r} (states: {names})")
+    return SinCosCodec(td.x.shape[-1], [names.index(name)])

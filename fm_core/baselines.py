@@ -62,16 +62,16 @@ SMALL_TF = {
 class Budget:
     """The training-budget rule shared by every trained model (see docs/experiment.md)."""
 
-    steps: int = 400  # maximum optimiser steps
+    steps: int = 3000  # maximum optimiser steps (the shared cap; early stopping ends most fits before it)
     batch_size: int = 8  # windows per step
     seq_len: int = 80  # steps per training window (= context + horizon of the metric)
     val_every: int = 20  # validation period (steps)
-    patience: int = 5  # validations without improvement before stopping early
+    patience: int = 10  # validations without improvement before stopping early
     lr_scratch: float = 1e-3  # Adam lr for models trained from scratch (FFN, small transformer, specialist)
     lr_finetune: float = 2e-3  # Adam lr when fine-tuning the pretrained model (picked on val, docs)
     window: int = 4  # history steps w of the window models (linreg, FFN)
     # transformers: share of training windows with a hidden horizon (the rest: all steps observed)
-    mask_prob: float = 1.0
+    mask_prob: float = 0.0
     # token-position range [lo, hi] of the observed context of masked training windows; None: 1..seq_len
     mask_context: tuple[int, int] | None = None
     # model selection for EVERY model on the val split: open-loop rollout MSE with (context, horizon) -- early
@@ -79,15 +79,25 @@ class Budget:
     val_rollout: tuple[int, int] | None = None
     # transformers: multi-step prediction mode ("masked" one pass | "ar" autoregressive), head output in
     # units of the one-step increment std, Gaussian noise on the (normalised) input states in training
-    rollout_mode: str = "masked"
-    increment_scale: bool = False
-    noise_std: float = 0.01
+    rollout_mode: str = "ar"
+    increment_scale: bool = True
+    noise_std: float = 0.03
     pushforward: int = 0  # transformers: extra training passes on their own predictions
     loss_scale: str = "state"  # transformers: "state" | "increment" units of the training loss
-    max_minutes: float = 0.0  # wall-time cap of one fit (every trained model; 0 = none)
+    max_minutes: float = 60.0  # wall-time cap of one fit (every trained model; 0 = none)
     ft_mode: str = "full"  # the FM's fine-tuning mode: "full" | "head" | "lora"
     lora_rank: int = 8
     synthetic_mix: float = 0.0  # the FM: share of synthetic windows in every fine-tuning batch
+
+    def validate(self) -> Budget:
+        """Raise ``ValueError`` naming the first field out of range (the fine-tuning config's own checks)."""
+        if self.window < 1:
+            raise ValueError(f"Budget.window must be >= 1, got {self.window}")
+        if self.max_minutes < 0:
+            raise ValueError(f"Budget.max_minutes must be >= 0, got {self.max_minutes}")
+        for lr in (self.lr_scratch, self.lr_finetune):
+            _ft_cfg(self, 1.0, 0, lr, None, True)
+        return self
 
 
 class Predictor:

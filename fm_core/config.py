@@ -60,6 +60,9 @@ class TrainConfig:
     lyapunov_context: int = 16
     lyapunov_samples: int = 4
     lyapunov_burn_in: int = 1
+    # warm start: initial weights from this checkpoint (its [model] must equal this config's); the optimiser,
+    # schedule and step count start fresh. "" = random initialisation
+    init: str = ""
 
 
 @dataclass

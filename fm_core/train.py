@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,22 @@ class _StopFlag:
         self.requested = True
 
 
+def _warm_start(model: DynamicsFM, mc: ModelConfig, path: str) -> None:
+    """Load checkpoint ``path``'s weights into ``model``; named errors for a missing file / other shape."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"[train] init: checkpoint not found: {p}")
+    ck = read_checkpoint(p)
+    theirs = ModelConfig.from_dict(ck.get("model_config", {}))
+    if asdict(theirs) != asdict(mc):
+        diff = sorted(k for k, v in asdict(mc).items() if asdict(theirs).get(k) != v)
+        raise ValueError(f"[train] init: {p} has another [model] ({', '.join(diff)} differ)")
+    res = model.load_state_dict(ck["state_dict"], strict=False)  # checkpoints before dx_scale lack only it
+    bad = [k for k in res.missing_keys if not k.endswith("dx_scale")] + list(res.unexpected_keys)
+    if bad:
+        raise ValueError(f"[train] init: {p} does not fit the model: {', '.join(bad[:5])}")
+
+
 def pretrain(
     cfg: FullConfig, out: str | Path, resume: bool = False, generator: Generator | None = None,
     progress: bool = True, config_source: str = "<dict>",
@@ -157,6 +174,8 @@ def pretrain(
         opt, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     step, history, elapsed0 = 0, [], 0.0
     last_path = out / "last.pt"
+    if t.init and not (resume and last_path.is_file()):
+        _warm_start(model, mc, t.init)
     if resume and last_path.is_file():
         ck = read_checkpoint(last_path)
         ts = ck.get("train_state")

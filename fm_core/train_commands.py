@@ -143,9 +143,9 @@ def _finetune(args: argparse.Namespace) -> int:
         angles = resolve_angle_features(args.angle_features, init)
         codec = None
         if angles == "sincos":
-            from fm_core.evaluate import angle_codec
+            from fm_core.angle_features import rig_angle_codec
 
-            codec = angle_codec(train.rig, train)
+            codec = rig_angle_codec(train.rig, train)
             train, val = codec.encode_data(train), codec.encode_data(val)
         model, history = finetune(init, train, val, cfg, progress=not args.no_progress)
     except (ValueError, TrajectoryFileError, CheckpointError) as exc:

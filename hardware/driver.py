@@ -109,6 +109,16 @@ class StateSample:
         return self.has(proto.StatusFlags.WATCHDOG_TRIPPED)
 
 
+@dataclass(frozen=True, slots=True)
+class TruthSample:
+    """One TRUTH frame (protocol v2.1, virtual rig only): the plant's true state at a STATE sample."""
+
+    device_time_us: int  # equals the device_time_us of the STATE sample it belongs to
+    host_time_ns: int  # time.monotonic_ns() when the bytes were read
+    state: tuple[float, ...]  # SI [q0, q1, q0_dot, q1_dot]
+    voltage: float  # V acting on the plant at that instant
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """Identity and capabilities from HELLO_REPLY."""
@@ -233,6 +243,7 @@ class RigConnection:
         sysfs_root: str | Path = DEFAULT_SYSFS_ROOT,
         clear_estop_on_connect: bool = False,
         on_state: Callable[[StateSample], None] | None = None,
+        truth: bool = False,
     ) -> None:
         """Open ``port`` (or the USB port with ``serial_number``), handshake and start the reader thread.
 
@@ -241,7 +252,9 @@ class RigConnection:
         to check), PortNotFound for an unknown serial number.
         The device's e-stop latch survives a new session; ``clear_estop_on_connect=True`` clears it once
         after the first handshake (never after a reconnect: an e-stop during a link glitch stays latched).
-        ``on_state(sample)`` is called on the reader thread for every STATE (e.g. a logger); keep it short."""
+        ``on_state(sample)`` is called on the reader thread for every STATE (e.g. a logger); keep it short.
+        ``truth=True`` asks the device for TRUTH frames (protocol v2.1) after every handshake; a device
+        without a truth source (real firmware) NACKs and ``truth_available`` stays False."""
         import rigs
 
         if (port is None) == (serial_number is None):
@@ -281,6 +294,9 @@ class RigConnection:
         self._closing = threading.Event()
         self._latency_checked: set[str] = set()
         self._closed = False
+        self._want_truth = bool(truth)
+        self.truth_available = False
+        self._truths: collections.deque[TruthSample] = collections.deque(maxlen=4096)
         self.device_info: DeviceInfo | None = None
         self.voltage_limit = self.cfg.limits.voltage_max
 
@@ -413,6 +429,14 @@ class RigConnection:
             return None
         return pend.reply / 1e9
 
+    def drain_truth(self) -> list[TruthSample]:
+        """Every TRUTH sample received since the last call, oldest first (at most the newest 4096)."""
+        dq = self._truths
+        out = []
+        while dq:
+            out.append(dq.popleft())
+        return out
+
     def faults(self) -> list[tuple[int, proto.Fault]]:
         """Recent FAULT messages as (host_time_ns, Fault), oldest first."""
         with self._lock:
@@ -534,8 +558,19 @@ class RigConnection:
                 ser.close()
                 raise
             self._config = cfg
+        if self._want_truth:
+            self._request_truth()
         self._apply_voltage_limit()
         self._event("connected", port=path, firmware=reply.firmware_version, uid=reply.uid)
+
+    def _request_truth(self) -> None:
+        """TRUTH_REQUEST(1): ACK -> ``truth_available``; NACK / no answer -> no truth (not an error)."""
+        try:
+            self._request(proto.TruthRequest(1), timeout=0.3, retries=2)
+        except ConfigRejected:
+            self.truth_available = False
+        else:
+            self.truth_available = True
 
     def _handshake(self, ser: serial.Serial, path: str) -> proto.HelloReply:
         """Send HELLO (repeated every 0.2 s) until HELLO_REPLY; check version, rig kind and encoders."""
@@ -820,6 +855,8 @@ class RigConnection:
             self._rx_seq = seq
             if isinstance(msg, proto.State):
                 sample = self._store_state(seq, msg, t_ns)
+            elif isinstance(msg, proto.Truth):
+                self._truths.append(TruthSample(msg.timestamp_us, t_ns, tuple(msg.state), msg.voltage))
             elif isinstance(msg, proto.Heartbeat):
                 self._on_heartbeat(msg, t_ns)
             elif isinstance(msg, proto.Ack | proto.Nack):

@@ -36,17 +36,13 @@ import gymnasium as gym
 import numpy as np
 
 from hardware.driver import CommandRejected, RigConnection, StateSample
+from rigs.physics_base import wrap_angle
 
-_TWO_PI = 2.0 * math.pi
 RIGS = {"cartpole": "CartPole", "furuta": "Furuta"}
 
 
 class RigEnvClosed(RuntimeError):
     """``step()`` or ``reset()`` on a RigEnv after ``close()``."""
-
-
-def _wrap(angle: float) -> float:
-    return (angle + math.pi) % _TWO_PI - math.pi
 
 
 class RigEnv(gym.Env):
@@ -127,7 +123,7 @@ class RigEnv(gym.Env):
         elif self._prev is None:
             self._vel = np.zeros(2)
         self._prev = sample
-        obs = np.array([pos[0], _wrap(pos[1]), self._vel[0], self._vel[1]], dtype=np.float32)
+        obs = np.array([pos[0], float(wrap_angle(pos[1])), self._vel[0], self._vel[1]], dtype=np.float32)
         return np.clip(obs, -self._obs_high, self._obs_high)
 
     def _fresh_state(self) -> StateSample | None:

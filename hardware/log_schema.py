@@ -112,6 +112,17 @@ _PROPERTIES: dict[str, dict[str, dict[str, Any]]] = {
         "message": {**_STR, "description": "human readable description"},
         "flags": {**_INT, "description": "device status flags at the fault"},
     },
+    "/truth": {
+        "timestamp": _time("when the host received the TRUTH frame"),
+        "device_time_us": {**_INT, "description": "firmware clock of the STATE sample this is the truth of "
+                                                  "(join with /state.device_time_us)"},
+        "state": {**_NUM_LIST, "description": "true continuous state (SI) of the virtual rig's plant: "
+                                              "cart-pole [p, theta, p_dot, theta_dot], Furuta [theta, alpha, "
+                                              "theta_dot, alpha_dot]"},
+        "voltage": {**_NUM, "description": "voltage acting on the plant then (after the actuation delay)"},
+        "estimate": {**_NUM_LIST, "description": "the loop's state estimate from that sample, optional"},
+        "error": {**_NUM_LIST, "description": "estimate - state (pendulum angle wrapped), optional"},
+    },
     "/event": {
         "timestamp": _time("when the event happened"),
         "name": {**_STR, "description": "event name, e.g. run_start, run_end, prediction_monitor"},
@@ -126,6 +137,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "/prediction": ("host_time_ns", "ref_seq", "ref_host_time_ns", "dt", "horizon", "predicted"),
     "/mode": ("host_time_ns", "mode"),
     "/fault": ("host_time_ns", "code"),
+    "/truth": ("host_time_ns", "device_time_us", "state", "voltage"),
     "/event": ("host_time_ns", "name"),
 }
 _FILE_NAMES = {"host_time_ns": "timestamp", "ref_host_time_ns": "ref_timestamp"}
@@ -142,6 +154,7 @@ SCHEMA_NAMES: dict[str, str] = {
     "/prediction": "rigfm.Prediction",
     "/mode": "rigfm.Mode",
     "/fault": "rigfm.Fault",
+    "/truth": "rigfm.Truth",
     "/event": "rigfm.Event",
 }
 

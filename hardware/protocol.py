@@ -25,6 +25,9 @@ from cobs.cobs import decode as _cobs_decode
 from cobs.cobs import encode as _cobs_encode
 
 PROTOCOL_VERSION = 2
+# v2.1 (the version byte stays 2): adds TRUTH_REQUEST / TRUTH, opt-in (a device sends TRUTH only after the
+# host asked for it, so a v2.0 host never sees one); firmware without a truth source NACKs UNKNOWN_TYPE.
+PROTOCOL_MINOR = 1
 DELIMITER = b"\x00"
 HEADER_SIZE = 4
 CRC_SIZE = 2  # the CRC-16 itself (bytes of information); on the wire it travels inside the trailer
@@ -49,11 +52,13 @@ class MsgType(enum.IntEnum):
     CLEAR_ESTOP = 0x04
     CONFIG = 0x05
     HEARTBEAT = 0x06
+    TRUTH_REQUEST = 0x07
     HELLO_REPLY = 0x81
     STATE = 0x82
     FAULT = 0x83
     ACK = 0x84
     NACK = 0x85
+    TRUTH = 0x86
 
 
 class RigKind(enum.IntEnum):
@@ -251,9 +256,30 @@ class Nack:
     TYPE: ClassVar[MsgType] = MsgType.NACK
 
 
-Message = Hello | HelloReply | State | Command | Estop | ClearEstop | Heartbeat | Fault | Config | Ack | Nack
-HOST_TO_DEVICE = frozenset({Hello, Command, Estop, ClearEstop, Config, Heartbeat})
-DEVICE_TO_HOST = frozenset({HelloReply, State, Fault, Ack, Nack, Heartbeat})
+@dataclass(frozen=True, slots=True)
+class TruthRequest:
+    """Host -> device (v2.1): ``enable`` 1 = send a TRUTH after every STATE, 0 = stop. ACKed by a device
+    that knows its true state (the virtual rig); real firmware answers NACK(UNKNOWN_TYPE). Reset by HELLO."""
+
+    enable: int  # u8
+    TYPE: ClassVar[MsgType] = MsgType.TRUTH_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class Truth:
+    """Device -> host (v2.1, virtual rig only): the plant's true continuous state at the STATE sample with
+    the same ``timestamp_us``, and the voltage acting on the plant then (after the actuation delay)."""
+
+    timestamp_us: int  # u64, equals the STATE frame's timestamp_us it follows
+    state: tuple[float, float, float, float]  # SI: [q0, q1, q0_dot, q1_dot] (f32)
+    voltage: float  # V acting on the motor at that instant (f32)
+    TYPE: ClassVar[MsgType] = MsgType.TRUTH
+
+
+Message = (Hello | HelloReply | State | Command | Estop | ClearEstop | Heartbeat | Fault | Config | Ack | Nack
+           | TruthRequest | Truth)
+HOST_TO_DEVICE = frozenset({Hello, Command, Estop, ClearEstop, Config, Heartbeat, TruthRequest})
+DEVICE_TO_HOST = frozenset({HelloReply, State, Fault, Ack, Nack, Heartbeat, Truth})
 
 
 # ----------------------------------------------------------------------------------- wire layouts
@@ -372,6 +398,14 @@ _LAYOUTS: list[_Layout] = [
         lambda m: (m.acked_seq, int(m.acked_type), int(m.reason)),
         lambda f: Nack(f[0], _enum_or_int(MsgType, f[1]), _enum_or_int(NackReason, f[2])),
     ),
+    _Layout(TruthRequest, "B", [("enable", "B")], lambda m: (m.enable,), lambda f: TruthRequest(f[0])),
+    _Layout(
+        Truth,
+        "Qfffff",
+        [("timestamp_us", "Q"), ("state", "ffff"), ("voltage", "f")],
+        lambda m: (m.timestamp_us, *m.state, m.voltage),
+        lambda f: Truth(f[0], (f[1], f[2], f[3], f[4]), f[5]),
+    ),
 ]
 _BY_CLASS: dict[type, _Layout] = {lay.cls: lay for lay in _LAYOUTS}
 _BY_ID: dict[int, _Layout] = {lay.type_id: lay for lay in _LAYOUTS}
@@ -383,6 +417,9 @@ _FRAME_LEN: dict[int, int] = {lay.type_id: COBS_OVERHEAD + lay.body.size + TRAIL
 # The split proof of docs/protocol.md needs every frame shorter than MIN_FRAME_LEN + LENGTH_MODULO.
 if not max(_FRAME_LEN.values()) < min(MIN_FRAME_LEN + LENGTH_MODULO, MAX_FRAME_LEN + 1):
     raise RuntimeError("a message type is too long for the v2 trailer's length field")
+# ... and no frame length may be a multiple of 32 (two frames merged by a lost delimiter stay detected)
+if any(n % LENGTH_MODULO == 0 for n in _FRAME_LEN.values()):
+    raise RuntimeError("a message type's frame length is a multiple of the trailer's length modulus")
 
 
 def payload_size(msg_cls: type) -> int:

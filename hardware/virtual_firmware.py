@@ -15,7 +15,9 @@ to ``on_message``; everything the device sends goes through the ``emit`` callbac
 * channel-0 counts outside [pos_min, pos_max] -> LIMIT_HIT, outward voltage zeroed (positive voltage raises
   counts), FAULT LIMIT on entry; a late loop tick -> LOOP_OVERRUN flag + FAULT LOOP_OVERRUN (lateness us);
 * CONFIG -> validated (NACK with the reason, nothing applied) or ACK + CONFIGURED;
-* HEARTBEAT -> echoed with the same token.
+* HEARTBEAT -> echoed with the same token;
+* TRUTH_REQUEST (v2.1) -> ACK; with ``enable`` a TRUTH (the simulator's true state at the sample and the
+  voltage acting on the plant) follows every STATE until disabled, HELLO or a power cycle.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class VirtualFirmware:
         self.overrun = False
         self.setpoint = 0.0
         self.output = 0.0
+        self.truth = False
         self._defaults()
         self.last_cmd_us = self.time_us
         self._tick_in_period = 0
@@ -170,10 +173,14 @@ class VirtualFirmware:
             self.emit(proto.Ack(seq, msg.TYPE))
         elif isinstance(msg, proto.Config):
             self._config(seq, msg)
+        elif isinstance(msg, proto.TruthRequest):
+            self.truth = bool(msg.enable)
+            self.emit(proto.Ack(seq, msg.TYPE))
 
     def _hello(self) -> None:
         self.counters.hellos += 1
         self.connected = True
+        self.truth = False
         self.configured = False
         self._defaults()
         self.setpoint = 0.0
@@ -302,3 +309,7 @@ class VirtualFirmware:
         )
         self.counters.states_sent += 1
         self.rx_error = self.overrun = False
+        if self.truth:  # the same instant as the counts: read before this tick's advance
+            x = self.sim.state
+            self.emit(proto.Truth(self.time_us, (float(x[0]), float(x[1]), float(x[2]), float(x[3])),
+                                  float(self.sim.voltage)))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rigs.config import RigConfig, RigConfigError, load_config, replace_validated
-from rigs.physics_base import RigModel
+from rigs.physics_base import RigModel, wrap_angle
 from rigs.physics_cartpole import CartPoleModel
 from rigs.physics_furuta import FurutaModel
 
@@ -33,6 +33,7 @@ __all__ = [
     "apply_overrides",
     "OVERRIDE_SCALES",
     "pendulum_angle_name",
+    "wrap_angle",
 ]
 
 _MODELS: dict[str, type[RigModel]] = {"cartpole": CartPoleModel, "furuta": FurutaModel}

@@ -17,6 +17,11 @@ import scipy.linalg
 Array = np.ndarray
 
 
+def wrap_angle(a: np.ndarray | float) -> np.ndarray:
+    """Angle(s) mapped to [-pi, pi) (the one definition every package uses)."""
+    return (np.asarray(a) + np.pi) % (2.0 * np.pi) - np.pi
+
+
 def _as_xu(x: Any, u: Any) -> tuple[Array, Array]:
     """Validate (shapes, finiteness) and broadcast x (..., 4) and u (..., 1); a scalar u is accepted."""
     x = np.asarray(x, dtype=np.float64)

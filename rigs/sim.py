@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rigs.config import RigConfig, load_config
+from rigs.config import RigConfig, RigConfigError, load_config
 from rigs.physics import RigModel, make_model
 
 __all__ = ["RigSimulator", "SimSample", "FLAG_NAMES"]
@@ -37,20 +37,39 @@ class SimSample:
     flags: dict[str, bool]
 
 
+# plant overrides of the simulator itself (not physics parameters): handled here, the rest go to make_model
+SIM_OVERRIDES = ("actuation_delay_extra_ms",)
+
+
+def split_sim_overrides(overrides: dict[str, Any] | None) -> tuple[dict[str, Any] | None, float]:
+    """``(physics overrides, extra actuation delay in s)``: ``actuation_delay_extra_ms`` (>= 0, <= 1000)
+    adds to the config's ``sim.actuation_delay_s`` (a slower amplifier / more transport delay)."""
+    if not overrides or "actuation_delay_extra_ms" not in overrides:
+        return overrides, 0.0
+    rest = {k: v for k, v in overrides.items() if k != "actuation_delay_extra_ms"}
+    ms = overrides["actuation_delay_extra_ms"]
+    if isinstance(ms, bool) or not isinstance(ms, int | float) or not (math.isfinite(ms) and 0 <= ms <= 1000):
+        raise RigConfigError(f"override actuation_delay_extra_ms must be a number of ms in [0, 1000], "
+                             f"got {ms!r}")
+    return rest or None, float(ms) * 1e-3
+
+
 class RigSimulator:
     """Plant simulator for one rig: true state, delayed ZOH actuation, limits, encoders, noise.
 
     `cfg` is a RigConfig or a shipped rig name / TOML path; `param_overrides` go to rigs.make_model (e.g.
-    {"pole_mass_scale": 1.4}) so the plant can differ from the nominal model a controller uses.
+    {"pole_mass_scale": 1.4}) so the plant can differ from the nominal model a controller uses, except
+    `actuation_delay_extra_ms` (SIM_OVERRIDES), added to the config's actuation delay.
     """
 
     def __init__(self, cfg: RigConfig | str | Path, seed: int | None = 0,
                  param_overrides: dict[str, Any] | None = None) -> None:
         self.cfg = load_config(cfg)
-        self.model: RigModel = make_model(self.cfg, param_overrides)
+        physics, extra_delay_s = split_sim_overrides(param_overrides)
+        self.model: RigModel = make_model(self.cfg, physics)
         self.rng = np.random.default_rng(seed)
         self.substep = 1.0 / self.cfg.sample_rate_hz
-        self.delay = self.cfg.sim.actuation_delay_s
+        self.delay = self.cfg.sim.actuation_delay_s + extra_delay_s
         self._x = self.model.hanging()
         self._t = 0.0
         self._v = self.cfg.safe_state.voltage

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from controllers.evaluate import EvalConfig, EvaluateError, angle_codec
 from fm_core.angle_features import SinCosCodec, SinCosPredictor, wrap_angle
 from fm_core.baselines import Budget, fit_model
-from fm_core.evaluate import EvalConfig, EvaluateError, angle_codec
 from fm_core.finetune import TrajData
 from rigs.config import RigConfigError
 from rigs.physics import pendulum_angle_name
@@ -132,7 +132,8 @@ def test_cli_runs_every_model_kind_on_sincos_and_records_it(tmp_path):
     rr = res["rigs"]["cartpole"]
     assert res["config"]["angle_features"] == "sincos" and rr["angle_features"] == "sincos"
     assert rr["model_state_names"] == ["p", "sin(theta)", "cos(theta)", "p_dot", "theta_dot"]
-    assert {r["model"] for r in rr["runs"]} == {"fm0", "fm0_long", "persistence", "fm", "specialist", "linreg", "ffn", "sindy"}
+    expected = {"fm0", "fm0_long", "persistence", "fm", "specialist", "linreg", "ffn", "sindy"}
+    assert {r["model"] for r in rr["runs"]} == expected
     sindy = next(r for r in rr["runs"] if r["model"] == "sindy")
     assert sindy["info"]["angle_features"] == "sincos" and sindy["info"]["rollout_windows"] >= 1
     for r in rr["runs"]:

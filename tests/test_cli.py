@@ -101,6 +101,8 @@ BAD = [
     (["evaluate", "--steps", "-1"], "argument --steps: must be an integer in [1, 1000000000]"),
     (["evaluate", "--duration", "inf"], "argument --duration: must be a finite number"),
     (["evaluate", "--context", "0"], "argument --context: must be an integer in [1, 65536]"),
+    (["evaluate", "--quick", "--set", "nosuch=1"], "unknown budget field 'nosuch'"),
+    (["evaluate", "--quick", "--fractions", "abc"], "--fractions: expected comma-separated numbers"),
     (["flywheel", "--duration", "0"], "argument --duration: must be a finite number in (0, 1e+06] s"),
     (["flywheel", "--steps", "0"], "argument --steps: must be an integer in [1, 1000000000]"),
     (["flywheel", "--stale-ms", "nan"], "argument --stale-ms: must be a finite number"),

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from controllers.evaluate import EvalConfig, EvaluateError, config_from_args, run_evaluation, verdict
 from fm_core.checkpoint import save_checkpoint
-from fm_core.evaluate import EvalConfig, EvaluateError, config_from_args, run_evaluation, verdict
 from fm_core.model import DynamicsFM, ModelConfig
 
 MODEL_ROWS = (
@@ -174,7 +174,7 @@ def test_verdict_logic_on_known_numbers():
     q1 = verdict({"rigs": {"a": good}})["fm_lowest_every_fraction"]
     exc = q1["per_rig"]["a"]["exceptions"]
     assert [(e["model"], e["fraction"]) for e in exc] == [("sindy", 0.02), ("linreg", 1.0)]
-    from fm_core.evaluate import aggregate
+    from controllers.evaluate import aggregate
 
     agg = aggregate(good)[("sindy", 1.0)]
     assert agg["multi_step_mse_mean"] == math.inf and agg["multi_step_mse_std"] == math.inf
@@ -234,3 +234,36 @@ def test_budget_is_matched_to_the_metric_windows():
     assert q.budget.mask_context == (12, 12) and q.budget.val_rollout == (12, 8)
     explicit = EvalConfig(budget=Budget(mask_context=(5, 25)))
     assert explicit.budget.mask_context == (5, 25) and explicit.budget.val_rollout == (30, 50)
+
+
+def test_budget_overrides_from_the_cli_are_typed_and_checked(tmp_path):
+    from controllers.cli import build_parser
+
+    sets = ["patience=3", "ft_mode=head", "noise_std=0", "increment_scale=false"]
+    ns = build_parser().parse_args(["evaluate", "--quick", "--rigs", "cartpole", "--out", str(tmp_path),
+                                    *[a for kv in sets for a in ("--set", kv)]])
+    b = config_from_args(ns).budget
+    assert (b.patience, b.ft_mode, b.noise_std, b.increment_scale) == (3, "head", 0.0, False)
+    assert isinstance(b.noise_std, float) and isinstance(b.patience, int)
+    for bad, msg in (
+        ("nosuch=1", "unknown budget field 'nosuch'"),
+        ("patience", "expected KEY=VALUE"),
+        ("patience=many", "patience takes a number"),
+        ("increment_scale=1", "increment_scale takes true or false"),
+        ("rollout_mode=sideways", "rollout_mode must be one of"),
+        ("ft_mode=all", "mode must be one of"),
+        ("lr_finetune=-1", "lr must be > 0"),
+    ):
+        ns.overrides = [bad]
+        with pytest.raises(EvaluateError, match=msg):
+            config_from_args(ns)
+
+
+def test_default_budget_is_the_recipe_chosen_on_val():
+    """The shared budget documented in docs/experiment.md (the ablations on the val split chose it)."""
+    from fm_core.baselines import Budget
+
+    b = Budget()
+    assert (b.steps, b.patience, b.val_every) == (3000, 10, 20)
+    assert (b.rollout_mode, b.increment_scale, b.noise_std, b.mask_prob) == ("ar", True, 0.03, 0.0)
+    assert b.ft_mode == "full" and b.pushforward == 0 and b.loss_scale == "state"

@@ -87,8 +87,8 @@ def _ints(value, where=""):
 def test_every_channel_decodes_and_every_schema_loads_in_foxglove(real_run):
     path, _ = real_run
     msgs, schemas, _ = read_with_official_readers(path)
-    assert {"/state", "/command", "/mode", LOG_TOPIC} <= set(msgs)
-    assert len(msgs["/state"]) > 100 and len(msgs["/command"]) > 100
+    assert {"/state", "/command", "/mode", "/truth", LOG_TOPIC} <= set(msgs)  # /truth: the virtual rig's
+    assert len(msgs["/state"]) > 100 and len(msgs["/command"]) > 100 and len(msgs["/truth"]) > 100
     for topic, schema in schemas.items():
         assert schema_problems(schema, topic) == [], topic
     # no integer a JavaScript JSON reader would round (host times are {sec, nsec})

@@ -57,6 +57,9 @@ def records(i: int) -> dict[str, dict]:
         },
         "/mode": {"host_time_ns": t, "mode": "balance", "previous": "swingup", "reason": f"r{i}"},
         "/fault": {"host_time_ns": t, "code": "limit", "message": "cart at soft limit", "flags": 4},
+        "/truth": {"host_time_ns": t, "device_time_us": 2000 * i, "state": [0.01, 0.02 * i, -0.5, 1.5],
+                   "voltage": 0.25, "estimate": [0.01, 0.02 * i, -0.49, 1.4],
+                   "error": [0.0, 0.0, 0.01, -0.1]},
         "/event": {"host_time_ns": t, "name": "param_change", "data": {"k": i, "s": "x"}},
     }
 

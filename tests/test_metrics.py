@@ -102,12 +102,12 @@ def exported(tmp_path_factory):
 def test_evaluate_and_score_give_the_same_numbers(exported, kind):
     """The same model, torch inside `rigfm evaluate`'s scoring path and its ONNX export inside `rigfm score`,
     on the same file: equal one-step and rollout MSE (up to the export's float parity)."""
+    from controllers.evaluate import EvalConfig, load_splits, metric_setup
+    from controllers.evaluate import score as score_torch
     from export.score import score as score_onnx
     from fm_core.angle_features import SinCosCodec, SinCosPredictor
     from fm_core.baselines import TransformerPredictor
     from fm_core.checkpoint import load_checkpoint
-    from fm_core.evaluate import EvalConfig, load_splits, metric_setup
-    from fm_core.evaluate import score as score_torch
 
     pt, onnx = exported[kind]
     cfg = EvalConfig(context=10, horizon=20, rigs=["cartpole"])

@@ -65,7 +65,7 @@ def test_wire_sizes_match_docs() -> None:
     assert p.wire_size(p.State) == 35  # "keep STATE <= ~32 bytes": 26 payload + 9 framing (v1: 8)
     assert {c.__name__: p.payload_size(c) for c in p.MESSAGE_CLASSES} == {
         "Hello": 0, "HelloReply": 29, "State": 26, "Command": 4, "Estop": 0, "ClearEstop": 0,
-        "Heartbeat": 4, "Fault": 6, "Config": 16, "Ack": 3, "Nack": 4,
+        "Heartbeat": 4, "Fault": 6, "Config": 16, "Ack": 3, "Nack": 4, "TruthRequest": 1, "Truth": 28,
     }  # fmt: skip
     for cls in p.MESSAGE_CLASSES:
         assert p.wire_size(cls) == p.payload_size(cls) + 9

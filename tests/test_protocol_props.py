@@ -46,6 +46,8 @@ MESSAGES = {
     p.Nack: st.builds(
         p.Nack, u16, st.sampled_from(list(p.MsgType)) | u8, st.sampled_from(list(p.NackReason)) | u8
     ),
+    p.TruthRequest: st.builds(p.TruthRequest, u8),
+    p.Truth: st.builds(p.Truth, u64, st.tuples(f32, f32, f32, f32), f32),
 }
 any_message = st.one_of(*MESSAGES.values())
 
@@ -130,16 +132,19 @@ def corpus() -> list[tuple[p.Message, int]]:
         p.Fault(p.FaultCode.WATCHDOG, 51), p.Fault(0, 0), p.Fault(0xFFFF, -1),
         p.Ack(0, p.MsgType.CONFIG), p.Ack(0xFFFF, 0xFF),
         p.Nack(0, 0, 0), p.Nack(7, p.MsgType.CONFIG, p.NackReason.WATCHDOG_RANGE),
+        p.TruthRequest(0), p.TruthRequest(1),
+        p.Truth(0, (0.0, 0.0, 0.0, 0.0), 0.0), p.Truth(2**64 - 1, (-3.4e38, 3.4e38, 1e-45, -0.0), 12.0),
+        p.Truth(1_000_000, (0.01, 3.1415927, -0.25, 7.5), -2.5),
     ]  # fmt: skip
     return [(m, s) for m in msgs for s in (0, 1, 0x0100, 0xFFFF)]
 
 
 def test_corpus_covers_every_message_type() -> None:
-    assert {type(m) for m, _ in corpus()} == set(p.MESSAGE_CLASSES) and len(corpus()) == 112
+    assert {type(m) for m, _ in corpus()} == set(p.MESSAGE_CLASSES) and len(corpus()) == 132
 
 
 def test_single_corrupted_byte_is_detected_exhaustive() -> None:
-    """Every position of every corpus frame (112 frames, all types) x every one of the 255 wrong values
+    """Every position of every corpus frame (132 frames, all types) x every one of the 255 wrong values
     (incl. 0x00 = frame split, both parts checked): zero accepted. ~0.54 M corruptions, a few seconds."""
     checked = missed = 0
     for msg, seq in corpus():

@@ -91,6 +91,23 @@ def test_actuation_delay_and_zero_order_hold():
     assert sim.state[2] > 0
 
 
+def test_extra_actuation_delay_override_adds_to_the_config_delay():
+    cfg = _quiet("cartpole", actuation_delay_s=0.001)
+    sim = RigSimulator(cfg, seed=0, param_overrides={"actuation_delay_extra_ms": 4, "motor_gain_scale": 0.8})
+    assert sim.delay == pytest.approx(0.005)
+    assert sim.model._p.motor_torque_constant == pytest.approx(0.8 * cfg.physics.motor_torque_constant)
+    sim.reset()
+    sim.apply(6.0)
+    sim.advance(0.0045)
+    assert sim.voltage == 0.0
+    sim.advance(0.001)
+    assert sim.voltage == 6.0
+    with pytest.raises(rigs.RigConfigError, match="actuation_delay_extra_ms"):
+        RigSimulator(cfg, param_overrides={"actuation_delay_extra_ms": -1.0})
+    with pytest.raises(rigs.RigConfigError, match="actuation_delay_extra_ms"):
+        rigs.make_model(cfg, {"actuation_delay_extra_ms": 4})  # not a physics parameter
+
+
 def test_plant_matches_model_without_delay_and_limits():
     """With no delay the plant is exactly the model integrated by RK4 at the firmware rate."""
     cfg = _quiet("furuta", actuation_delay_s=0.0)

@@ -266,3 +266,22 @@ def test_mechanical_variant_config_differs_from_the_default_only_in_the_prior():
     spec = BatchSpec(batch_size=16, seq_len=16, patch=2, n_max=6, m_max=2)
     b = SyntheticStream(spec, rkhs=mech.rkhs, seed=0).batch(0)
     assert all(torch.isfinite(t).all() for t in b.values() if isinstance(t, torch.Tensor))
+
+
+def test_warm_start_from_a_checkpoint_and_named_errors(tmp_path):
+    """[train] init: starts from the checkpoint's weights, fresh optimiser; bad inits are named."""
+    pretrain(_smoke("train.steps=4"), tmp_path / "a", progress=False)
+    src = tmp_path / "a" / "final.pt"
+    cfg = _smoke("train.steps=1", f"train.init={str(src)!r}", "train.lr=1e-12", "train.warmup_steps=0")
+    pretrain(cfg, tmp_path / "b", progress=False)
+    a, b = read_checkpoint(src)["state_dict"], read_checkpoint(tmp_path / "b" / "final.pt")["state_dict"]
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-6  # lr ~0: the same weights
+    pretrain(_smoke("train.steps=1", "train.lr=1e-12", "train.warmup_steps=0"), tmp_path / "r",
+             progress=False)
+    r = read_checkpoint(tmp_path / "r" / "final.pt")["state_dict"]  # the same run without init: random init
+    assert max(float((a[k].float() - r[k].float()).abs().max()) for k in a) > 1e-3
+    with pytest.raises(ValueError, match="init: checkpoint not found"):
+        pretrain(_smoke("train.steps=1", "train.init='nope.pt'"), tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="has another \\[model\\].*d_model"):
+        pretrain(_smoke("train.steps=1", f"train.init={str(src)!r}", "model.d_model=48"), tmp_path / "d",
+                 progress=False)

@@ -22,6 +22,27 @@ LABELS = {
     "sindy": "SINDy with control",
 }
 
+# every model the fine-tuned FM must beat at every fraction (verdict question 2)
+BASELINES = ("specialist", "linreg", "ffn", "small_tf", "sindy")
+
+
+def aggregate(rig_res: dict[str, Any]) -> dict[tuple[str, float], dict[str, float]]:
+    """(model, fraction) -> mean/std over seeds of both metrics (std with ddof=0; 0 for one seed)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rig_res["runs"]:
+        groups.setdefault((r["model"], float(r["fraction"])), []).append(r)
+    out = {}
+    for key, rows in groups.items():
+        agg: dict[str, float] = {"n": len(rows)}
+        for k in ("one_step_mse", "multi_step_mse"):
+            v = np.array([row[k] for row in rows], dtype=float)
+            # a diverged seed (inf) makes mean and std inf (numpy's std would be NaN)
+            std = float(v.std()) if np.isfinite(v).all() else float("inf")
+            agg[f"{k}_mean"], agg[f"{k}_std"] = float(v.mean()), std
+        out[key] = agg
+    return out
+
+
 
 def _fmt(mean: float, std: float, n: int) -> str:
     if not math.isfinite(mean):
@@ -31,8 +52,6 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 def rig_table(rig_res: dict[str, Any]) -> str:
     """Markdown table: one row per (model, fraction), mean ± std over seeds of both MSEs."""
-    from fm_core.evaluate import aggregate
-
     agg = aggregate(rig_res)
     lines = [
         "| model | data fraction | train traj. | seeds | one-step MSE | multi-step MSE | steps (best) | "
@@ -65,8 +84,6 @@ def _compute(rows: list[dict[str, Any]]) -> str:
 
 def verdict_md(v: dict[str, Any]) -> str:
     """The verdict section in words and numbers."""
-    from fm_core.evaluate import BASELINES
-
     def yn(h: Any) -> str:
         return "n/a" if h is None else ("**YES**" if h else "**NO**")
 
@@ -119,8 +136,6 @@ def _plots(rig_res: dict[str, Any], d: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from fm_core.evaluate import aggregate
 
     files = []
     agg = aggregate(rig_res)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from fm_core.angle_features import SinCosCodec, SinCosPredictor
+from controllers.collect import CollectOptions, collect
+from controllers.eval_report import BASELINES, aggregate, write_outputs
+from fm_core.angle_features import SinCosCodec, SinCosPredictor, rig_angle_codec
 from fm_core.baselines import MODELS, Budget, PersistencePredictor, Predictor, fit_model, zero_shot
-from fm_core.eval_report import write_outputs
 from fm_core.metrics import ONE_STEP_SKIP, channel_scale, metric_windows, prediction_errors
+from hardware.dataset_build import build_dataset
 
 
 class EvaluateError(ValueError):
@@ -28,21 +31,14 @@ class EvaluateError(ValueError):
 
 
 ANGLE_FEATURES = ("raw", "sincos")
-# every model the fine-tuned FM must beat at every fraction (verdict question 2)
-BASELINES = ("specialist", "linreg", "ffn", "small_tf", "sindy")
 
 
 def angle_codec(rig: str, td: Any) -> SinCosCodec:
-    """The (sin, cos) codec of the rig's pendulum angle (named by ``rigs.physics.pendulum_angle_name``)."""
-    from rigs.physics import pendulum_angle_name
-
-    name = pendulum_angle_name(rig)
-    names = list(td.state_names)
-    if name not in names:
-        raise EvaluateError(
-            f"--angle-features sincos: the {rig} data has no state {name!r} (states: {names})"
-        )
-    return SinCosCodec(td.x.shape[-1], [names.index(name)])
+    """The (sin, cos) codec of the rig's pendulum angle; ``EvaluateError`` if the data lacks that state."""
+    try:
+        return rig_angle_codec(rig, td)
+    except ValueError as exc:
+        raise EvaluateError(str(exc)) from None
 
 
 @dataclass
@@ -114,8 +110,6 @@ def prepare_data(rig: str, cfg: EvalConfig) -> Path:
         if not p.exists():
             raise EvaluateError(f"--data for {rig}: {p} does not exist")
         return p
-    from controllers.collect import CollectOptions, collect
-    from hardware.dataset_build import build_dataset
 
     work = Path(cfg.work or Path(cfg.out) / "_work")
     runs_dir = work / f"{rig}_runs"
@@ -336,23 +330,6 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- verdict
-def aggregate(rig_res: dict[str, Any]) -> dict[tuple[str, float], dict[str, float]]:
-    """(model, fraction) -> mean/std over seeds of both metrics (std with ddof=0; 0 for one seed)."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for r in rig_res["runs"]:
-        groups.setdefault((r["model"], float(r["fraction"])), []).append(r)
-    out = {}
-    for key, rows in groups.items():
-        agg: dict[str, float] = {"n": len(rows)}
-        for k in ("one_step_mse", "multi_step_mse"):
-            v = np.array([row[k] for row in rows], dtype=float)
-            # a diverged seed (inf) makes mean and std inf (numpy's std would be NaN)
-            std = float(v.std()) if np.isfinite(v).all() else float("inf")
-            agg[f"{k}_mean"], agg[f"{k}_std"] = float(v.mean()), std
-        out[key] = agg
-    return out
-
-
 def verdict(results: dict[str, Any]) -> dict[str, Any]:
     """The experiment's questions, answered from the numbers (multi-step = open-loop rollout MSE, mean over
     seeds; ``holds`` is None where a model or fraction is missing):
@@ -477,13 +454,54 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         cfg = EvalConfig(**kw)
     if args.steps is not None:
         cfg.budget = replace(cfg.budget, steps=args.steps)
+    overrides = getattr(args, "overrides", None) or []
+    if overrides:
+        cfg.budget = replace(cfg.budget, **_budget_overrides(overrides))
     return cfg
+
+
+def _budget_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as Budget fields (TOML values; bare words are strings); named errors."""
+    from dataclasses import fields
+
+    import tomllib
+
+    known = {f.name: f for f in fields(Budget)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise EvaluateError(f"--set {item!r}: expected KEY=VALUE")
+        if key not in known:
+            raise EvaluateError(f"--set {item!r}: unknown budget field {key!r}; one of {', '.join(known)}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        default = getattr(Budget(), key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise EvaluateError(f"--set {item!r}: {key} takes true or false")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise EvaluateError(f"--set {item!r}: {key} takes a number")
+            value = type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
+        out[key] = value
+    try:
+        Budget(**out).validate()
+    except ValueError as exc:
+        raise EvaluateError(f"--set: {str(exc).replace('FinetuneConfig.', '')}") from None
+    return out
 
 
 def main_evaluate(args: argparse.Namespace) -> int:
     """CLI handler of ``rigfm evaluate``: prints where the results went and the verdict."""
-    cfg = config_from_args(args)
-    res = run_evaluation(cfg)
+    try:
+        cfg = config_from_args(args)
+        res = run_evaluation(cfg)
+    except EvaluateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"results in {cfg.out}/ (summary.md, results.json) after {res['wall_s']} s")
     for k, v in res["verdict"].items():
         print(f"  {k}: {v['holds']}")
