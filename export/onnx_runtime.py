@@ -267,16 +267,18 @@ def _f32(
     if arr.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, arr.shape, strict=True)):
         want = "(" + ",".join("*" if s is None else str(s) for s in shape) + ")"
         raise InputError(f"{name} must have shape {want}, got {arr.shape}")
-    if arr.size:
-        a_min, a_max = float(arr.min()), float(arr.max())  # NaN propagates into both
-        if not (lo <= a_min and a_max <= hi):
-            if not (np.isfinite(a_min) and np.isfinite(a_max)):
-                raise InputError(f"{name} contains NaN or Inf", kind="value")
-            raise InputError(
-                f"{name} has values in [{a_min:.6g}, {a_max:.6g}], outside the accepted range "
-                f"[{lo:g}, {hi:g}]",
-                kind="value",
-            )
+    if arr.size <= 64:  # a control loop's x_t / u_t: Python comparisons (NaN fails them) beat two reductions
+        ok = all(lo <= v <= hi for v in arr.ravel().tolist())
+    else:
+        ok = bool(lo <= arr.min()) and bool(arr.max() <= hi)  # NaN propagates into min / max
+    if not ok:
+        a_min, a_max = float(arr.min()), float(arr.max())
+        if not (np.isfinite(a_min) and np.isfinite(a_max)):
+            raise InputError(f"{name} contains NaN or Inf", kind="value")
+        raise InputError(
+            f"{name} has values in [{a_min:.6g}, {a_max:.6g}], outside the accepted range [{lo:g}, {hi:g}]",
+            kind="value",
+        )
     return arr
 
 
