@@ -33,7 +33,7 @@ MISMATCH = ("pole_mass_scale=1.4", "friction_scale=2")
 
 def cost(n: int = 2000) -> None:
     import rigs
-    from controllers.estimators import make_estimator
+    from controllers.estimator_select import make_estimator
     from controllers.tuning import load_tuning
 
     for rig in ("cartpole", "furuta"):
@@ -120,7 +120,7 @@ def lockstep(args: argparse.Namespace) -> None:
     estimate; fm-ukf synchronous (its model call does not count against the simulated time)."""
     import rigs
     from controllers.estimator_eval import simulate_balance
-    from controllers.estimators import make_estimator
+    from controllers.estimator_select import make_estimator
     from controllers.lqr import LQRController
     from controllers.tuning import load_tuning
 

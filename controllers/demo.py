@@ -166,7 +166,7 @@ def run_demo(rig: str = "cartpole", duration_s: float = 20.0, model: str | None 
              stale_ms: float = 200.0) -> int:
     """Run the demo; returns the exit code (0 clean, 1 fault)."""
     import rigs
-    from controllers.run_commands import _jsonable, summary_table
+    from controllers.run_report import result_jsonable, summary_table
     from controllers.session import RunOptions, run_session
 
     cfg = rigs.load_config(rig)
@@ -190,5 +190,5 @@ def run_demo(rig: str = "cartpole", duration_s: float = 20.0, model: str | None 
     text = f"{note}\n{table}\nfiles: {', '.join([Path(f).name for f in result.log_files] + files)}\n"
     print(text)
     (out_dir / "summary.txt").write_text(text)
-    (out_dir / "summary.json").write_text(json.dumps(_jsonable(result), indent=1, default=float))
+    (out_dir / "summary.json").write_text(json.dumps(result_jsonable(result), indent=1, default=float))
     return 0 if result.ok else 1

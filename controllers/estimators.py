@@ -244,24 +244,3 @@ class PhysicsEKF:
         if not math.isfinite(self.x.sum()):
             raise FloatingPointError(f"kf: state estimate became non-finite at t = {t:.6f} s")
         return self.x.copy()
-
-
-def make_estimator(name: str, model: Any, cfg: Any, tuning: dict | None = None, *,
-                   fm_model: str | None = None, pendulum: int = 1) -> Any:
-    """Estimator by name with its ``[<kind>.estimation]`` tuning; EstimatorSetupError on a bad request."""
-    est = (tuning or {}).get("estimation", {})
-    if name == "diff":
-        cut = float(est.get("velocity_cutoff_hz", 25.0))
-        return DiffEstimator(VelocityEstimator(2, cut, angle_channels=(pendulum,)))
-    if name == "kf":
-        return PhysicsEKF(model, cfg, accel_noise=est.get("kf_accel_noise", (1.0, 10.0)),
-                          angle_channels=(pendulum,))
-    if name == "fm-ukf":
-        if not fm_model:
-            raise EstimatorSetupError(
-                "--estimator fm-ukf needs the learned model in-process: pass --model model.onnx or --model "
-                "shipped (the rig's shipped ONNX); an --endpoint alone is not enough")
-        from controllers.fm_ukf import FMUKF
-
-        return FMUKF.from_onnx(fm_model, model, cfg, tuning=est, angle_channels=(pendulum,))
-    raise EstimatorSetupError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")

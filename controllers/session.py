@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from controllers.base import pendulum_index
+from controllers.run_limits import MAX_LATENCY_COMP_MS, MAX_TIMEOUT_MS
 
 CONTROLLERS = ("lqr", "swingup", "mpc")
 
@@ -109,8 +110,6 @@ def check_run_options(opts: RunOptions, cfg: Any) -> None:
     model at least one tick per model step; ``--stale-ms``: longer than two control periods and two STATE
     periods; ``--watchdog-ms`` in [5, 1000]; ``--latency-comp-ms`` in [0, 50]; ``--predictor-timeout-ms``
     in (0, 10000]; ``--duration`` finite and > 0."""
-    from controllers.run_commands import MAX_LATENCY_COMP_MS, MAX_TIMEOUT_MS
-
     if opts.duration_s is not None and not (_finite(opts.duration_s) and opts.duration_s > 0):
         raise RunSetupError(f"--duration must be a finite number of seconds > 0, got {opts.duration_s!r}")
     wd = cfg.watchdog_ms if opts.watchdog_ms is None else opts.watchdog_ms
@@ -566,7 +565,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             if opts.latency_source == "predictor" and tap is not None:
                 forecaster = PredictorForecaster(forecaster, tap.last_one_step, tap.model_dt,
                                                  _monitor_scale(cfg))
-        from controllers.estimators import make_estimator
+        from controllers.estimator_select import make_estimator
 
         estimator = make_estimator(opts.estimator, model, cfg, tuning, fm_model=opts.model,
                                    pendulum=pendulum_index(model))

@@ -27,6 +27,7 @@ from export import schema
 from export.batch_worker import BatchWorker, Job
 from export.endpoint import EndpointError, check_port, parse_bind
 from export.onnx_runtime import MAX_ABS_INPUT, InputError, ModelFileError, OnnxPredictor, StreamState
+from export.serve_args import add_serve_arguments
 
 MAX_STREAMS = 256
 LATENCY_WINDOW = 10_000
@@ -740,8 +741,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.export_commands import add_serve_arguments
-
     parser = argparse.ArgumentParser(prog="python -m export.server", description=__doc__.splitlines()[0])
     add_serve_arguments(parser)
     return run(parser.parse_args(argv))

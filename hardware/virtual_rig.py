@@ -29,6 +29,7 @@ from hardware import protocol as proto
 from hardware.serial_faults import ByteFaultInjector, FaultConfig
 from hardware.serial_pty import PtyPort
 from hardware.virtual_firmware import VirtualFirmware
+from hardware.virtual_rig_args import add_virtual_rig_arguments
 from hardware.virtual_rig_process import VirtualRigError, VirtualRigProcess
 
 __all__ = ["VirtualRigProcess", "VirtualRigError", "VirtualRig", "run_virtual_rig", "main"]
@@ -319,8 +320,6 @@ def run_virtual_rig(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m hardware.virtual_rig RIG [options]``."""
-    from hardware.rig_commands import add_virtual_rig_arguments
-
     parser = argparse.ArgumentParser(
         prog="python -m hardware.virtual_rig", description=__doc__.split("\n")[0]
     )

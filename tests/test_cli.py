@@ -267,7 +267,7 @@ def test_console_shows_one_line_and_no_traceback(tmp_path):
 def test_run_summary_shows_the_change_count_and_the_final_mode_not_a_cut_list():
     import numpy as np
 
-    from controllers.run_commands import _jsonable, summary_table
+    from controllers.run_report import result_jsonable, summary_table
     from controllers.session import RunResult
 
     stats = {"ticks": 10, "rate_hz": 500.0, "period_err_p50_us": 1.0, "period_err_p99_us": 2.0,
@@ -281,7 +281,7 @@ def test_run_summary_shows_the_change_count_and_the_final_mode_not_a_cut_list():
     table = summary_table(res)
     assert "127 / estop (last: swingup@12.40s, balance@12.50s, estop@12.60s)" in table  # not cut at 8
     assert "predictor down" in table and "at 2.50 s: the predictor process was killed by SIGKILL" in table
-    js = _jsonable(res)
+    js = result_jsonable(res)
     assert js["mode_change_count"] == 127 and js["final_mode"] == "estop"
 
 

@@ -16,7 +16,8 @@ from scipy.stats import chi2
 
 import rigs
 from controllers.estimator_eval import log_metrics, simulate_balance
-from controllers.estimators import InputHistory, PhysicsEKF, make_estimator
+from controllers.estimator_select import make_estimator
+from controllers.estimators import InputHistory, PhysicsEKF
 from controllers.fm_ukf import FMUKF
 from controllers.lqr import LQRController
 from controllers.tuning import load_tuning

@@ -281,7 +281,7 @@ def test_non_finite_output_is_bad_value_and_rolled_back(overflow, tmp_path):
 def test_cli_default_budget_is_the_servers():
     import argparse
 
-    from export.export_commands import add_serve_arguments
+    from export.serve_args import add_serve_arguments
     from export.server import DEFAULT_MAX_ELEMENTS
 
     p = argparse.ArgumentParser()
