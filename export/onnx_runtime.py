@@ -525,6 +525,31 @@ class OnnxPredictor:
         start = np.broadcast_to(self._angles(x_hist[-1]), (k, len(me.angle_channels)))
         return self.codec.decode_sequence(pred, start).astype(np.float32)
 
+    def rollout_windows(self, x_ctx: np.ndarray, u_ctx: np.ndarray, u_future: np.ndarray) -> np.ndarray:
+        """Open-loop rollouts of B windows, each from its own history, in the model's rollout mode (the
+        semantics of ``fm_core.finetune.rollout`` / ``rollout_ar``): x_ctx (B,L,n) observed states, u_ctx
+        (B,L-1,m) the inputs applied at x_ctx[:, :-1], u_future (B,H,m) the plan -> (B,H,n) raw states."""
+        me = self.meta
+        b, lx = x_ctx.shape[:2]
+        h = u_future.shape[1]
+        if lx + h - 1 > me.max_len:
+            raise InputError(f"context + horizon - 1 = {lx + h - 1} exceeds max_len={me.max_len}")
+        xz = self.encode(np.ascontiguousarray(x_ctx, np.float32))
+        u = np.ascontiguousarray(np.concatenate([u_ctx, u_future], 1), np.float32)
+        if me.rollout_mode == "ar":
+            pred = self._rollout_ar(xz, u, h)
+        else:
+            t = lx - 1 + h
+            x = np.zeros((b, t, me.n_model), np.float32)
+            x[:, :lx] = xz
+            obs = np.zeros((b, t), np.float32)
+            obs[:, :lx] = 1.0
+            pred = np.ascontiguousarray(self._run_full(x, u, obs)[:, lx - 1 :])
+        check_output("rollout", pred)
+        if self.codec is None:
+            return pred
+        return self.codec.decode_sequence(pred, self._angles(x_ctx[:, -1])).astype(np.float32)
+
     def _rollout_ar(self, xz: np.ndarray, u: np.ndarray, h: int) -> np.ndarray:
         """Autoregressive rollout in the graph's (encoded) units: the history window primes the KV cache,
         then every prediction is fed back as the next observed state through the step graph (a full window

@@ -57,14 +57,12 @@ def score_model(pred: OnnxPredictor, x: np.ndarray, u: np.ndarray, scale: np.nda
                          f"m={u.shape[-1]}")
     if length - 1 > me.max_len:
         raise ScoreError(f"context + horizon - 1 = {length - 1} exceeds the model's max_len={me.max_len}")
-    obs = np.zeros((1, length - 1), np.float32)
-    obs[:, :context] = 1.0
     one, roll = [], []
     for i in range(0, x.shape[0], me.max_batch):
         xb, ub = x[i : i + me.max_batch, : length - 1], u[i : i + me.max_batch, : length - 1]
         one.append(pred.predict(xb, ub))  # teacher forced: pred[:, t] estimates x[t + 1]
-        hidden = xb * np.broadcast_to(obs[..., None], xb.shape)
-        roll.append(pred.predict(hidden, ub, np.repeat(obs, xb.shape[0], 0))[:, context - 1 :])
+        # the model's own rollout mode (masked one pass, or autoregressive), as `rigfm evaluate` rolls it out
+        roll.append(pred.rollout_windows(xb[:, :context], ub[:, : context - 1], ub[:, context - 1 :]))
     res = prediction_errors(np.concatenate(one), np.concatenate(roll), x[:, :length], scale, context,
                             one_step_skip)
     return {

@@ -102,6 +102,25 @@ def _parse_kv(items: list[str]) -> dict:
     return out
 
 
+# what a fine-tuned checkpoint's recipe fixes about the model: re-fine-tuning it (the flywheel) keeps these
+# unless given with --set (a masked-trained model stays masked, an autoregressive one autoregressive)
+RECIPE_KEYS = ("rollout_mode", "increment_scale", "noise_std", "mask_prob", "loss_scale")
+
+
+def inherited_recipe(init: str | None, given: set[str]) -> dict:
+    """The ``RECIPE_KEYS`` of the init checkpoint's own fine-tuning config that ``given`` does not set ({} for
+    a pretrained or missing checkpoint)."""
+    if not init or not Path(init).is_file():
+        return {}
+    from fm_core.checkpoint import load_checkpoint
+
+    train = (load_checkpoint(init)[1].get("train") or {})
+    conf = train.get("config") if train.get("kind") == "finetune" else None
+    if not isinstance(conf, dict):
+        return {}
+    return {k: conf[k] for k in RECIPE_KEYS if k in conf and k not in given}
+
+
 def resolve_angle_features(choice: str, init: str | None) -> str:
     """``auto`` -> the layout of the init checkpoint (``sincos`` if it records angle channels, else ``raw``).
 
@@ -134,7 +153,13 @@ def _finetune(args: argparse.Namespace) -> int:
             kv["steps"] = args.steps
         if args.lr is not None:
             kv["lr"] = args.lr
-        cfg = FinetuneConfig.from_dict(kv)
+        init_path = None if str(args.init).lower() == "none" else args.init
+        inherited = inherited_recipe(init_path, set(kv))
+        if inherited:
+            print("note: continuing the --init checkpoint's fine-tuning recipe ("
+                  + ", ".join(f"{k}={v}" for k, v in inherited.items()) + "; --set KEY=VALUE to change)",
+                  file=sys.stderr)
+        cfg = FinetuneConfig.from_dict({**inherited, **kv})
         ts = load_trajectories(args.data)
         train = split_trajectories(ts, "train")
         val = split_trajectories(ts, "val")

@@ -225,3 +225,23 @@ def test_val_rollout_early_stopping_scores_the_open_loop_rollout(data_file, pret
         FinetuneConfig(mask_context=(0, 5))
     with pytest.raises(ValueError, match="mask_prob"):
         FinetuneConfig(mask_prob=1.5)
+
+
+def test_refinetuning_keeps_the_init_checkpoints_recipe_unless_set(data_file, pretrained, tmp_path, capsys):
+    """The flywheel re-fine-tunes a rig model: an autoregressive, increment-scaled one stays so (a note says
+    so); --set overrides a key; a pretrained init inherits nothing."""
+    common = ["--data", str(data_file), "--steps", "4", "--set", "val_every=2", "--set", "seq_len=24",
+              "--set", "batch_size=4", "--context", "8", "--horizon", "8", "--no-progress"]
+    v1 = tmp_path / "v1"
+    assert _cli(["finetune", "--init", str(pretrained), *common, "--set", "rollout_mode=ar",
+                 "--set", "increment_scale=true", "--set", "noise_std=0.03", "--set", "mask_prob=0",
+                 "--out", str(v1)]) == 0
+    assert "continuing" not in capsys.readouterr().err
+    v2 = tmp_path / "v2"
+    assert _cli(["finetune", "--init", str(v1 / "finetuned.pt"), *common, "--set", "noise_std=0.01",
+                 "--out", str(v2)]) == 0
+    err = capsys.readouterr().err
+    assert "continuing the --init checkpoint's fine-tuning recipe" in err and "rollout_mode=ar" in err
+    conf = torch.load(v2 / "finetuned.pt", weights_only=True)["meta"]["train"]["config"]
+    assert (conf["rollout_mode"], conf["increment_scale"], conf["mask_prob"]) == ("ar", True, 0)
+    assert conf["noise_std"] == 0.01  # given with --set: not inherited

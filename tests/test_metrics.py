@@ -87,6 +87,13 @@ def exported(tmp_path_factory):
     torch.save(ck, sc_pt)
     raw = export_checkpoint(raw_pt, d / "raw.onnx", context=32).full_path
     sincos = export_checkpoint(sc_pt, d / "sincos.onnx", context=32).full_path
+    ar = {}
+    for kind, src in (("raw_ar", raw_pt), ("sincos_ar", sc_pt)):  # the same weights, autoregressive rollouts
+        ck = torch.load(src, weights_only=True)
+        ck["meta"]["train"] = {"kind": "finetune", "config": {"rollout_mode": "ar"}}
+        torch.save(ck, d / f"{kind}.pt")
+        ar[kind] = (d / f"{kind}.pt", export_checkpoint(d / f"{kind}.pt", d / f"{kind}.onnx", context=32,
+                                                        streaming=d / f"{kind}_step.onnx").full_path)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(9, 95, 4)).astype(np.float32)
     x[..., 1] += np.linspace(0, 20, 95)  # the angle makes several turns
@@ -95,10 +102,10 @@ def exported(tmp_path_factory):
     data = d / "d.npz"
     save_trajectories(data, x, u, 0.01, NAMES, ["voltage"], ["train"] * 3 + ["val"] * 3 + ["test"] * 3,
                       [f"r{i}" for i in range(9)], "cartpole")
-    return {"raw": (raw_pt, raw), "sincos": (sc_pt, sincos), "data": data}
+    return {"raw": (raw_pt, raw), "sincos": (sc_pt, sincos), **ar, "data": data}
 
 
-@pytest.mark.parametrize("kind", ["raw", "sincos"])
+@pytest.mark.parametrize("kind", ["raw", "sincos", "raw_ar", "sincos_ar"])
 def test_evaluate_and_score_give_the_same_numbers(exported, kind):
     """The same model, torch inside `rigfm evaluate`'s scoring path and its ONNX export inside `rigfm score`,
     on the same file: equal one-step and rollout MSE (up to the export's float parity)."""
@@ -114,8 +121,9 @@ def test_evaluate_and_score_give_the_same_numbers(exported, kind):
     _, tr, _, te = load_splits(exported["data"], cfg)
     xw, uw, scale = metric_setup(tr, te, cfg)
     model, meta = load_checkpoint(pt)
+    assert model.rollout_mode == ("ar" if kind.endswith("_ar") else "masked")
     pred = TransformerPredictor("fm", model, meta["n"], 1)
-    if kind == "sincos":
+    if kind.startswith("sincos"):
         pred = SinCosPredictor(pred, SinCosCodec(4, [1]))
     ev = score_torch(pred, xw, uw, scale, cfg.context, cfg.one_step_skip)
     sc = score_onnx([onnx], exported["data"], context=10, horizon=20)
