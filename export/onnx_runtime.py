@@ -516,7 +516,10 @@ class OnnxPredictor:
         obs = np.zeros((k, t), np.float32)
         obs[:, :lx] = 1.0
         if me.rollout_mode == "ar":
-            pred = self._rollout_ar(x[:, :lx], u, h)
+            if lx >= 2 and self.step_sess is not None:
+                pred = self._rollout_ar_shared(x[0, :lx], u, h)
+            else:
+                pred = self._rollout_ar(x[:, :lx], u, h)
         else:
             pred = np.ascontiguousarray(self._run_full(x, u, obs)[:, lx - 1 :])
         check_output("rollout", pred)
@@ -549,6 +552,30 @@ class OnnxPredictor:
         if self.codec is None:
             return pred
         return self.codec.decode_sequence(pred, self._angles(x_ctx[:, -1])).astype(np.float32)
+
+    def _rollout_ar_shared(self, xz: np.ndarray, u: np.ndarray, h: int) -> np.ndarray:
+        """:meth:`_rollout_ar` of K plans from ONE history xz (L,n_model) (an MPC request): the L-1 history
+        tokens are primed once at batch 1 and their KV cache shared by the K plans, which differ from the
+        token of the current state on (its input is the plan's first). u (K,L-1+h,m) -> (K,h,n_model)."""
+        k, lx, p = u.shape[0], xz.shape[0], self.meta.patch
+        u1 = np.ascontiguousarray(u[:1, : lx - 1])
+        _, kc, vc = self.prime(np.ascontiguousarray(xz[None, : lx - 1]), u1, np.ones((1, lx - 1), np.float32))
+        kc, vc = np.repeat(kc, k, axis=1), np.repeat(vc, k, axis=1)
+        xs = np.empty((k, lx + h - 1, xz.shape[1]), np.float32)
+        xs[:, :lx] = xz
+        out = np.empty((k, h, xz.shape[1]), np.float32)
+        for j in range(h):
+            t = lx - 1 + j  # the newest state (observed for j = 0, then predicted); its token predicts x[t+1]
+            lo = max(0, t - p + 1)
+            xw = np.zeros((k, p, xz.shape[1]), np.float32)
+            uw = np.zeros((k, p, u.shape[2]), np.float32)
+            xw[:, p - (t + 1 - lo) :] = xs[:, lo : t + 1]
+            uw[:, p - (t + 1 - lo) :] = u[:, lo : t + 1]
+            res, kc, vc = self.step(xw, uw, np.ones((k, p), np.float32), kc, vc)
+            out[:, j] = res.reshape(k, -1)
+            if t + 1 < xs.shape[1]:
+                xs[:, t + 1] = out[:, j]
+        return out
 
     def _rollout_ar(self, xz: np.ndarray, u: np.ndarray, h: int) -> np.ndarray:
         """Autoregressive rollout in the graph's (encoded) units: the history window primes the KV cache,
