@@ -291,6 +291,18 @@ def check_output(name: str, out: np.ndarray) -> np.ndarray:
     return out
 
 
+def _patch_window(xs: np.ndarray, u: np.ndarray, t: int, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The step graph's input for the token of step ``t``: the last ``p`` steps of xs (K,T,n) and u (K,T,m)
+    up to ``t``, zero-padded at the front (observed everywhere)."""
+    k = xs.shape[0]
+    lo = max(0, t - p + 1)
+    xw = np.zeros((k, p, xs.shape[2]), np.float32)
+    uw = np.zeros((k, p, u.shape[2]), np.float32)
+    xw[:, p - (t + 1 - lo) :] = xs[:, lo : t + 1]
+    uw[:, p - (t + 1 - lo) :] = u[:, lo : t + 1]
+    return xw, uw, np.ones((k, p), np.float32)
+
+
 def run_step_graph(
     sess: Any, step_cache: str, x_win: np.ndarray, u_win: np.ndarray, obs_win: np.ndarray, k: np.ndarray,
     v: np.ndarray,
@@ -566,12 +578,7 @@ class OnnxPredictor:
         out = np.empty((k, h, xz.shape[1]), np.float32)
         for j in range(h):
             t = lx - 1 + j  # the newest state (observed for j = 0, then predicted); its token predicts x[t+1]
-            lo = max(0, t - p + 1)
-            xw = np.zeros((k, p, xz.shape[1]), np.float32)
-            uw = np.zeros((k, p, u.shape[2]), np.float32)
-            xw[:, p - (t + 1 - lo) :] = xs[:, lo : t + 1]
-            uw[:, p - (t + 1 - lo) :] = u[:, lo : t + 1]
-            res, kc, vc = self.step(xw, uw, np.ones((k, p), np.float32), kc, vc)
+            res, kc, vc = self.step(*_patch_window(xs, u, t, p), kc, vc)
             out[:, j] = res.reshape(k, -1)
             if t + 1 < xs.shape[1]:
                 xs[:, t + 1] = out[:, j]
@@ -595,12 +602,7 @@ class OnnxPredictor:
                 res = self._run_full(xs[:, : t + 1], np.ascontiguousarray(u[:, : t + 1]),
                                      np.ones((k, t + 1), np.float32))[:, -1]
             else:
-                lo = max(0, t - p + 1)
-                xw = np.zeros((k, p, xz.shape[2]), np.float32)
-                uw = np.zeros((k, p, u.shape[2]), np.float32)
-                xw[:, p - (t + 1 - lo) :] = xs[:, lo : t + 1]
-                uw[:, p - (t + 1 - lo) :] = u[:, lo : t + 1]
-                res, kc, vc = self.step(xw, uw, np.ones((k, p), np.float32), kc, vc)
+                res, kc, vc = self.step(*_patch_window(xs, u, t, p), kc, vc)
                 res = res.reshape(k, -1)
             out[:, j] = res
             if t + 1 < xs.shape[1]:
