@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -18,6 +18,30 @@ class ControlOutput:
     u: np.ndarray
     mode: str
     info: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class RigLink(Protocol):
+    """What the control loop needs of a rig: the serial driver (``hardware.driver.RigConnection``), the
+    lock-step simulator (``controllers.simrig.SimulatedRig``) and the dry-run wrapper
+    (``controllers.safety.DryRunRig``) implement it (``tests/test_architecture.py``). A link may also offer
+    ``drain_truth()`` (the virtual rig's true state); the loop uses it when present."""
+
+    def latest_state(self) -> Any:
+        """The newest state sample (``seq``, ``time``, ``positions``, ...), or None before the first."""
+        ...
+
+    def send_command(self, volts: float) -> Any:
+        """Apply ``volts`` (the rig clamps to its limit; it may refuse while e-stopped)."""
+        ...
+
+    def estop(self) -> Any:
+        """Motor to 0 V and latched until cleared."""
+        ...
+
+    def stats(self) -> Any:
+        """Counters of the link (frames, errors, ...)."""
+        ...
 
 
 class Controller(Protocol):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from controllers.base import ControlOutput, pendulum_index, wrap_angle
+from controllers.base import ControlOutput, RigLink, pendulum_index, wrap_angle
 from controllers.estimation import VelocityEstimator
 from controllers.estimators import DiffEstimator
 from controllers.safety import OverrunWatch, SafetyFault, SoftLimits, StaleStateWatch
@@ -155,7 +155,7 @@ class TickRecord:
 class ControlLoop:
     """One rig, one controller: the per-tick pipeline (see module docstring)."""
 
-    def __init__(self, rig: Any, controller: Any, model: Any, cfg: Any, *, rate_hz: float = 500.0,
+    def __init__(self, rig: RigLink, controller: Any, model: Any, cfg: Any, *, rate_hz: float = 500.0,
                  limits: SoftLimits | None = None, estimator: Any = None,
                  stale_ms: float = 25.0, logger: Any = None, tap: Any = None, forecaster: Any = None,
                  dry_run: bool = False, status_cb: Callable[[dict[str, Any]], None] | None = None,
