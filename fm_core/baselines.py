@@ -62,7 +62,7 @@ SMALL_TF = {
 class Budget:
     """The training-budget rule shared by every trained model (see docs/experiment.md)."""
 
-    steps: int = 3000  # maximum optimiser steps (the shared cap; early stopping ends most fits before it)
+    steps: int = 1500  # maximum optimiser steps = the cosine schedule's length (the shared cap; docs)
     batch_size: int = 8  # windows per step
     seq_len: int = 80  # steps per training window (= context + horizon of the metric)
     val_every: int = 20  # validation period (steps)
