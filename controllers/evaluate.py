@@ -22,6 +22,7 @@ from controllers.collect import CollectOptions, collect
 from controllers.eval_report import BASELINES, aggregate, write_outputs
 from fm_core.angle_features import SinCosCodec, SinCosPredictor, rig_angle_codec
 from fm_core.baselines import MODELS, Budget, PersistencePredictor, Predictor, fit_model, zero_shot
+from fm_core.cli_types import parse_kv
 from fm_core.metrics import ONE_STEP_SKIP, channel_scale, metric_windows, prediction_errors
 from hardware.dataset_build import build_dataset
 
@@ -464,28 +465,27 @@ def _budget_overrides(items: list[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` items as Budget fields (TOML values; bare words are strings); named errors."""
     from dataclasses import fields
 
-    import tomllib
-
-    known = {f.name: f for f in fields(Budget)}
+    try:
+        given = parse_kv(items)
+    except ValueError as exc:
+        raise EvaluateError(str(exc)) from None
+    known = [f.name for f in fields(Budget)]
+    defaults = Budget()
     out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise EvaluateError(f"--set {item!r}: expected KEY=VALUE")
+    for key, value in given.items():
+        item = f"{key}={value}"
         if key not in known:
             raise EvaluateError(f"--set {item!r}: unknown budget field {key!r}; one of {', '.join(known)}")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        default = getattr(Budget(), key)
+        default = getattr(defaults, key)
         if isinstance(default, bool) and not isinstance(value, bool):
             raise EvaluateError(f"--set {item!r}: {key} takes true or false")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise EvaluateError(f"--set {item!r}: {key} takes a number")
-            value = type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
+            if isinstance(default, float):
+                value = float(value)
+            elif float(value).is_integer():
+                value = int(value)
         out[key] = value
     try:
         Budget(**out).validate()

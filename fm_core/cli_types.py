@@ -96,4 +96,22 @@ def name_value(option: str = "value") -> Callable[[str], tuple[str, float]]:
     return parse
 
 
+def parse_kv(items: list[str], option: str = "--set") -> dict[str, object]:
+    """``KEY=VALUE`` items -> {key: value}, each value in TOML syntax (``3``, ``1e-3``, ``true``,
+    ``[30, 50]``) and a bare word as a string; ``ValueError`` naming an item without ``=`` or key."""
+    import tomllib
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{option} {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw.strip()
+    return out
+
+
 SEED = int_range(0, 2**32 - 1)  # numpy / the virtual rig take seeds in [0, 2**32)

@@ -146,9 +146,9 @@ def _warm_start(model: DynamicsFM, mc: ModelConfig, path: str) -> None:
     if not p.is_file():
         raise ValueError(f"[train] init: checkpoint not found: {p}")
     ck = read_checkpoint(p)
-    theirs = ModelConfig.from_dict(ck.get("model_config", {}))
-    if asdict(theirs) != asdict(mc):
-        diff = sorted(k for k, v in asdict(mc).items() if asdict(theirs).get(k) != v)
+    theirs, ours = asdict(ModelConfig.from_dict(ck.get("model_config", {}))), asdict(mc)
+    if theirs != ours:
+        diff = sorted(k for k, v in ours.items() if theirs.get(k) != v)
         raise ValueError(f"[train] init: {p} has another [model] ({', '.join(diff)} differ)")
     res = model.load_state_dict(ck["state_dict"], strict=False)  # checkpoints before dx_scale lack only it
     bad = [k for k in res.missing_keys if not k.endswith("dx_scale")] + list(res.unexpected_keys)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fm_core.cli_types import SEED, finite_float, int_range
+from fm_core.cli_types import SEED, finite_float, int_range, parse_kv
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 
@@ -87,21 +87,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     return main(fwd)
 
 
-def _parse_kv(items: list[str]) -> dict:
-    import tomllib
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = tomllib.loads(f"v = {v.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[k.strip()] = v.strip()
-    return out
-
-
 # what a fine-tuned checkpoint's recipe fixes about the model: re-fine-tuning it (the flywheel) keeps these
 # unless given with --set (a masked-trained model stays masked, an autoregressive one autoregressive)
 RECIPE_KEYS = ("rollout_mode", "increment_scale", "noise_std", "mask_prob", "loss_scale")
@@ -147,14 +132,14 @@ def _finetune(args: argparse.Namespace) -> int:
     from fm_core.trajfile import TrajectoryFileError, load_trajectories
 
     try:
-        kv = _parse_kv(args.overrides)
+        kv = parse_kv(args.overrides)
         kv.update({"mode": args.mode, "fraction": args.fraction, "seed": args.seed})
         if args.steps is not None:
             kv["steps"] = args.steps
         if args.lr is not None:
             kv["lr"] = args.lr
-        init_path = None if str(args.init).lower() == "none" else args.init
-        inherited = inherited_recipe(init_path, set(kv))
+        init = None if str(args.init).lower() == "none" else args.init
+        inherited = inherited_recipe(init, set(kv))
         if inherited:
             print("note: continuing the --init checkpoint's fine-tuning recipe ("
                   + ", ".join(f"{k}={v}" for k, v in inherited.items()) + "; --set KEY=VALUE to change)",
@@ -164,7 +149,6 @@ def _finetune(args: argparse.Namespace) -> int:
         train = split_trajectories(ts, "train")
         val = split_trajectories(ts, "val")
         raw_names = list(train.state_names)
-        init = None if str(args.init).lower() == "none" else args.init
         angles = resolve_angle_features(args.angle_features, init)
         codec = None
         if angles == "sincos":
@@ -203,7 +187,7 @@ def _generate(args: argparse.Namespace) -> int:
     from fm_core.rkhs import RKHSConfig, write_corpus
 
     try:
-        cfg = RKHSConfig.from_dict(_parse_kv(args.overrides))
+        cfg = RKHSConfig.from_dict(parse_kv(args.overrides))
         paths = write_corpus(args.out, args.trajectories, shard_size=args.shard_size, seed=args.seed, cfg=cfg)
     except (TypeError, ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
