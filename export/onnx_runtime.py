@@ -516,54 +516,47 @@ class OnnxPredictor:
     def rollout_checked(self, x_hist: np.ndarray, u_hist: np.ndarray, u_plan: np.ndarray) -> np.ndarray:
         """:meth:`rollout` of arrays :meth:`check_rollout` returned (any slice of the K plans); InputError
         (kind "value") if the model's output is not finite."""
-        me = self.meta
-        lx = x_hist.shape[0]
-        k, h = u_plan.shape[:2]
-        t = lx - 1 + h
-        x = np.zeros((k, t, me.n_model), np.float32)
-        x[:, :lx] = self.encode(x_hist)
-        u = np.empty((k, t, me.m), np.float32)
-        u[:, : lx - 1] = u_hist
-        u[:, lx - 1 :] = u_plan
-        obs = np.zeros((k, t), np.float32)
-        obs[:, :lx] = 1.0
-        if me.rollout_mode == "ar":
-            if lx >= 2 and self.step_sess is not None:
-                pred = self._rollout_ar_shared(x[0, :lx], u, h)
-            else:
-                pred = self._rollout_ar(x[:, :lx], u, h)
-        else:
-            pred = np.ascontiguousarray(self._run_full(x, u, obs)[:, lx - 1 :])
-        check_output("rollout", pred)
-        if self.codec is None:
-            return pred
-        start = np.broadcast_to(self._angles(x_hist[-1]), (k, len(me.angle_channels)))
-        return self.codec.decode_sequence(pred, start).astype(np.float32)
+        lx, k = x_hist.shape[0], u_plan.shape[0]
+        xz = np.broadcast_to(self.encode(x_hist), (k, lx, self.meta.n_model))
+        u = np.concatenate([np.broadcast_to(u_hist, (k, lx - 1, self.meta.m)), u_plan], 1)
+        pred = self._rollout_encoded(xz, np.ascontiguousarray(u, np.float32), u_plan.shape[1], shared=True)
+        return self._decode_rollout(pred, x_hist[-1])
 
     def rollout_windows(self, x_ctx: np.ndarray, u_ctx: np.ndarray, u_future: np.ndarray) -> np.ndarray:
         """Open-loop rollouts of B windows, each from its own history, in the model's rollout mode (the
         semantics of ``fm_core.finetune.rollout`` / ``rollout_ar``): x_ctx (B,L,n) observed states, u_ctx
         (B,L-1,m) the inputs applied at x_ctx[:, :-1], u_future (B,H,m) the plan -> (B,H,n) raw states."""
-        me = self.meta
-        b, lx = x_ctx.shape[:2]
-        h = u_future.shape[1]
-        if lx + h - 1 > me.max_len:
-            raise InputError(f"context + horizon - 1 = {lx + h - 1} exceeds max_len={me.max_len}")
+        lx, h = x_ctx.shape[1], u_future.shape[1]
+        if lx + h - 1 > self.meta.max_len:
+            raise InputError(f"context + horizon - 1 = {lx + h - 1} exceeds max_len={self.meta.max_len}")
         xz = self.encode(np.ascontiguousarray(x_ctx, np.float32))
         u = np.ascontiguousarray(np.concatenate([u_ctx, u_future], 1), np.float32)
-        if me.rollout_mode == "ar":
-            pred = self._rollout_ar(xz, u, h)
+        return self._decode_rollout(self._rollout_encoded(xz, u, h), x_ctx[:, -1])
+
+    def _rollout_encoded(self, xz: np.ndarray, u: np.ndarray, h: int, shared: bool = False) -> np.ndarray:
+        """Rollout in the graph's units by the model's rollout mode: xz (K,L,n_model) observed states, u
+        (K,L-1+h,m) -> (K,h,n_model), checked finite. ``shared``: every row has the same history (MPC)."""
+        k, lx = xz.shape[:2]
+        if self.meta.rollout_mode == "ar":
+            if shared and lx >= 2 and self.step_sess is not None:
+                pred = self._rollout_ar_shared(xz[0], u, h)
+            else:
+                pred = self._rollout_ar(np.ascontiguousarray(xz), u, h)
         else:
-            t = lx - 1 + h
-            x = np.zeros((b, t, me.n_model), np.float32)
+            x = np.zeros((k, lx - 1 + h, self.meta.n_model), np.float32)
             x[:, :lx] = xz
-            obs = np.zeros((b, t), np.float32)
+            obs = np.zeros((k, lx - 1 + h), np.float32)
             obs[:, :lx] = 1.0
             pred = np.ascontiguousarray(self._run_full(x, u, obs)[:, lx - 1 :])
         check_output("rollout", pred)
+        return pred
+
+    def _decode_rollout(self, pred: np.ndarray, x_last: np.ndarray) -> np.ndarray:
+        """Graph-unit rollout (K,h,n_model) -> raw states; angles unwrapped from x_last ((n,) or (K,n))."""
         if self.codec is None:
             return pred
-        return self.codec.decode_sequence(pred, self._angles(x_ctx[:, -1])).astype(np.float32)
+        start = np.broadcast_to(self._angles(x_last), (pred.shape[0], len(self.meta.angle_channels)))
+        return self.codec.decode_sequence(pred, start).astype(np.float32)
 
     def _rollout_ar_shared(self, xz: np.ndarray, u: np.ndarray, h: int) -> np.ndarray:
         """:meth:`_rollout_ar` of K plans from ONE history xz (L,n_model) (an MPC request): the L-1 history
