@@ -10,6 +10,9 @@ re-priming, the shadow cache grown next to it. Two implementations, chosen by th
   advance in **one** call (batch 2).
 * :class:`ConcatSlots` (``concat`` step graphs, the traced exporters'): each slot is a pair of
   (L,1,H,S,dh) arrays replaced by the graph's grown copy on every call, one call per slot.
+
+:class:`RolloutBuffers` is the same in-place layout for an autoregressive rollout request: K rows of one
+length, loaded once from the priming window's cache and advanced by one bound call per horizon step.
 """
 
 from __future__ import annotations
@@ -125,6 +128,50 @@ class BufferSlots:
         self.sess.run_with_iobinding(bd.io)
         self.len[bd.rows] += 1
         return {r: bd.pred[j].copy() for j, r in enumerate(bd.rows)}
+
+
+class RolloutBuffers:
+    """In-place KV buffers for batched autoregressive rollouts on a ``buffer`` step graph: ``rows`` caches of
+    one common length in per-layer (rows, H, capacity, dh) buffers and one IOBinding reused for every step.
+
+    Fill :attr:`x` (rows, p, n_model) and :attr:`u` (rows, p, m) with the step windows, then :meth:`step`.
+    Not thread-safe: one instance per thread (``OnnxPredictor`` keeps them thread-local).
+    """
+
+    def __init__(self, sess: Any, meta: Any, rows: int, capacity: int) -> None:
+        if rows < 1 or capacity < 1:
+            raise ValueError(f"rows and capacity must be >= 1, got {rows}, {capacity}")
+        self.rows, self.capacity = int(rows), int(capacity)
+        shape = (self.rows, meta.n_heads, self.capacity, meta.d_head)
+        bufs = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(meta.n_layers)]
+        self.bufs = bufs
+        self._bd = _Binding(sess, tuple(range(self.rows)), bufs, meta.patch, meta.n_model, meta.m)
+        self.sess = sess
+        self.x, self.u = self._bd.x, self._bd.u
+        self.len = 0
+
+    def load(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Start every row from the cache k, v (L,B,H,T,dh) of a full window; B = rows, or 1 (all rows share
+        that history)."""
+        t, b = k.shape[3], k.shape[1]
+        if t > self.capacity:
+            raise ValueError(f"cache of {t} tokens exceeds the rollout capacity {self.capacity}")
+        if b not in (1, self.rows):
+            raise ValueError(f"cache batch {b} is neither 1 nor the {self.rows} rollout rows")
+        for i, (kb, vb) in enumerate(self.bufs):
+            kb[:, :, :t] = k[i]
+            vb[:, :, :t] = v[i]
+        self.len = t
+
+    def step(self) -> np.ndarray:
+        """One step-graph call on the current windows: every row's next prediction (rows, n_model), a view
+        that the next call overwrites."""
+        if self.len >= self.capacity:
+            raise ValueError(f"rollout cache full ({self.capacity} tokens)")
+        self._bd.plen[:] = self.len
+        self.sess.run_with_iobinding(self._bd.io)
+        self.len += 1
+        return self._bd.pred
 
 
 class ConcatSlots:

@@ -6,6 +6,7 @@ Graph contracts (names and shapes) are in docs/predictor.md; :mod:`export.onnx_e
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from export.kv_slots import STEP_CACHES, BufferSlots, ConcatSlots, buffer_step_io
+from export.kv_slots import STEP_CACHES, BufferSlots, ConcatSlots, RolloutBuffers, buffer_step_io
 from fm_core.angle_features import SinCosCodec
 
 FORMAT = "rigfm-onnx-v1"
@@ -26,6 +27,8 @@ FULL_INPUTS = ("x", "u", "obs")
 FULL_OUTPUTS = ("pred", "present_k", "present_v")
 STEP_INPUTS = ("x_win", "u_win", "obs_win", "past_k", "past_v")  # a "concat" step graph (traced exporters)
 STEP_OUTPUTS = ("pred", "present_k", "present_v")
+# rows per autoregressive rollout chunk: bounds the KV buffers one request allocates (rows x tokens x layers)
+AR_CHUNK_ROWS = 256
 
 
 # every state / input value the predictor accepts, raw units: |v| <= MAX_ABS_INPUT (float32 models overflow to
@@ -295,12 +298,22 @@ def _patch_window(xs: np.ndarray, u: np.ndarray, t: int, p: int) -> tuple[np.nda
     """The step graph's input for the token of step ``t``: the last ``p`` steps of xs (K,T,n) and u (K,T,m)
     up to ``t``, zero-padded at the front (observed everywhere)."""
     k = xs.shape[0]
-    lo = max(0, t - p + 1)
-    xw = np.zeros((k, p, xs.shape[2]), np.float32)
-    uw = np.zeros((k, p, u.shape[2]), np.float32)
-    xw[:, p - (t + 1 - lo) :] = xs[:, lo : t + 1]
-    uw[:, p - (t + 1 - lo) :] = u[:, lo : t + 1]
+    xw = np.empty((k, p, xs.shape[2]), np.float32)
+    uw = np.empty((k, p, u.shape[2]), np.float32)
+    _fill_window(xw, uw, xs, u, t)
     return xw, uw, np.ones((k, p), np.float32)
+
+
+def _fill_window(xw: np.ndarray, uw: np.ndarray, xs: np.ndarray, u: np.ndarray, t: int) -> None:
+    """Write :func:`_patch_window`'s x and u windows of step ``t`` into xw (K,p,n) and uw (K,p,m)."""
+    p = xw.shape[1]
+    lo = max(0, t - p + 1)
+    pad = p - (t + 1 - lo)
+    if pad:
+        xw[:, :pad] = 0.0
+        uw[:, :pad] = 0.0
+    xw[:, pad:] = xs[:, lo : t + 1]
+    uw[:, pad:] = u[:, lo : t + 1]
 
 
 def run_step_graph(
@@ -355,6 +368,7 @@ class OnnxPredictor:
         """Load ``full_path`` (and ``step_path``; with ``find_step`` the step graph named in the full graph's
         ``rigfm.step_file`` metadata, next to it, when it exists). Raises ModelFileError naming the file."""
         self.full_path = str(full_path)
+        self._local = threading.local()  # per-thread autoregressive rollout buffers (server + batch worker)
         self.full = make_session(self.full_path, threads, sequential, mem_arena)
         self.meta = parse_metadata(self.full.get_modelmeta().custom_metadata_map, self.full_path)
         if self.meta.graph != "full":
@@ -538,10 +552,13 @@ class OnnxPredictor:
         (K,L-1+h,m) -> (K,h,n_model), checked finite. ``shared``: every row has the same history (MPC)."""
         k, lx = xz.shape[:2]
         if self.meta.rollout_mode == "ar":
-            if shared and lx >= 2 and self.step_sess is not None:
-                pred = self._rollout_ar_shared(xz[0], u, h)
-            else:
-                pred = self._rollout_ar(np.ascontiguousarray(xz), u, h)
+            pred = np.empty((k, h, self.meta.n_model), np.float32)
+            for i in range(0, k, AR_CHUNK_ROWS):  # rows are independent: chunks bound the cache memory
+                j = min(k, i + AR_CHUNK_ROWS)
+                if shared and lx >= 2 and self.step_sess is not None:
+                    pred[i:j] = self._rollout_ar_shared(xz[0], u[i:j], h)
+                else:
+                    pred[i:j] = self._rollout_ar(np.ascontiguousarray(xz[i:j]), u[i:j], h)
         else:
             x = np.zeros((k, lx - 1 + h, self.meta.n_model), np.float32)
             x[:, :lx] = xz
@@ -562,41 +579,75 @@ class OnnxPredictor:
         """:meth:`_rollout_ar` of K plans from ONE history xz (L,n_model) (an MPC request): the L-1 history
         tokens are primed once at batch 1 and their KV cache shared by the K plans, which differ from the
         token of the current state on (its input is the plan's first). u (K,L-1+h,m) -> (K,h,n_model)."""
-        k, lx, p = u.shape[0], xz.shape[0], self.meta.patch
+        k, lx = u.shape[0], xz.shape[0]
         u1 = np.ascontiguousarray(u[:1, : lx - 1])
         _, kc, vc = self.prime(np.ascontiguousarray(xz[None, : lx - 1]), u1, np.ones((1, lx - 1), np.float32))
-        kc, vc = np.repeat(kc, k, axis=1), np.repeat(vc, k, axis=1)
         xs = np.empty((k, lx + h - 1, xz.shape[1]), np.float32)
         xs[:, :lx] = xz
         out = np.empty((k, h, xz.shape[1]), np.float32)
-        for j in range(h):
-            t = lx - 1 + j  # the newest state (observed for j = 0, then predicted); its token predicts x[t+1]
-            res, kc, vc = self.step(*_patch_window(xs, u, t, p), kc, vc)
+        self._step_rollout(xs, u, out, 0, kc, vc)
+        return out
+
+    def _step_rollout(
+        self, xs: np.ndarray, u: np.ndarray, out: np.ndarray, j0: int, kc: np.ndarray, vc: np.ndarray
+    ) -> None:
+        """Fill out[:, j0:] (K,h,n_model) through the step graph, feeding every prediction back into xs
+        (K,·,n_model): kc, vc (L,B,H,S,dh) hold the S tokens before the one of state t = S (B = K, or 1 for a
+        history the K rows share), the token of state S + j - j0 predicts out[:, j]. A ``buffer`` graph
+        steps in place (:class:`RolloutBuffers`, one binding for all steps), a ``concat`` one on copies."""
+        k, h = out.shape[:2]
+        s = kc.shape[3]
+        rb = self._rollout_buffers(k, s + h - j0)
+        if rb is not None:
+            rb.load(kc, vc)
+        elif kc.shape[1] != k:
+            kc, vc = np.repeat(kc, k, axis=1), np.repeat(vc, k, axis=1)
+        for j in range(j0, h):
+            t = s + j - j0  # the newest state (observed or predicted); its token predicts x[t+1]
+            if rb is not None:
+                _fill_window(rb.x, rb.u, xs, u, t)
+                res = rb.step()
+            else:
+                res, kc, vc = self.step(*_patch_window(xs, u, t, self.meta.patch), kc, vc)
             out[:, j] = res.reshape(k, -1)
             if t + 1 < xs.shape[1]:
                 xs[:, t + 1] = out[:, j]
-        return out
+
+    def _rollout_buffers(self, rows: int, tokens: int) -> RolloutBuffers | None:
+        """This thread's in-place buffers for ``rows`` rollouts of ``tokens`` cache tokens (the two most
+        recent shapes are kept: allocating and binding costs milliseconds); None without a buffer graph."""
+        if self.step_meta is None or self.step_meta.step_cache != "buffer":
+            return None
+        cap = min(self.meta.max_len, -(-tokens // 16) * 16)
+        cache: dict[tuple[int, int], RolloutBuffers] | None = getattr(self._local, "ar", None)
+        if cache is None:
+            cache = self._local.ar = {}
+        rb = cache.pop((rows, cap), None)
+        if rb is None:
+            while len(cache) >= 2:
+                cache.pop(next(iter(cache)))
+            rb = RolloutBuffers(self.step_sess, self.meta, rows, cap)
+        cache[(rows, cap)] = rb  # most recently used last
+        return rb
 
     def _rollout_ar(self, xz: np.ndarray, u: np.ndarray, h: int) -> np.ndarray:
         """Autoregressive rollout in the graph's (encoded) units: the history window primes the KV cache,
         then every prediction is fed back as the next observed state through the step graph (a full window
         per step without one). xz (K,L,n_model), u (K,L-1+h,m) -> (K,h,n_model)."""
         k, lx = xz.shape[:2]
-        p = self.meta.patch
         pred, kc, vc = self.prime(xz, np.ascontiguousarray(u[:, :lx]), np.ones((k, lx), np.float32))
         xs = np.concatenate([xz, np.empty((k, h - 1, xz.shape[2]), np.float32)], 1)
         out = np.empty((k, h, xz.shape[2]), np.float32)
         out[:, 0] = pred[:, -1]
         if h > 1:
             xs[:, lx] = pred[:, -1]
+        if self.step_sess is not None:
+            self._step_rollout(xs, u, out, 1, kc, vc)
+            return out
         for j in range(1, h):
             t = lx - 1 + j  # the newest (predicted) state; its token predicts x[t+1]
-            if self.step_sess is None:
-                res = self._run_full(xs[:, : t + 1], np.ascontiguousarray(u[:, : t + 1]),
-                                     np.ones((k, t + 1), np.float32))[:, -1]
-            else:
-                res, kc, vc = self.step(*_patch_window(xs, u, t, p), kc, vc)
-                res = res.reshape(k, -1)
+            res = self._run_full(xs[:, : t + 1], np.ascontiguousarray(u[:, : t + 1]),
+                                 np.ones((k, t + 1), np.float32))[:, -1]
             out[:, j] = res
             if t + 1 < xs.shape[1]:
                 xs[:, t + 1] = res

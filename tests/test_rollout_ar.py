@@ -207,3 +207,91 @@ def test_finetune_lora_and_synthetic_mix(mode, mix):
                                                      strict=True))
     with pytest.raises(ValueError, match="synthetic_mix"):
         FinetuneConfig(synthetic_mix=1.0)
+
+
+@pytest.fixture(scope="module")
+def ar_pair(tmp_path_factory):
+    """A tiny ``ar`` model exported with its fused (``buffer``) step graph: (checkpoint model, full, step)."""
+    d = tmp_path_factory.mktemp("ar_pair")
+    model = _model(seed=3)
+    meta = {"n": 4, "m": 1, "dt": 0.01, "train": {"config": {"rollout_mode": "ar"}}}
+    res = export_checkpoint(save_checkpoint(d / "ar.pt", model, meta), d / "ar.onnx", streaming=d / "s.onnx",
+                            context=16)
+    return model, res.full_path, res.step_path
+
+
+def test_in_place_rollout_buffers_are_reused_without_stale_state(ar_pair):
+    import export.onnx_runtime as rt
+
+    model, full, step = ar_pair
+    pred = OnnxPredictor(full, step)
+    assert pred.step_meta.step_cache == "buffer"
+    sys = model.for_system(4, 1)
+    # the same predictor answers requests of different shapes in a row; every answer equals torch's
+    for b, lx, h in ((3, 10, 12), (1, 6, 3), (3, 10, 12), (5, 4, 20)):
+        x, uc, uf = _data(b, lx, h, seed=b + h)
+        got = pred.rollout_windows(x, uc, uf)
+        assert rel_err(got, rollout_ar(sys, x, uc, uf).numpy()) < 1e-4
+        plans = np.concatenate([uf, -uf])
+        shared = pred.rollout(x[0], uc[0], plans)
+        want = rollout_ar(sys, np.repeat(x[:1], 2 * b, 0), np.repeat(uc[:1], 2 * b, 0), plans).numpy()
+        assert rel_err(shared, want) < 1e-4
+    cache = pred._local.ar
+    assert 1 <= len(cache) <= 2  # bounded: the two most recent request shapes
+    # the buffered steps compute exactly what the step graph does on grown copies of the cache
+    copying = OnnxPredictor(full, step)
+    copying._rollout_buffers = lambda rows, tokens: None
+    x, uc, uf = _data(4, 9, 7, seed=7)
+    assert np.array_equal(pred.rollout_windows(x, uc, uf), copying.rollout_windows(x, uc, uf))
+    # rows are rolled out in chunks of AR_CHUNK_ROWS: chunking changes nothing
+    old = rt.AR_CHUNK_ROWS
+    try:
+        rt.AR_CHUNK_ROWS = 3
+        chunked = pred.rollout_windows(x, uc, uf)
+        chunked_shared = pred.rollout(x[0], uc[0], np.repeat(uf, 2, 0))
+    finally:
+        rt.AR_CHUNK_ROWS = old
+    assert np.array_equal(chunked, pred.rollout_windows(x, uc, uf))
+    assert np.array_equal(chunked_shared, pred.rollout(x[0], uc[0], np.repeat(uf, 2, 0)))
+
+
+def test_rollout_buffers_are_per_thread(ar_pair):
+    import threading
+
+    _, full, step = ar_pair
+    pred = OnnxPredictor(full, step)
+    jobs = [_data(b, 8, 10, seed=b) for b in (2, 3)]
+    want = [pred.rollout_windows(*job) for job in jobs]
+    got: dict[int, list[np.ndarray]] = {0: [], 1: []}
+
+    def work(i: int) -> None:
+        for _ in range(20):
+            got[i].append(pred.rollout_windows(*jobs[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        assert len(got[i]) == 20 and all(np.array_equal(g, want[i]) for g in got[i])
+
+
+def test_rollout_buffers_refuse_what_does_not_fit(ar_pair):
+    from export.kv_slots import RolloutBuffers
+
+    _, full, step = ar_pair
+    pred = OnnxPredictor(full, step)
+    rb = RolloutBuffers(pred.step_sess, pred.meta, rows=2, capacity=4)
+    me = pred.meta
+    k = np.zeros((me.n_layers, 2, me.n_heads, 5, me.d_head), np.float32)
+    with pytest.raises(ValueError, match="exceeds the rollout capacity 4"):
+        rb.load(k, k)
+    with pytest.raises(ValueError, match="neither 1 nor the 2 rollout rows"):
+        rb.load(k[:, :, :, :3].repeat(2, 1), k[:, :, :, :3].repeat(2, 1))
+    rb.load(k[:, :1, :, :3], k[:, :1, :, :3])  # one shared history for both rows
+    assert rb.step().shape == (2, me.n_model) and rb.len == 4
+    with pytest.raises(ValueError, match="rollout cache full"):
+        rb.step()
+    with pytest.raises(ValueError, match="rows and capacity"):
+        RolloutBuffers(pred.step_sess, pred.meta, rows=0, capacity=4)
