@@ -4,7 +4,7 @@ after one flywheel update.
 For each rig (cartpole, furuta) and plant mismatch (``mass_friction``: pole mass x1.4, friction x2;
 ``gain_delay``: motor gain x0.8, 4 ms extra actuation delay):
 
-1. ``rigfm flywheel --rig R --virtual-param ...`` (the real command: a logged swing-up run on the mismatched
+1. ``rigfm flywheel --rig R --set plant.KEY=V ...`` (the real command: a logged swing-up run on the mismatched
    rig -> dataset -> fine-tune -> export -> hot reload -> run again) gives ``v1.onnx`` (the rig's model as
    shipped) and ``v2.onnx`` (after one update).
 2. Runs (``controllers.session.run_session``, virtual rig on a pty, 500 Hz, swing-up from hanging, seeds
@@ -67,7 +67,7 @@ def run_flywheel(rig: str, mismatch: str, out: Path, duration: float, steps: int
     cmd = [sys.executable, "-m", "controllers.cli", "flywheel", "--rig", rig, "--duration", str(duration),
            "--steps", str(steps), "--seed", str(seed), "--out", str(out)]
     for k, v in MISMATCHES[mismatch].items():
-        cmd += ["--virtual-param", f"{k}={v}"]
+        cmd += ["--set", f"plant.{k}={v}"]
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:

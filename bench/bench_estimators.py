@@ -7,7 +7,7 @@
 its worker thread, its time is reported separately (p50 / p99 of the call). ``runs`` starts the real
 ``rigfm run RIG --virtual --controller lqr --init upright --estimator E --log DIR`` (``--controller swingup``:
 from hanging) per estimator (and with
-``--mismatch`` again with ``--virtual-param pole_mass_scale=1.4 --virtual-param friction_scale=2``) and
+``--mismatch`` again with ``--set plant.pole_mass_scale=1.4 --set plant.friction_scale=2``) and
 prints, from each log's /truth and /command (``controllers.estimator_eval.log_metrics``): velocity RMS
 error per joint, pendulum angle RMS, base RMS, RMS command, command chatter RMS(u[k]-u[k-1]), overruns.
 """
@@ -77,7 +77,7 @@ def one_run(rig: str, est: str, duration: float, params: tuple[str, ...], out: P
     if est == "fm-ukf":
         cmd += ["--model", "shipped"]
     for p in params:
-        cmd += ["--virtual-param", p]
+        cmd += ["--set", f"plant.{p}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=duration + 300)
     row = {"rig": rig, "estimator": est, "plant": "mismatch" if params else "nominal", "rc": proc.returncode}

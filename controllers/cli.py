@@ -1,8 +1,8 @@
 """The umbrella command ``rigfm``: each package contributes its own subcommands.
 
-Every package has a ``cli.py`` with ``register(subparsers)``; registration must stay light
-(no torch import at module import time) so ``rigfm --help`` and the deployment-side commands
-work on a machine without torch.
+One registry, :data:`COMMAND_MODULES`: each module named there defines ``register(subparsers)``;
+registration must stay light (no torch import at module import time) so ``rigfm --help`` and the
+deployment-side commands work on a machine without torch.
 """
 
 from __future__ import annotations
@@ -12,8 +12,18 @@ import importlib
 import sys
 from typing import NoReturn
 
-# Order here is the order in `rigfm --help`.
-_PACKAGES = ("fm_core", "rigs", "hardware", "export", "controllers")
+# Every module that adds `rigfm` subcommands; the order here is the order in `rigfm --help`.
+COMMAND_MODULES = (
+    "fm_core.train_commands",        # pretrain, finetune, generate
+    "hardware.rig_commands",         # virtual-rig
+    "hardware.log_commands",         # logs, dataset
+    "export.export_commands",        # export, serve, latency
+    "export.score",                  # score
+    "controllers.rig_info",          # rig-info
+    "controllers.run_commands",      # run, demo
+    "controllers.experiment_commands",  # collect, evaluate
+    "controllers.flywheel",          # flywheel
+)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -33,14 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Foundation model for dynamical systems, from synthetic pretraining to lab rigs.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for pkg in _PACKAGES:
-        try:
-            mod = importlib.import_module(f"{pkg}.cli_commands")
-        except ModuleNotFoundError as exc:  # a package without commands yet
-            if exc.name != f"{pkg}.cli_commands":
-                raise
-            continue
-        mod.register(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -321,22 +321,6 @@ def collect(opts: CollectOptions) -> list[dict[str, Any]]:
     return [collect_run(opts, i, cfg, model, tuning) for i in it]
 
 
-def parse_params(items: list[str] | None) -> dict[str, float]:
-    """``["pole_mass_scale=1.4", ...]`` -> dict; a malformed item raises CollectError naming it."""
-    out: dict[str, float] = {}
-    for item in items or []:
-        key, sep, val = item.partition("=")
-        try:
-            if not sep or not key.strip():
-                raise ValueError
-            out[key.strip()] = float(val)
-            if not math.isfinite(out[key.strip()]):
-                raise ValueError
-        except ValueError:
-            raise CollectError(f"--param {item!r}: expected KEY=NUMBER (e.g. pole_mass_scale=1.4)") from None
-    return out
-
-
 def main_collect(args: argparse.Namespace) -> int:
     """CLI handler of ``rigfm collect``."""
     t0 = time.time()
@@ -347,7 +331,7 @@ def main_collect(args: argparse.Namespace) -> int:
             duration_s=args.duration,
             out=Path(args.out),
             seed=args.seed,
-            params=parse_params(args.param),
+            params=dict(args.overrides),
             rate_hz=args.rate,
             upright_fraction=args.upright_fraction,
             progress=not args.quiet,

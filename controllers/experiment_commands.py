@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from fm_core.cli_types import SEED, finite_float, int_range
+from fm_core.cli_types import SEED, add_set_option, finite_float, int_range
 
 
 def _collect(args: argparse.Namespace) -> int:
@@ -31,12 +31,7 @@ def register(subparsers) -> None:
                    help="seconds per run (default 20)")
     p.add_argument("-o", "--out", required=True, help="output directory for the .mcap files")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument(
-        "--param",
-        action="append",
-        metavar="KEY=VALUE",
-        help="simulator physics override, e.g. pole_mass_scale=1.4 (repeatable)",
-    )
+    add_set_option(p, "simulator physics override, e.g. --set pole_mass_scale=1.4", number=True)
     p.add_argument("--rate", type=finite_float(0, 10_000, lo_open=True, unit="Hz"), default=None,
                    help="loop rate in Hz (default: rig control_rate_hz)")
     p.add_argument(
@@ -71,9 +66,8 @@ def register(subparsers) -> None:
                    help="seconds per collected run")
     e.add_argument("--steps", type=int_range(1, 10**9), default=None,
                    help="max optimiser steps per trained model")
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="training-budget field for every model (fm_core/baselines.py Budget; repeatable), "
-                        "e.g. --set patience=20 --set ft_mode=head")
+    add_set_option(e, "training-budget field for every model (fm_core/baselines.py Budget), e.g. --set "
+                      "patience=20 --set ft_mode=head", parse=False)
     e.add_argument("--context", type=int_range(1, 65_536), default=None,
                    help="context steps of the multi-step metric")
     e.add_argument("--horizon", type=int_range(1, 65_536), default=None,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fm_core.cli_types import SEED, finite_float, int_range, name_value
+from fm_core.cli_types import SEED, add_set_option, finite_float, int_range, section
 
 DEFAULT_PARAMS = {"pole_mass_scale": 1.4, "friction_scale": 2.0}
 NOMINAL_WEIGHTS = {"cartpole": "fm_core/weights/cartpole.pt", "furuta": "fm_core/weights/furuta.pt"}
@@ -258,9 +258,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int_range(1, 10**9), default=300, help="fine-tune steps (default 300)")
     p.add_argument("--init", default=None, help="v1 checkpoint (default fm_core/weights/<rig>.pt, else "
                                                 "the pretrained default.pt)")
-    p.add_argument("--virtual-param", type=name_value("--virtual-param"), action="append", default=None,
-                   metavar="NAME=VALUE",
-                   help="plant mismatch (default pole_mass_scale=1.4 friction_scale=2)")
+    add_set_option(p, "plant mismatch of the virtual rig (default plant.pole_mass_scale=1.4 "
+                      "plant.friction_scale=2)", number=True, sections=("plant",))
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--stale-ms", type=finite_float(0, 10_000, lo_open=True, unit="ms"), default=200.0)
     p.add_argument("--window", type=int_range(2, 10**7), default=None,
@@ -280,7 +279,7 @@ def handler(args: argparse.Namespace) -> int:
                          finetune_steps=args.steps, init_checkpoint=args.init, seed=args.seed,
                          stale_ms=args.stale_ms, window=args.window, status=args.status,
                          angle_features=args.angle_features, lqr_design=args.lqr_design,
-                         virtual_params=dict(args.virtual_param or DEFAULT_PARAMS))
+                         virtual_params=section(args.overrides, "plant") or dict(DEFAULT_PARAMS))
     try:
         res = run_flywheel(cfg, progress=lambda m: print(f"flywheel: {m}", file=sys.stderr, flush=True))
     except (FlywheelError, FileNotFoundError, ValueError) as exc:

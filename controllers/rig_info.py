@@ -1,4 +1,4 @@
-"""``rigfm rig-info RIG``: the rig's physics summary (rigs.rig_commands) plus the LQR design the loop uses.
+"""``rigfm rig-info RIG``: the rig's physics summary (rigs.summary) plus the LQR design the loop uses.
 
 The LQR part is the design of ``controllers.lqr.LQRController`` as ``rigfm run`` builds it: the upright
 linearisation discretised with a zero-order hold at the control period ``dt = 1 / rate`` (the rig's
@@ -14,13 +14,11 @@ import json
 import sys
 from typing import Any
 
-from fm_core.cli_types import finite_float
+from fm_core.cli_types import add_set_option, finite_float
 
 
 def register(subparsers: Any) -> None:
     """Add ``rig-info``."""
-    from rigs.rig_commands import add_arguments
-
     p = subparsers.add_parser(
         "rig-info",
         help="show a rig's parameters, limits, linearisation and LQR design (K, closed-loop poles)",
@@ -29,7 +27,9 @@ def register(subparsers: Any) -> None:
                     "loop: discretisation step, K and the closed-loop poles (discrete and continuous "
                     "equivalent).",
     )
-    add_arguments(p)
+    p.add_argument("rig", help='"cartpole", "furuta" or a path to a rig .toml file')
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_set_option(p, "parameter override for make_model, e.g. --set pole_mass_scale=1.5", number=True)
     p.add_argument("--rate", type=finite_float(0, 10_000, lo_open=True, unit="Hz"), default=None,
                    metavar="HZ",
                    help="control rate the LQR is designed for (default: the rig's control_rate_hz)")
@@ -99,10 +99,10 @@ def format_lqr(d: dict[str, Any]) -> str:
 
 def handle(args: argparse.Namespace) -> int:
     """``rigfm rig-info``: returns 0, or 2 with a one-line message on a bad config, override or tuning."""
-    from rigs.rig_commands import format_rig_info, parse_overrides, rig_info
+    from rigs.summary import format_rig_info, rig_info
 
     try:
-        overrides = parse_overrides(args.override)
+        overrides = dict(args.overrides)
         info = rig_info(args.rig, overrides)
         info["lqr"] = lqr_design(args.rig, overrides, args.rate, args.tuning)
     except ValueError as exc:  # RigConfigError, TuningError, LQRDesignError are ValueErrors

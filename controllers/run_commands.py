@@ -9,7 +9,7 @@ from typing import Any
 
 from controllers.run_limits import MAX_DURATION_S, MAX_LATENCY_COMP_MS, MAX_RATE_HZ, MAX_TIMEOUT_MS
 from controllers.run_report import result_jsonable, summary_table
-from fm_core.cli_types import SEED, finite_float, int_range, name_value
+from fm_core.cli_types import SEED, add_set_option, finite_float, int_range, section
 
 # parse-time ranges of `rigfm run` (the rig-dependent limits are checked by controllers.session)
 
@@ -46,12 +46,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="compute and log, never actuate")
     p.add_argument("--init", choices=("hanging", "upright"), default="hanging",
                    help="initial state of the virtual rig")
-    p.add_argument("--virtual-param", type=name_value("--virtual-param"), action="append", default=[],
-                   metavar="NAME=VALUE",
-                   help="plant override of the virtual rig, e.g. pole_mass_scale=1.5 (repeatable)")
-    p.add_argument("--model-param", type=name_value("--model-param"), action="append", default=[],
-                   metavar="NAME=VALUE",
-                   help="override of the controller's physics model (repeatable)")
+    add_set_option(p, "physics override of the virtual rig's plant (plant.KEY) or of the controllers' model "
+                      "(model.KEY), e.g. --set plant.pole_mass_scale=1.5", number=True,
+                   sections=("plant", "model"))
     p.add_argument("--tuning", default=None,
                    help="controller tuning TOML (overrides controllers/tuning.toml)")
     p.add_argument("--lqr-design", choices=("nominal", "learned"), default="nominal",
@@ -96,7 +93,8 @@ def run_handler(args: argparse.Namespace) -> int:
                       virtual=args.virtual,
                       duration_s=args.duration, rate_hz=args.rate, model=args.model, endpoint=args.endpoint,
                       log_dir=args.log, dry_run=args.dry_run, init=args.init,
-                      virtual_params=dict(args.virtual_param), model_params=dict(args.model_param),
+                      virtual_params=section(args.overrides, "plant"),
+                      model_params=section(args.overrides, "model"),
                       tuning=args.tuning, lqr_design=args.lqr_design, latency_ms=args.latency_comp_ms,
                       latency_source=args.latency_source,
                       predictor_timeout_ms=args.predictor_timeout_ms, stale_ms=args.stale_ms,

@@ -5,7 +5,7 @@ One copy for every ``rigfm`` command (it lives at the bottom layer so ``fm_core`
 
     p.add_argument("--rate", type=finite_float(0, 10_000, lo_open=True, unit="Hz"), default=500.0)
     p.add_argument("--runs", type=int_range(1, 1_000_000), default=40)
-    p.add_argument("--param", type=name_value("--param"), action="append")
+    add_set_option(p, "plant parameter, e.g. pole_mass_scale=1.4", number=True)
 
 ``--rate 0`` / ``nan`` / ``inf`` / ``1e9`` / ``abc`` then end in argparse's usage error (exit 2) with
 ``argument --rate: must be a finite number in (0, 10000] Hz, got '0'``.
@@ -76,42 +76,72 @@ def int_range(lo: int | None = None, hi: int | None = None, *, unit: str = "") -
     return parse
 
 
-def name_value(option: str = "value") -> Callable[[str], tuple[str, float]]:
-    """An argparse type for ``NAME=VALUE`` with a finite number as VALUE -> ``(name, value)``."""
+def parse_value(raw: str) -> object:
+    """A ``--set`` value in TOML syntax (``3``, ``1e-3``, ``true``, ``[30, 50]``); a bare word is a string."""
+    import tomllib
 
-    def parse(text: str) -> tuple[str, float]:
-        name, sep, value = text.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise argparse.ArgumentTypeError(f"{option} expects NAME=VALUE, got {text!r}")
+    try:
+        return tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw.strip()
+
+
+def split_kv(item: str, option: str = "--set", number: bool = False) -> tuple[str, object]:
+    """``KEY=VALUE`` -> ``(key, value)`` (:func:`parse_value`); ``number``: VALUE must be a finite number.
+    ``ValueError`` names the option and the item."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"{option} {item!r}: expected KEY=VALUE")
+    value = parse_value(raw)
+    if number:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{option} {item!r}: value {raw.strip()!r} is not a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{option} {item!r}: value {raw.strip()!r} is not finite")
+        value = float(value)
+    return key, value
+
+
+def parse_kv(items: list[str], option: str = "--set", number: bool = False) -> dict[str, object]:
+    """``KEY=VALUE`` items -> {key: value} (:func:`split_kv`; a later item wins)."""
+    return dict(split_kv(item, option, number) for item in items)
+
+
+def key_value(option: str = "--set", number: bool = False,
+              sections: tuple[str, ...] = ()) -> Callable[[str], tuple[str, object]]:
+    """An argparse type for ``KEY=VALUE`` -> ``(key, value)`` (:func:`split_kv`); with ``sections`` the key
+    must be ``SECTION.NAME`` with one of those sections."""
+
+    def parse(text: str) -> tuple[str, object]:
         try:
-            v = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} {name}: value {value!r} is not a number") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{option} {name}: value {value!r} is not finite")
-        return name, v
+            key, value = split_kv(text, option, number)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        head, _, name = key.partition(".")
+        if sections and (head not in sections or not name):
+            raise argparse.ArgumentTypeError(
+                f"{option} {text!r}: the key must be SECTION.NAME with SECTION one of {', '.join(sections)}")
+        return key, value
 
-    parse.__name__ = "name_value"
+    parse.__name__ = "key_value"
     return parse
 
 
-def parse_kv(items: list[str], option: str = "--set") -> dict[str, object]:
-    """``KEY=VALUE`` items -> {key: value}, each value in TOML syntax (``3``, ``1e-3``, ``true``,
-    ``[30, 50]``) and a bare word as a string; ``ValueError`` naming an item without ``=`` or key."""
-    import tomllib
+def add_set_option(p: argparse.ArgumentParser, help: str, *, number: bool = False,
+                   sections: tuple[str, ...] = (), parse: bool = True) -> None:
+    """The one ``KEY=VALUE`` override option of every ``rigfm`` command: ``--set`` (repeatable), into
+    ``args.overrides``: ``(key, value)`` pairs (``parse=False``: the raw strings, for commands that hand them
+    on to a config loader or a child process)."""
+    metavar = "SECTION.KEY=VALUE" if sections else "KEY=VALUE"
+    kind = key_value("--set", number, sections) if parse else str
+    p.add_argument("--set", dest="overrides", type=kind, action="append", default=[], metavar=metavar,
+                   help=f"{help} (repeatable)")
 
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"{option} {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = raw.strip()
-    return out
+
+def section(pairs: list[tuple[str, object]], name: str) -> dict[str, object]:
+    """The ``name.KEY=VALUE`` pairs of a sectioned ``--set`` as {KEY: value}."""
+    return {k.partition(".")[2]: v for k, v in pairs if k.partition(".")[0] == name}
 
 
 SEED = int_range(0, 2**32 - 1)  # numpy / the virtual rig take seeds in [0, 2**32)

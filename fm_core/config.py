@@ -12,6 +12,8 @@ from typing import Any
 
 import tomllib
 
+from fm_core.cli_types import split_kv
+
 
 class ConfigError(ValueError):
     """Invalid configuration: names the file / section / key."""
@@ -171,17 +173,14 @@ def _validate(cfg: FullConfig, source: str) -> None:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value`` (value in TOML syntax; bare words are strings)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
-    key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
+    """Parse ``section.key=value`` (:func:`fm_core.cli_types.split_kv`: TOML values, bare words strings)."""
+    try:
+        key, value = split_kv(item)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    path = [p for p in key.split(".") if p]
     if len(path) < 2:
         raise ConfigError(f"--set {item!r}: key must be section.key (e.g. train.lr=3e-4)")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
     return path, value
 
 

@@ -80,6 +80,8 @@ class RKHSConfig:
     tv_min: float = 0.05                             # every state channel's TV rate must be >= tv_min
     tv_max: float = 20.0                             # ... and <= tv_max   (TV rate: see total_variation)
     mechanical_fraction: float = 0.0                 # share of second-order systems (q' = v, v' = f(q,v,u))
+    time_scale_range: tuple[float, float] | None = None  # c ~ log-U per system: x' = c (f - stab x +
+                                                     # coupling x) (= sampling at dt' = c dt)
     angle_fraction: float = 0.0                      # share of mechanical systems with one position seen as
                                                      # (sin kq, cos kq): n -> n + 1 (the rigs' sin/cos layout)
     max_rounds: int = 50                             # resampling rounds before RKHSGenerationError
@@ -149,6 +151,12 @@ class RKHSConfig:
             raise bad("x_bound", "must be > 0")
         if self.tv_max < self.tv_min:
             raise bad("tv_max", f"must be >= tv_min={self.tv_min}")
+        ts = self.time_scale_range
+        if ts is not None:
+            if (not isinstance(ts, tuple) or len(ts) != 2
+                    or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in ts)
+                    or not (0 < ts[0] <= ts[1] and math.isfinite(ts[1]))):
+                raise bad("time_scale_range", "must be None or finite numbers (lo, hi) with 0 < lo <= hi")
         mf = self.mechanical_fraction
         if isinstance(mf, bool) or not isinstance(mf, int | float | np.floating) or not 0.0 <= mf <= 1.0:
             raise bad("mechanical_fraction", "must be a number in [0, 1]")
@@ -373,7 +381,12 @@ def sample_system(
         coupling[si, ji, ji + half[si]] = 1.0
     q = _quad(alpha, _gram(centres, ls))                                                     # (S,n_pad)
     scale = np.sqrt(np.divide(norm[:, None] ** 2, q, out=np.zeros_like(q), where=q > 0))
-    return RKHSSystem(n_arr, m_arr, centres, ls, alpha * scale[:, None, :], stab, norm, cfg.dtype, coupling)
+    alpha = alpha * scale[:, None, :]
+    if cfg.time_scale_range is not None:  # drawn last, only when set: the default stream stays bit-identical
+        c = _loguniform(rng, *cfg.time_scale_range, s)
+        alpha, stab, norm = alpha * c[:, None, None], stab * c, norm * c
+        coupling = None if coupling is None else coupling * c[:, None, None]
+    return RKHSSystem(n_arr, m_arr, centres, ls, alpha, stab, norm, cfg.dtype, coupling)
 
 
 # ----------------------------------------------------------------------------------------------- simulation

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fm_core.checkpoint import read_checkpoint, save_checkpoint
+from fm_core.cli_types import add_set_option
 from fm_core.config import FullConfig, load_config
 from fm_core.data import (
     BatchSpec,
@@ -320,8 +321,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p = parser or argparse.ArgumentParser(prog="python -m fm_core.train", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="TOML config (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.steps=200")
+    add_set_option(p, "override a config value, e.g. --set train.steps=200", parse=False)
     p.add_argument("--out", default="runs/pretrain", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
     p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fm_core.cli_types import SEED, finite_float, int_range, parse_kv
+from fm_core.cli_types import SEED, add_set_option, finite_float, int_range, parse_kv
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 
@@ -17,8 +17,7 @@ def register(subparsers) -> None:
     """Add pretrain / finetune / generate to the umbrella parser."""
     p = subparsers.add_parser("pretrain", help="pretrain the foundation model on synthetic RKHS dynamics")
     p.add_argument("--config", default=None, help="TOML config, e.g. fm_core/configs/pretrain_default.toml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.steps=200")
+    add_set_option(p, "override a config value, e.g. --set train.steps=200", parse=False)
     p.add_argument("--out", default="runs/pretrain", help="output directory (checkpoints, metrics, plot)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt after a kill")
     p.add_argument("--nproc", type=int_range(1, 1024), default=1,
@@ -39,8 +38,7 @@ def register(subparsers) -> None:
                    help="maximum steps (default from FinetuneConfig)")
     f.add_argument("--lr", type=finite_float(0, 10, lo_open=True), default=None)
     f.add_argument("--seed", type=SEED, default=0)
-    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="FinetuneConfig field override (repeatable), e.g. --set batch_size=16")
+    add_set_option(f, "FinetuneConfig field override, e.g. --set batch_size=16", parse=False)
     f.add_argument("--out", default="runs/ft", help="output dir (finetuned.pt, history.json)")
     f.add_argument("--context", type=int_range(1, 65_536), default=32,
                    help="context steps for the test evaluation")
@@ -58,8 +56,7 @@ def register(subparsers) -> None:
     g.add_argument("--trajectories", type=int_range(1, 10**9), default=10000, help="number of trajectories")
     g.add_argument("--shard-size", type=int_range(1, 10**9), default=1000, help="trajectories per shard")
     g.add_argument("--seed", type=SEED, default=0)
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="RKHSConfig field override (repeatable), e.g. --set T=512")
+    add_set_option(g, "RKHSConfig field override, e.g. --set T=512", parse=False)
     g.set_defaults(func=_generate)
 
 

@@ -48,7 +48,7 @@ class VirtualRig:
 
         self.args = args
         self.cfg = rigs.load_config(args.rig)
-        params = dict(args.param or [])
+        params = dict(args.overrides)
         self.sim = rigs.RigSimulator(self.cfg, seed=args.seed, param_overrides=params or None)
         x0 = self.sim.model.upright() if args.init == "upright" else self.sim.model.hanging()
         self.sim.reset(x0)

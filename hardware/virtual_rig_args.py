@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fm_core.cli_types import SEED, finite_float, int_range, name_value
+from fm_core.cli_types import SEED, add_set_option, finite_float, int_range
 
 
 def add_virtual_rig_arguments(p: argparse.ArgumentParser) -> None:
@@ -12,14 +12,8 @@ def add_virtual_rig_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("rig", help="rig config name (cartpole, furuta) or path to a rig TOML file")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the plant noise and of the fault injection")
     p.add_argument("--init", choices=("hanging", "upright"), default="hanging", help="initial pendulum state")
-    p.add_argument(
-        "--param",
-        type=name_value("--param"),
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="physics override passed to rigs.RigSimulator, e.g. pole_mass_scale=1.4 (repeatable)",
-    )
+    add_set_option(p, "physics override passed to rigs.RigSimulator, e.g. --set pole_mass_scale=1.4",
+                   number=True)
     p.add_argument(
         "--link",
         default=None,

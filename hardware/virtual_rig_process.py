@@ -73,7 +73,7 @@ class VirtualRigProcess:
             elif value is not None and value is not False:
                 cmd += [_FLAG_OPTIONS[key], str(value)]
         for key, value in (params or {}).items():
-            cmd += ["--param", f"{key}={value}"]
+            cmd += ["--set", f"{key}={value}"]
         self.cmd = cmd
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None

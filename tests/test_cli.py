@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from run_models import export_run_models
 
-from controllers.cli import main
+from controllers.cli import build_parser, main
 from hardware import protocol as proto
 
 TRACE = "Traceback"
@@ -31,6 +31,27 @@ def test_umbrella_help_lists_without_torch_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "rigfm" in out.stdout
+
+
+def test_one_registry_names_every_command_module_and_one_override_option():
+    from controllers.cli import COMMAND_MODULES
+
+    registering = set()
+    for pkg in ("fm_core", "rigs", "hardware", "export", "controllers"):
+        for f in sorted((ROOT / pkg).glob("*.py")):
+            text = f.read_text()
+            if "def register(" in text and "add_parser(" in text:
+                registering.add(f"{pkg}.{f.stem}")
+            # every KEY=VALUE override is `--set`, declared by add_set_option (never by hand)
+            assert 'add_argument("--set"' not in text or f.name == "cli_types.py", f
+            for old in ('"--param"', '"--override"', '"--virtual-param"', '"--model-param"'):
+                assert old not in text, (f, old)
+    assert registering == set(COMMAND_MODULES)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"pretrain", "finetune", "run", "rig-info", "score", "flywheel", "evaluate"} <= set(commands)
+    for name in ("run", "collect", "rig-info", "virtual-rig", "flywheel", "evaluate", "finetune", "pretrain"):
+        opts = {s for a in commands[name]._actions for s in a.option_strings}
+        assert "--set" in opts, name
 
 
 def _run_main(argv: list[str], capsys) -> tuple[int, str]:
@@ -77,8 +98,9 @@ BAD = [
     (RUN + ["--predictor-timeout-ms", "0"], "argument --predictor-timeout-ms: must be a finite number in (0"),
     (RUN + ["--stale-ms", "nan"], "argument --stale-ms: must be a finite number"),
     (RUN + ["--seed", "-1"], "argument --seed: must be an integer in [0, 4294967295], got '-1'"),
-    (RUN + ["--virtual-param", "pole_mass_scale=nan"], "--virtual-param pole_mass_scale: value 'nan' is not"),
-    (RUN + ["--model-param", "oops"], "--model-param expects NAME=VALUE, got 'oops'"),
+    (RUN + ["--set", "plant.pole_mass_scale=nan"], "--set 'plant.pole_mass_scale=nan': value 'nan' is not"),
+    (RUN + ["--set", "oops"], "--set 'oops': expected KEY=VALUE"),
+    (RUN + ["--set", "pole_mass_scale=1"], "--set 'pole_mass_scale=1': the key must be SECTION.NAME"),
     (["demo", "--duration", "0"], "argument --duration: must be a finite number in (0, 1e+07] s"),
     (["latency", "m.onnx", "--rate-hz", "-5"], "argument --rate-hz: must be a finite number in [0, 10000] H"),
     (["latency", "m.onnx", "--rate-hz", "nan"], "argument --rate-hz: must be a finite number"),
@@ -92,8 +114,8 @@ BAD = [
     (["collect", "cartpole", "-o", "x", "--rate", "0"], "argument --rate: must be a finite number in (0, 10"),
     (["collect", "cartpole", "-o", "x", "--upright-fraction", "2"], "argument --upright-fraction: must be a "
                                                                     "finite number in [0, 1], got '2'"),
-    (["collect", "cartpole", "-o", "x", "--param", "pole_mass_scale=nan"], "--param 'pole_mass_scale=nan': "
-                                                                           "expected KEY=NUMBER"),
+    (["collect", "cartpole", "-o", "x", "--set", "pole_mass_scale=nan"], "--set 'pole_mass_scale=nan': "
+                                                                         "value 'nan' is not finite"),
     (["collect", "segway", "-o", "x"], "rigfm collect: unknown rig 'segway'"),
     (["evaluate", "--seeds", "0"], "argument --seeds: must be an integer in [1, 1000], got '0'"),
     (["evaluate", "--jobs", "0"], "argument --jobs: must be an integer in [1, 256]"),
@@ -107,7 +129,7 @@ BAD = [
     (["flywheel", "--steps", "0"], "argument --steps: must be an integer in [1, 1000000000]"),
     (["flywheel", "--stale-ms", "nan"], "argument --stale-ms: must be a finite number"),
     (["flywheel", "--window", "1"], "argument --window: must be an integer in [2, 10000000]"),
-    (["flywheel", "--virtual-param", "a=b"], "--virtual-param a: value 'b' is not a number"),
+    (["flywheel", "--set", "plant.a=b"], "--set 'plant.a=b': value 'b' is not a number"),
     (["serve", "m.onnx", "--threads", "0"], "argument --threads: must be an integer in [1, 1024]"),
     (["serve", "m.onnx", "--spin-us", "-1"], "argument --spin-us: must be a finite number in [0, 1e+06] us"),
     (["serve", "m.onnx", "--spin-us", "nan"], "argument --spin-us: must be a finite number"),
@@ -137,7 +159,8 @@ BAD = [
     (["virtual-rig", "cartpole", "--garbage-rate", "inf"], "argument --garbage-rate: must be a finite numbe"),
     (["virtual-rig", "cartpole", "--duration", "0"], "argument --duration: must be a finite number in (0,"),
     (["virtual-rig", "cartpole", "--telemetry-divider", "0"], "argument --telemetry-divider: must be an int"),
-    (["rig-info", "cartpole", "--override", "pole_mass_scale=inf"], "--override pole_mass_scale: value must"),
+    (["rig-info", "cartpole", "--set", "pole_mass_scale=inf"],
+     "--set 'pole_mass_scale=inf': value 'inf' is not finite"),
     # rig-dependent ranges, checked by controllers.session before anything starts
     (RUN + ["--rate", "2000"], "--rate must be in [40, 1000] Hz for rig 'cartpole'"),
     (RUN + ["--rate", "10"], "--rate must be in [40, 1000] Hz for rig 'cartpole'"),

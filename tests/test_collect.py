@@ -15,7 +15,6 @@ from controllers.collect import (
     ExcitationController,
     FlaggedSimRig,
     collect,
-    parse_params,
     plan_segments,
 )
 from fm_core.trajfile import load_trajectories
@@ -128,9 +127,6 @@ def test_plan_segments_cover_the_run_and_start_with_lqr_when_upright():
 
 
 def test_bad_options_raise_clear_errors(tmp_path):
-    with pytest.raises(CollectError, match="pole_mass_scale"):
-        parse_params(["pole_mass_scale"])
-    assert parse_params(["pole_mass_scale=1.4"]) == {"pole_mass_scale": 1.4}
     with pytest.raises(CollectError, match="--runs"):
         collect(CollectOptions("cartpole", 0, 1.0, tmp_path, progress=False))
     with pytest.raises(Exception, match="no_such_param"):
@@ -151,7 +147,7 @@ def test_cli_collect_with_param_override(tmp_path):
             "1",
             "-o",
             str(tmp_path),
-            "--param",
+            "--set",
             "pendulum_mass_scale=1.3",
             "--quiet",
         ],

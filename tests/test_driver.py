@@ -239,10 +239,10 @@ def test_latency_timer_warning(tmp_path, caplog):
 
 
 def test_cli_virtual_rig_prints_port_first(tmp_path):
-    # the `virtual-rig` subcommand as registered by hardware/cli_commands.py (what `rigfm virtual-rig` runs)
+    # `virtual-rig` as hardware/rig_commands.py registers it (what `rigfm virtual-rig` runs)
     code = (
-        "import argparse, sys; from hardware import cli_commands; p = argparse.ArgumentParser(); "
-        "cli_commands.register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+        "import argparse, sys; from hardware import rig_commands; p = argparse.ArgumentParser(); "
+        "rig_commands.register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "virtual-rig", "furuta", "--duration", "20"],
@@ -268,7 +268,7 @@ def test_cli_virtual_rig_prints_port_first(tmp_path):
 
 def test_cli_bad_param_is_a_clear_error():
     out = subprocess.run(
-        [sys.executable, "-m", "hardware.virtual_rig", "cartpole", "--param", "nonsense=2"],
+        [sys.executable, "-m", "hardware.virtual_rig", "cartpole", "--set", "nonsense=2"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -78,7 +78,7 @@ def test_rig_info_bad_rate_and_tuning_are_named(tmp_path, capsys):
 
 
 def test_rigs_layer_stays_below_controllers_and_rig_info_is_torch_free():
-    code = ("import sys, rigs, rigs.rig_commands, rigs.cli_commands\n"
+    code = ("import sys, rigs, rigs.summary\n"
             "assert not [m for m in sys.modules if m.startswith('controllers')], 'rigs imports controllers'\n"
             "from controllers.cli import main; rc = main(['rig-info', 'furuta'])\n"
             "assert 'torch' not in sys.modules, 'rig-info pulled torch'; sys.exit(rc)")

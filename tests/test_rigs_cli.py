@@ -1,4 +1,4 @@
-"""`rig-info`: prints parameters, limits and linearisation eigenvalues; bad input gives exit code 2."""
+"""`rigfm rig-info`: prints parameters, limits and linearisation eigenvalues; bad input gives exit code 2."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from rigs import rig_commands
+from controllers.cli import main
 
 
 @pytest.mark.parametrize("rig", ["cartpole", "furuta"])
 def test_rig_info_text(rig, capsys):
-    assert rig_commands.main(["rig-info", rig]) == 0
+    assert main(["rig-info", rig]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{rig} ({rig}) from {rig}.toml")
     assert "pendulum_mass" in out and "voltage_max" in out and "counts/rev" in out
@@ -23,7 +23,7 @@ def test_rig_info_text(rig, capsys):
 
 
 def test_rig_info_json_in_a_fresh_process_without_torch():
-    code = ("import sys; from rigs.rig_commands import main; rc = main(['rig-info', 'furuta', '--json']); "
+    code = ("import sys; from controllers.cli import main; rc = main(['rig-info', 'furuta', '--json']); "
             "assert 'torch' not in sys.modules, 'rig-info pulled torch'; sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -36,12 +36,12 @@ def test_rig_info_json_in_a_fresh_process_without_torch():
 
 
 def test_rig_info_overrides_and_errors(capsys):
-    assert rig_commands.main(["rig-info", "cartpole", "--json", "--override", "pole_mass_scale=2"]) == 0
+    assert main(["rig-info", "cartpole", "--json", "--set", "pole_mass_scale=2"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["physics"]["pendulum_mass"] == pytest.approx(0.46)
-    assert rig_commands.main(["rig-info", "segway"]) == 2
+    assert main(["rig-info", "segway"]) == 2
     assert "unknown rig 'segway'" in capsys.readouterr().err
-    assert rig_commands.main(["rig-info", "cartpole", "--override", "bogus=1"]) == 2
+    assert main(["rig-info", "cartpole", "--set", "bogus=1"]) == 2
     assert "unknown override 'bogus'" in capsys.readouterr().err
-    assert rig_commands.main(["rig-info", "cartpole", "--override", "friction_scale"]) == 2
+    assert main(["rig-info", "cartpole", "--set", "friction_scale"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -357,3 +359,29 @@ def test_angle_fraction_batches_have_unit_circle_pairs_and_odd_dims():
 def test_angle_fraction_validation_names_the_field(kw, why):
     with pytest.raises(RKHSConfigError, match=f"angle_fraction.*{why}"):
         RKHSConfig(**kw)
+
+
+def test_time_scale_is_a_time_rescaling_and_off_keeps_the_default_stream():
+    # x' = c F(x, u) sampled at dt is F sampled at c dt: the same draws with c fixed to 0.5 (range (0.5, 0.5))
+    # at dt 0.02 equal the unscaled system at dt 0.01, step for step (Euler, float64), mechanical included
+    base = RKHSConfig(dtype="float64", mechanical_fraction=0.5)
+    n, m, mech = np.array([4, 3]), np.array([1, 2]), np.array([True, False])
+    plain = sample_system(_rng(41), n, m, base, mechanical=mech)
+    scaled = sample_system(_rng(41), n, m, replace(base, time_scale_range=(0.5, 0.5)), mechanical=mech)
+    np.testing.assert_allclose(scaled.rkhs_norms_squared(), 0.25 * plain.rkhs_norms_squared(), rtol=1e-9)
+    x0 = _rng(42).normal(size=(2, 4)) * (np.arange(4) < n[:, None])
+    u = _rng(43).normal(size=(2, 30, 2)) * (np.arange(2) < m[:, None, None])
+    np.testing.assert_allclose(simulate(scaled, x0, u, 0.02), simulate(plain, x0, u, 0.01), rtol=1e-9,
+                               atol=1e-12)
+    # off (None): no extra draws, the default stream is bit-identical; on: speeds spread over the range
+    np.testing.assert_array_equal(generate_batch(_rng(5), 32, 40, RKHSConfig()).x,
+                                  generate_batch(_rng(5), 32, 40, RKHSConfig(time_scale_range=None)).x)
+    wide = sample_system(_rng(44), np.full(400, 2), np.full(400, 1), RKHSConfig(time_scale_range=(0.1, 1.0)))
+    ratio = wide.stab / sample_system(_rng(44), np.full(400, 2), np.full(400, 1), RKHSConfig()).stab
+    assert 0.1 <= ratio.min() < 0.15 and 0.9 < ratio.max() <= 1.0
+
+
+@pytest.mark.parametrize("value", [(0.0, 1.0), (2.0, 1.0), (0.5,), ("a", 1.0), (0.1, float("inf"))])
+def test_time_scale_range_validation_names_the_field(value):
+    with pytest.raises(RKHSConfigError, match="time_scale_range"):
+        RKHSConfig(time_scale_range=value)

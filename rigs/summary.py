@@ -1,51 +1,9 @@
-"""A rig's parameters, limits, encoders and linearisation eigenvalues (the physics part of `rigfm rig-info`).
-
-`python -m rigs.rig_commands rig-info RIG` prints this part alone. The umbrella command `rigfm rig-info` is
-registered by `controllers/rig_info.py`, which adds the LQR design (gains, closed-loop poles): controllers sit
-above rigs, so the design cannot be computed here."""
+"""A rig's parameters, limits, encoders and linearisation eigenvalues: the physics part of `rigfm rig-info`
+(the command, with its LQR design, is `controllers/rig_info.py`: controllers sit above rigs)."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import sys
 from typing import Any
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of `rig-info` (shared with controllers/rig_info.py)."""
-    p.add_argument("rig", help='"cartpole", "furuta" or a path to a rig .toml file')
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="parameter override for make_model, e.g. pole_mass_scale=1.5 (repeatable)")
-
-
-def register(subparsers: Any) -> None:
-    """Add the physics-only `rig-info` subcommand (standalone entry; `rigfm` uses controllers/rig_info.py)."""
-    p = subparsers.add_parser(
-        "rig-info",
-        help="show a rig's parameters, limits and linearisation eigenvalues",
-        description="Print the physical parameters, limits, encoder resolution and the eigenvalues of the "
-                    "linearisation at the upright and hanging equilibria of a rig config.",
-    )
-    add_arguments(p)
-    p.set_defaults(func=handle_rig_info)
-
-
-def parse_overrides(items: list[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--override expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = float(value)
-            if not math.isfinite(out[key.strip()]):
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"--override {key.strip()}: value must be a number, got {value!r}") from None
-    return out
 
 
 def rig_info(rig: str, overrides: dict[str, float] | None = None) -> dict[str, Any]:
@@ -121,28 +79,3 @@ def format_rig_info(info: dict[str, Any]) -> str:
     lines.append(f"small-oscillation period about hanging (frictionless, motor open): "
                  f"{info['small_oscillation_period_s']:.4f} s")
     return "\n".join(lines)
-
-
-def handle_rig_info(args: argparse.Namespace) -> int:
-    """Handler of the physics-only `rig-info`; returns 0, or 2 with a message on a bad config/override."""
-    from rigs.config import RigConfigError
-
-    try:
-        info = rig_info(args.rig, parse_overrides(args.override))
-    except (RigConfigError, ValueError) as exc:
-        print(f"rig-info: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(info, indent=2) if args.json else format_rig_info(info))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: `python -m rigs.rig_commands rig-info cartpole`."""
-    parser = argparse.ArgumentParser(prog="rigs.rig_commands")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
