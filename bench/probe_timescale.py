@@ -17,9 +17,9 @@ import sys
 import numpy as np
 import torch
 
-from fm_core.baselines import as_trajdata, zero_shot
-from fm_core.finetune import rollout, split_trajectories
-from fm_core.trajfile import load_trajectories
+from fm_core.baselines import zero_shot
+from fm_core.finetune import rollout
+from fm_core.trajfile import as_trajdata, load_trajectories, split_trajectories
 
 
 def main(argv: list[str] | None = None) -> int:

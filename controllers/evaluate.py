@@ -132,8 +132,7 @@ def prepare_data(rig: str, cfg: EvalConfig) -> Path:
 
 def load_splits(path: Path, cfg: EvalConfig) -> tuple[Any, Any, Any, Any]:
     """(trajectory set, train, val, test) with checks that every split exists and is long enough."""
-    from fm_core.finetune import split_trajectories
-    from fm_core.trajfile import load_trajectories
+    from fm_core.trajfile import load_trajectories, split_trajectories
 
     ts = load_trajectories(path)
     try:

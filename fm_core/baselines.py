@@ -35,16 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fm_core.finetune import (
-    ROLLOUT_MODES,
-    FinetuneConfig,
-    TrajData,
-    as_trajdata,
-    finetune,
-    rollout_windows,
-    subsample,
-)
+from fm_core.finetune import ROLLOUT_MODES, FinetuneConfig, finetune
+from fm_core.metrics import metric_windows, prediction_errors
 from fm_core.model import DynamicsFM, SystemModel
+from fm_core.trajfile import TrajData, as_trajdata, normalisation_stats, subsample
 
 SMALL_TF = {
     "n_max": 6,
@@ -211,7 +205,7 @@ def fit_transformer(
 def zero_shot(ckpt: Any, train: Any) -> TransformerPredictor:
     """The pretrained model without training; normalisation from the (whole) training split only."""
     from fm_core.checkpoint import load_checkpoint, pretrain_recipe
-    from fm_core.finetune import increment_scale, normalisation_stats
+    from fm_core.finetune import increment_scale
 
     if isinstance(ckpt, DynamicsFM):
         model = copy.deepcopy(ckpt)
@@ -235,10 +229,9 @@ def zero_shot(ckpt: Any, train: Any) -> TransformerPredictor:
 # ------------------------------------------------------------------------------------ window models
 class _Norm:
     def __init__(self, td: TrajData) -> None:
-        fx = td.x.reshape(-1, td.x.shape[-1]).astype(np.float64)
-        fu = td.u.reshape(-1, td.u.shape[-1]).astype(np.float64)
-        self.xm, self.xs = fx.mean(0), np.maximum(fx.std(0), 1e-6)
-        self.um, self.us = fu.mean(0), np.maximum(fu.std(0), 1e-6)
+        stats = normalisation_stats(td)
+        self.xm, self.xs = np.array(stats["x_mean"]), np.array(stats["x_std"])
+        self.um, self.us = np.array(stats["u_mean"]), np.array(stats["u_std"])
         d = np.diff(td.x.astype(np.float64), axis=1).reshape(-1, td.x.shape[-1])
         self.dm, self.ds = d.mean(0), np.maximum(d.std(0), 1e-9)
 
@@ -290,11 +283,10 @@ def _val_rollout_mse(pred: WindowPredictor, va: TrajData, ctx_hor: tuple[int, in
     c, h = ctx_hor
     if va.x.shape[1] < c + h:
         raise ValueError(f"val split has T={va.x.shape[1]} steps; val_rollout context+horizon={c + h}")
-    vx, vu = rollout_windows(va, c + h)
+    vx, vu = metric_windows(va.x, va.u, c + h)
     with np.errstate(all="ignore"):
         r = pred.rollout(vx[:, :c], vu[:, : c - 1], vu[:, c - 1 : -1])
-        v = float(np.mean(((r.astype(np.float64) - vx[:, c:]) / pred.norm.xs) ** 2))
-    return v if math.isfinite(v) else math.inf
+    return prediction_errors(None, r, vx, pred.norm.xs, c)["multi_step_mse"]
 
 
 def _xy(td: TrajData, norm: _Norm, w: int) -> tuple[np.ndarray, np.ndarray]:

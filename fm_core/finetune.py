@@ -7,7 +7,7 @@ Python API (used by the evaluation engineer)::
     scores = evaluate_mse(model, test_set, context=32, horizon=32)            # normalised-unit MSEs
 
 ``train_set`` / ``val_set``: anything with ``x (K,T,n)`` and ``u (K,T,m)`` arrays (e.g. a
-``fm_core.trajfile.TrajectorySet`` or :class:`TrajData`).
+``fm_core.trajfile.TrajectorySet`` or ``TrajData``).
 """
 
 from __future__ import annotations
@@ -25,20 +25,9 @@ import torch
 from fm_core.checkpoint import load_checkpoint, save_checkpoint
 from fm_core.data import BatchSpec, make_batch, masked_huber_loss, windows_to_batch
 from fm_core.lora import add_lora, merge_lora
+from fm_core.metrics import metric_windows, prediction_errors
 from fm_core.model import DynamicsFM, ModelConfig, SystemModel
-
-
-@dataclass
-class TrajData:
-    """Plain trajectory arrays: x (K,T,n), u (K,T,m) and descriptive fields."""
-
-    x: np.ndarray
-    u: np.ndarray
-    dt: float | None = None
-    state_names: list[str] = field(default_factory=list)
-    input_names: list[str] = field(default_factory=list)
-    rig: str = ""
-
+from fm_core.trajfile import TrajData, as_trajdata, normalisation_stats, subsample
 
 FINETUNE_MODES = ("full", "head", "lora")
 
@@ -134,64 +123,6 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------------------------------------- data helpers
-def as_trajdata(ts: Any, name: str = "set") -> TrajData:
-    """Validate an object with x (K,T,n), u (K,T,m) into TrajData (float32); errors name the field."""
-    if isinstance(ts, TrajData):
-        return ts
-    try:
-        x = np.asarray(ts.x, dtype=np.float32)
-        u = np.asarray(ts.u, dtype=np.float32)
-    except AttributeError as exc:
-        raise ValueError(f"{name}: needs fields 'x' and 'u' ({exc})") from None
-    if x.ndim != 3 or u.ndim != 3 or x.shape[:2] != u.shape[:2]:
-        raise ValueError(f"{name}: field 'x' must be (K,T,n) and 'u' (K,T,m) with equal K,T; "
-                         f"got {x.shape} and {u.shape}")
-    for fname, arr in (("x", x), ("u", u)):
-        if not np.isfinite(arr).all():
-            raise ValueError(f"{name}: field {fname!r} contains NaN/Inf")
-    names = getattr(ts, "state_names", None)
-    if names is None:
-        names = getattr(ts, "names", [])
-    return TrajData(x=x, u=u, dt=_f(getattr(ts, "dt", None)), state_names=[str(s) for s in list(names)],
-                    input_names=[str(s) for s in list(getattr(ts, "input_names", []))],
-                    rig=str(getattr(ts, "rig", "") or ""))
-
-
-def _f(v: Any) -> float | None:
-    return None if v is None else float(np.asarray(v))
-
-
-def split_trajectories(ts: Any, split: str) -> TrajData:
-    """Trajectories of ``ts`` whose ``split`` entry equals ``split`` ("train" / "val" / "test")."""
-    td = as_trajdata(ts)
-    sp = np.asarray(ts.split, dtype=str)
-    sel = sp == split
-    if not sel.any():
-        raise ValueError(f"no trajectories with split == {split!r} (have {sorted(set(sp.tolist()))})")
-    return TrajData(td.x[sel], td.u[sel], td.dt, td.state_names, td.input_names, td.rig)
-
-
-def subsample(td: TrajData, fraction: float, seed: int) -> TrajData:
-    """Seeded random subset of ceil(fraction*K) (at least 1) trajectories."""
-    k = td.x.shape[0]
-    keep = max(1, int(math.ceil(fraction * k - 1e-9)))
-    if keep >= k:
-        return td
-    idx = np.sort(np.random.default_rng([seed, 7]).choice(k, size=keep, replace=False))
-    return TrajData(td.x[idx], td.u[idx], td.dt, td.state_names, td.input_names, td.rig)
-
-
-def normalisation_stats(td: TrajData) -> dict[str, list[float]]:
-    """Per-channel mean / std over all steps (std floored at 1e-3 * max(1, |mean|) to stay finite)."""
-    out = {}
-    for key, arr in (("x", td.x), ("u", td.u)):
-        flat = arr.reshape(-1, arr.shape[-1]).astype(np.float64)
-        mean = flat.mean(0)
-        std = np.maximum(flat.std(0), 1e-3 * np.maximum(1.0, np.abs(mean)))
-        out[f"{key}_mean"], out[f"{key}_std"] = mean.tolist(), std.tolist()
-    return out
-
-
 def increment_scale(td: TrajData, model: DynamicsFM) -> np.ndarray:
     """Per-channel std of the one-step increments x[t+1] - x[t] in the model's normalised units (floored)."""
     n = td.x.shape[-1]
@@ -225,13 +156,6 @@ def _masks(model: DynamicsFM, n: int, m: int, b: int) -> tuple[np.ndarray, np.nd
     im = np.zeros((b, c.m_max), np.float32)
     sm[:, :n], im[:, :m] = 1.0, 1.0
     return sm, im
-
-
-def rollout_windows(td: TrajData, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-overlapping windows of ``length`` steps from every trajectory (the evaluation's test windows)."""
-    starts = range(0, td.x.shape[1] - length + 1, length)
-    return (np.concatenate([td.x[:, s : s + length] for s in starts]),
-            np.concatenate([td.u[:, s : s + length] for s in starts]))
 
 
 def _mix_synthetic(
@@ -353,7 +277,7 @@ def finetune(
         vc, vh = cfg.val_rollout
         if va.x.shape[1] < vc + vh:
             raise ValueError(f"val_set has T={va.x.shape[1]} steps; val_rollout context+horizon={vc + vh}")
-        val_roll = rollout_windows(va, vc + vh)
+        val_roll = metric_windows(va.x, va.u, vc + vh)
     elif va is not None:
         xva, uva = _normalised_padded(model, va)
         vseq = max(1, min(seq, va.x.shape[1] - p))
@@ -386,9 +310,9 @@ def finetune(
             vc = cfg.val_rollout[0]  # type: ignore[index]
             roll = ROLLOUT_MODES[cfg.rollout_mode]
             pr = roll(model.for_system(n, m), vx[:, :vc], vu[:, : vc - 1], vu[:, vc - 1 : -1])
-            xs = model.x_std[:n]
             model.train()
-            return float((((pr - torch.as_tensor(vx[:, vc:])) / xs) ** 2).mean())
+            err = prediction_errors(None, pr.detach().numpy(), vx, model.x_std[:n].numpy(), vc)
+            return err["multi_step_mse"]
         with torch.no_grad():
             tot = 0.0
             for b in val_batches:
@@ -566,12 +490,10 @@ ROLLOUT_MODES = {"masked": rollout, "ar": rollout_ar}
 def evaluate_mse(
     model: DynamicsFM | SystemModel, data: Any, context: int = 32, horizon: int = 32, max_windows: int = 4096,
 ) -> dict[str, Any]:
-    """One-step and multi-step MSE in normalised units (the model's normalisation) over windows of ``data``.
-
-    Windows of ``context + horizon`` steps (non-overlapping, every trajectory). ``one_step_mse``:
-    teacher-forced prediction of x[t+1] over the whole window; ``multi_step_mse``: open-loop rollout of
-    ``horizon`` steps from ``context`` observed steps; ``per_step_mse``: the rollout MSE at each horizon step.
-    """
+    """:func:`fm_core.metrics.prediction_errors` in the model's normalised units (its x_std as the scale) over
+    the metric's windows of ``context + horizon`` steps of ``data`` (at most ``max_windows``):
+    ``one_step_mse`` (teacher-forced x[t+1] over the whole window), ``multi_step_mse`` (open-loop rollout of
+    ``horizon`` steps from ``context`` observed ones), ``per_step_mse`` and that function's other keys."""
     td = as_trajdata(data, "data")
     core = model.core if isinstance(model, SystemModel) else model
     n, m = td.x.shape[-1], td.u.shape[-1]
@@ -583,20 +505,14 @@ def evaluate_mse(
         raise ValueError(f"trajectories have T={td.x.shape[1]} steps; context+horizon={length} needed")
     if length > core.cfg.max_len:
         raise ValueError(f"context+horizon={length} exceeds model max_len={core.cfg.max_len}")
-    starts = np.arange(0, td.x.shape[1] - length + 1, length)
-    xs = np.concatenate([td.x[:, s : s + length] for s in starts])[:max_windows]
-    us = np.concatenate([td.u[:, s : s + length] for s in starts])[:max_windows]
+    xs, us = (a[:max_windows] for a in metric_windows(td.x, td.u, length))
     x, u = _t(xs), _t(us)
-    std, mean = core.x_std[:n], core.x_mean[:n]
-    norm = lambda a: (a - mean) / std  # noqa: E731
-    one = sys(x[:, :-1], u[:, :-1], torch.ones(x.shape[0], length - 1))
-    one_mse = float(((norm(one) - norm(x[:, 1:])) ** 2).mean())
-    roll_fn = ROLLOUT_MODES[getattr(core, "rollout_mode", "masked")]
-    roll = roll_fn(sys, x[:, :context], u[:, : context - 1], u[:, context - 1 : length - 1])
-    se = (norm(roll) - norm(x[:, context:])) ** 2
-    return {"one_step_mse": one_mse, "multi_step_mse": float(se.mean()),
-            "per_step_mse": se.mean(dim=(0, 2)).tolist(), "windows": int(x.shape[0]),
-            "context": context, "horizon": horizon}
+    with torch.no_grad():
+        one = sys(x[:, :-1], u[:, :-1], torch.ones(x.shape[0], length - 1))
+        roll_fn = ROLLOUT_MODES[getattr(core, "rollout_mode", "masked")]
+        roll = roll_fn(sys, x[:, :context], u[:, : context - 1], u[:, context - 1 : length - 1])
+    err = prediction_errors(one.numpy(), roll.numpy(), xs, core.x_std[:n].numpy(), context, one_step_skip=0)
+    return {**err, "context": context, "horizon": horizon}
 
 
 def save_finetuned(

@@ -268,7 +268,7 @@ def fit_sindy(train: Any, val: Any, seed: int, budget: Any, fraction: float,
     """
     import pysindy as ps
 
-    from fm_core.finetune import as_trajdata, subsample
+    from fm_core.trajfile import as_trajdata, subsample
 
     t0 = time.time()
     tr = subsample(as_trajdata(train, "train"), fraction, seed)

@@ -124,9 +124,9 @@ def resolve_angle_features(choice: str, init: str | None) -> str:
 
 def _finetune(args: argparse.Namespace) -> int:
     from fm_core.checkpoint import CheckpointError
-    from fm_core.finetune import FinetuneConfig, evaluate_mse, finetune, save_finetuned, split_trajectories
+    from fm_core.finetune import FinetuneConfig, evaluate_mse, finetune, save_finetuned
     from fm_core.train_report import plot_loss_curve
-    from fm_core.trajfile import TrajectoryFileError, load_trajectories
+    from fm_core.trajfile import TrajectoryFileError, load_trajectories, split_trajectories
 
     try:
         kv = parse_kv(args.overrides)

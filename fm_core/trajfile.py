@@ -34,10 +34,13 @@ import math
 import os
 import zipfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, ClassVar, Self
 
 import numpy as np
+
+from fm_core.metrics import channel_scale
 
 FORMAT_VERSION = 2  # written when the provenance fields are present; 1 otherwise (both are read)
 SUPPORTED_VERSIONS = (1, 2)
@@ -51,36 +54,40 @@ class TrajectoryFileError(ValueError):
 
 
 @dataclass
-class Normalisation:
-    """Per-channel statistics of the train split (std floored: constant channels get std 1)."""
-
-    x_mean: np.ndarray
-    x_std: np.ndarray
-    u_mean: np.ndarray
-    u_std: np.ndarray
-
-    def as_dict(self) -> dict[str, list[float]]:
-        """Plain lists (for checkpoint ``meta`` / JSON)."""
-        return {k: [float(v) for v in getattr(self, k)] for k in ("x_mean", "x_std", "u_mean", "u_std")}
-
-
-@dataclass
-class TrajectorySet:
-    """Trajectories loaded from one or more files (see module docstring for the fields)."""
+class TrajData:
+    """Trajectories in memory: x (K,T,n), u (K,T,m) float32 and what they describe. The one container of
+    training, evaluation and scoring; :class:`TrajectorySet` (a loaded file) adds splits and provenance."""
 
     x: np.ndarray
     u: np.ndarray
+    dt: float | None = None
+    state_names: list[str] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)
+    rig: str = ""
+
+    #: the fields with one entry per trajectory (indexed by :meth:`take`)
+    per_trajectory: ClassVar[tuple[str, ...]] = ("x", "u")
+
+    def take(self, idx: np.ndarray) -> Self:
+        """The trajectories ``idx`` (index array or boolean mask), same type and metadata."""
+        return replace(self, **{k: (None if getattr(self, k) is None else getattr(self, k)[idx])
+                                for k in self.per_trajectory})
+
+
+@dataclass(kw_only=True)
+class TrajectorySet(TrajData):
+    """Trajectories loaded from one or more files (see module docstring for the fields)."""
+
     dt: float
-    state_names: list[str]
-    input_names: list[str]
     split: np.ndarray
     source: np.ndarray
-    rig: str
     paths: tuple[Path, ...] = ()
     run_id: np.ndarray | None = None  # provenance (format_version 2), see the module docstring
     episode: np.ndarray | None = None
     frame_index: np.ndarray | None = None
     timestamp: np.ndarray | None = None
+
+    per_trajectory: ClassVar[tuple[str, ...]] = ("x", "u", "split", "source", *PROVENANCE)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -116,46 +123,13 @@ class TrajectorySet:
                              "rigfm dataset build)")
         return self.timestamp[:, None] + self.dt * np.arange(self.T)[None, :]
 
-    def _take(self, idx: np.ndarray) -> TrajectorySet:
-        prov = {k: (None if getattr(self, k) is None else getattr(self, k)[idx]) for k in PROVENANCE}
-        return TrajectorySet(self.x[idx], self.u[idx], self.dt, list(self.state_names),
-                             list(self.input_names), self.split[idx], self.source[idx], self.rig, self.paths,
-                             **prov)
-
     def subset(self, split: str | Iterable[str]) -> TrajectorySet:
         """The trajectories of one or more splits: ``ts.subset("train")``, ``ts.subset(["val", "test"])``."""
         wanted = {split} if isinstance(split, str) else set(split)
         unknown = sorted(wanted - set(SPLITS))
         if unknown:
             raise ValueError(f"TrajectorySet.subset: unknown split(s) {unknown}; known: {list(SPLITS)}")
-        return self._take(np.isin(self.split, sorted(wanted)))
-
-    def normalisation(self) -> Normalisation:
-        """Mean/std per state and input channel over all samples of the train split."""
-        tr = self.split == "train"
-        if not tr.any():
-            raise ValueError(f"{self._name()}: no 'train' trajectories to compute the normalisation from")
-
-        def stats(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            flat = a[tr].reshape(-1, a.shape[2]).astype(np.float64)
-            mean, std = flat.mean(0), flat.std(0)
-            std = np.where(std > 1e-8 * np.maximum(1.0, np.abs(mean)), std, 1.0)
-            return mean.astype(np.float32), std.astype(np.float32)
-
-        xm, xs = stats(self.x)
-        um, us = stats(self.u)
-        return Normalisation(xm, xs, um, us)
-
-    def fraction(self, frac: float, seed: int = 0) -> TrajectorySet:
-        """A random ``frac`` of the trajectories (at least one, order kept), reproducible by ``seed``."""
-        if not 0.0 < frac <= 1.0:
-            raise ValueError(f"TrajectorySet.fraction: frac must be in (0, 1], got {frac}")
-        k = len(self)
-        if k == 0:
-            return self._take(np.zeros(0, dtype=np.int64))
-        keep = max(1, round(frac * k))
-        idx = np.sort(np.random.default_rng(seed).choice(k, size=keep, replace=False))
-        return self._take(idx)
+        return self.take(np.isin(self.split, sorted(wanted)))
 
     def save(self, path: str | Path) -> Path:
         """Write this set with ``save_trajectories``."""
@@ -250,8 +224,8 @@ def _validate(where: str, data: dict[str, object]) -> TrajectorySet:
     if mixed:
         raise _err(where, "split", f"mixes source {mixed[0]!r} across splits {mixed[1]}")
     prov = _provenance(where, data, k, int(version))
-    return TrajectorySet(x, u, dt, state_names.tolist(), input_names.tolist(), split, source, str(rig),
-                         **prov)
+    return TrajectorySet(x=x, u=u, dt=dt, state_names=state_names.tolist(), input_names=input_names.tolist(),
+                         split=split, source=source, rig=str(rig), **prov)
 
 
 def _provenance(where: str, data: dict[str, object], k: int, version: int) -> dict[str, np.ndarray]:
@@ -354,10 +328,10 @@ def load_trajectories(path: str | Path | Sequence[str | Path]) -> TrajectorySet:
     first = sets[0]
     for s in sets[1:]:
         where = s.paths[0]
-        for field in ("state_names", "input_names", "rig"):
-            if getattr(s, field) != getattr(first, field):
-                raise _err(str(where), field, f"{getattr(s, field)!r} differs from {first.paths[0]}'s "
-                                              f"{getattr(first, field)!r}")
+        for name in ("state_names", "input_names", "rig"):
+            if getattr(s, name) != getattr(first, name):
+                raise _err(str(where), name, f"{getattr(s, name)!r} differs from {first.paths[0]}'s "
+                                             f"{getattr(first, name)!r}")
         if not math.isclose(s.dt, first.dt, rel_tol=1e-9):
             raise _err(str(where), "dt", f"{s.dt} differs from {first.paths[0]}'s {first.dt}")
         if s.T != first.T:
@@ -371,9 +345,11 @@ def load_trajectories(path: str | Path | Sequence[str | Path]) -> TrajectorySet:
                 "episode": np.concatenate([s.episode + o for s, o in zip(sets, offsets, strict=True)]),
                 "frame_index": np.concatenate([s.frame_index for s in sets]),
                 "timestamp": np.concatenate([s.timestamp for s in sets])}
-    out = TrajectorySet(np.concatenate([s.x for s in sets]), np.concatenate([s.u for s in sets]), first.dt,
-                        first.state_names, first.input_names, np.concatenate([s.split for s in sets]),
-                        np.concatenate([s.source for s in sets]), first.rig, tuple(paths), **prov)
+    out = TrajectorySet(x=np.concatenate([s.x for s in sets]), u=np.concatenate([s.u for s in sets]),
+                        dt=first.dt, state_names=first.state_names, input_names=first.input_names,
+                        split=np.concatenate([s.split for s in sets]),
+                        source=np.concatenate([s.source for s in sets]), rig=first.rig, paths=tuple(paths),
+                        **prov)
     mixed = _mixed_source(out.source, out.split)
     if mixed:
         raise _err(out._name(), "split", f"mixes source {mixed[0]!r} across splits {mixed[1]} "
@@ -423,3 +399,61 @@ def split_by_source(
     per_source = np.empty(uniq.size, dtype=np.int64)
     per_source[order] = label
     return np.asarray(SPLITS)[per_source[inverse]]
+
+
+# ---------------------------------------------------------------------------------------------- in memory
+def as_trajdata(ts: Any, name: str = "set") -> TrajData:
+    """A :class:`TrajData` (or TrajectorySet) as it is; any object with x (K,T,n), u (K,T,m) validated into
+    one (float32, finite); errors name the field."""
+    if isinstance(ts, TrajData):
+        return ts
+    try:
+        x = np.asarray(ts.x, dtype=np.float32)
+        u = np.asarray(ts.u, dtype=np.float32)
+    except AttributeError as exc:
+        raise ValueError(f"{name}: needs fields 'x' and 'u' ({exc})") from None
+    if x.ndim != 3 or u.ndim != 3 or x.shape[:2] != u.shape[:2]:
+        raise ValueError(f"{name}: field 'x' must be (K,T,n) and 'u' (K,T,m) with equal K,T; "
+                         f"got {x.shape} and {u.shape}")
+    for fname, arr in (("x", x), ("u", u)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name}: field {fname!r} contains NaN/Inf")
+    names = getattr(ts, "state_names", None)
+    if names is None:
+        names = getattr(ts, "names", [])
+    dt = getattr(ts, "dt", None)
+    return TrajData(x=x, u=u, dt=None if dt is None else float(np.asarray(dt)),
+                    state_names=[str(s) for s in list(names)],
+                    input_names=[str(s) for s in list(getattr(ts, "input_names", []))],
+                    rig=str(getattr(ts, "rig", "") or ""))
+
+
+def split_trajectories(ts: TrajectorySet, split: str) -> TrajectorySet:
+    """The trajectories of one split ("train" / "val" / "test"); ValueError when it has none."""
+    sub = ts.subset(split)
+    if not len(sub):
+        raise ValueError(f"no trajectories with split == {split!r} (have {sorted(set(ts.split.tolist()))})")
+    return sub
+
+
+def subsample(td: TrajData, fraction: float, seed: int) -> TrajData:
+    """Seeded random subset of ceil(fraction*K) (at least 1) trajectories, order kept (the experiment's
+    fractions: every model of one (fraction, seed) sees the same trajectories)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"subsample: fraction must be in (0, 1], got {fraction}")
+    k = td.x.shape[0]
+    keep = max(1, int(math.ceil(fraction * k - 1e-9)))
+    if keep >= k:
+        return td
+    return td.take(np.sort(np.random.default_rng([seed, 7]).choice(k, size=keep, replace=False)))
+
+
+def normalisation_stats(td: TrajData) -> dict[str, list[float]]:
+    """Per-channel mean and std of x and u over all steps (std floored as
+    :func:`fm_core.metrics.channel_scale` floors it, so a constant channel stays finite)."""
+    out = {}
+    for key, arr in (("x", td.x), ("u", td.u)):
+        out[f"{key}_mean"] = arr.reshape(-1, arr.shape[-1]).astype(np.float64).mean(0).tolist()
+        out[f"{key}_std"] = channel_scale(arr).tolist()
+    return out
+

@@ -11,7 +11,7 @@ import pytest
 from controllers.evaluate import EvalConfig, EvaluateError, angle_codec
 from fm_core.angle_features import SinCosCodec, SinCosPredictor, wrap_angle
 from fm_core.baselines import Budget, fit_model
-from fm_core.finetune import TrajData
+from fm_core.trajfile import TrajData
 from rigs.config import RigConfigError
 from rigs.physics import pendulum_angle_name
 

@@ -16,8 +16,8 @@ from fm_core.baselines import (
     fit_model,
     zero_shot,
 )
-from fm_core.finetune import TrajData
 from fm_core.model import DynamicsFM, ModelConfig
+from fm_core.trajfile import TrajData
 
 A = np.array(
     [[1.0, 0.0, 0.01, 0.0], [0.0, 1.0, 0.0, 0.01], [-0.05, 0.02, 0.97, 0.0], [0.01, -0.08, 0.0, 0.98]]

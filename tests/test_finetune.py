@@ -13,9 +13,9 @@ import torch
 from fm_core import train_commands
 from fm_core.checkpoint import load_checkpoint
 from fm_core.config import load_config
-from fm_core.finetune import FinetuneConfig, evaluate_mse, finetune, rollout, split_trajectories
+from fm_core.finetune import FinetuneConfig, evaluate_mse, finetune, rollout
 from fm_core.train import pretrain
-from fm_core.trajfile import TrajectoryFileError, load_trajectories, save_trajectories
+from fm_core.trajfile import TrajectoryFileError, load_trajectories, save_trajectories, split_trajectories
 
 TINY = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=64)
 
@@ -203,7 +203,8 @@ def test_metric_matched_masking_hides_every_step_after_the_context():
 
 
 def test_val_rollout_early_stopping_scores_the_open_loop_rollout(data_file, pretrained):
-    from fm_core.finetune import normalisation_stats, rollout_windows
+    from fm_core.metrics import metric_windows
+    from fm_core.trajfile import normalisation_stats
 
     ts = load_trajectories(data_file)
     train, val = split_trajectories(ts, "train"), split_trajectories(ts, "val")
@@ -212,7 +213,7 @@ def test_val_rollout_early_stopping_scores_the_open_loop_rollout(data_file, pret
     # step 0 is the pretrained model with the train normalisation: recompute its val rollout MSE by hand
     init, _ = load_checkpoint(pretrained)
     init.set_normalization(**normalisation_stats(train))
-    vx, vu = rollout_windows(val, 24)
+    vx, vu = metric_windows(val.x, val.u, 24)
     assert vx.shape == (5 * 3, 24, 4)
     pr = rollout(init, vx[:, :10], vu[:, :9], vu[:, 9:-1]).numpy()
     want = float(np.mean(((pr - vx[:, 10:]) / init.x_std[:4].numpy()) ** 2))

@@ -12,8 +12,9 @@ from export.onnx_export import export_checkpoint
 from export.onnx_runtime import OnnxPredictor
 from fm_core.checkpoint import load_checkpoint, rollout_mode_of, save_checkpoint
 from fm_core.data import BatchSpec, make_batch, normalise_per_sample
-from fm_core.finetune import FinetuneConfig, TrajData, _train_loss, finetune, rollout, rollout_ar
+from fm_core.finetune import FinetuneConfig, _train_loss, finetune, rollout, rollout_ar
 from fm_core.model import DynamicsFM, ModelConfig
+from fm_core.trajfile import TrajData
 
 
 def _model(seed: int = 0, scale: bool = True) -> DynamicsFM:

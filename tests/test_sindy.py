@@ -11,9 +11,9 @@ import pytest
 
 from fm_core.angle_features import SinCosCodec, SinCosPredictor
 from fm_core.baselines import Budget, fit_model
-from fm_core.finetune import TrajData
 from fm_core.metrics import prediction_errors
 from fm_core.sindy import detect_layout, fit_sindy
+from fm_core.trajfile import TrajData
 
 DT = 0.01
 A = np.array([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0], [-2.0, 0.5, -0.3, 0.0], [0.4, -3.0, 0.0, -0.2]])

@@ -10,9 +10,13 @@ from hypothesis import strategies as st
 from fm_core.trajfile import (
     FORMAT_VERSION,
     TrajectoryFileError,
+    TrajectorySet,
     load_trajectories,
+    normalisation_stats,
     save_trajectories,
     split_by_source,
+    split_trajectories,
+    subsample,
 )
 
 STATES = ["p", "theta", "p_dot", "theta_dot"]
@@ -107,20 +111,23 @@ def test_subset_fraction_and_normalisation(tmp_path):
     assert len(ts.subset(["val", "test"])) == 8
     with pytest.raises(ValueError, match="bogus"):
         ts.subset("bogus")
-    norm = ts.normalisation()
+    norm = normalisation_stats(tr)
     x_tr = a["x"][a["split"] == "train"].reshape(-1, 4)
-    np.testing.assert_allclose(norm.x_mean, x_tr.mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(norm.x_std[[0, 2, 3]], x_tr.std(0)[[0, 2, 3]], rtol=1e-5)
-    assert norm.x_std[1] == 1.0 and norm.x_mean[1] == 3.0
-    assert norm.u_mean.shape == (1,) and set(norm.as_dict()) == {"x_mean", "x_std", "u_mean", "u_std"}
-    f1, f2, f3 = ts.fraction(0.25, seed=1), ts.fraction(0.25, seed=1), ts.fraction(0.25, seed=2)
-    assert len(f1) == 3 and np.array_equal(f1.x, f2.x)
+    np.testing.assert_allclose(norm["x_mean"], x_tr.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(norm["x_std"])[[0, 2, 3]], x_tr.std(0)[[0, 2, 3]], rtol=1e-5)
+    assert norm["x_std"][1] == pytest.approx(3e-3) and norm["x_mean"][1] == 3.0  # 1e-3 max(1, |mean|)
+    assert len(norm["u_mean"]) == 1 and set(norm) == {"x_mean", "x_std", "u_mean", "u_std"}
+    f1, f2, f3 = subsample(ts, 0.25, seed=1), subsample(ts, 0.25, seed=1), subsample(ts, 0.25, seed=2)
+    assert isinstance(f1, TrajectorySet) and len(f1) == 3 and np.array_equal(f1.x, f2.x)
+    rows = [int(np.flatnonzero((ts.x == xi).all(axis=(1, 2)))[0]) for xi in f1.x]  # fields follow the rows
+    assert rows == sorted(rows) and np.array_equal(f1.split, ts.split[rows]) and np.array_equal(f1.source,
+                                                                                                ts.source[rows])
     assert not np.array_equal(f1.source, f3.source) or not np.array_equal(f1.x, f3.x)
-    assert len(ts.fraction(0.01)) == 1 and len(ts.fraction(1.0)) == 12
-    with pytest.raises(ValueError, match="frac"):
-        ts.fraction(0.0)
-    with pytest.raises(ValueError, match="train"):
-        ts.subset("val").normalisation()
+    assert len(subsample(ts, 0.01, 0)) == 1 and len(subsample(ts, 1.0, 0)) == 12
+    with pytest.raises(ValueError, match="fraction"):
+        subsample(ts, 0.0, 0)
+    with pytest.raises(ValueError, match="no trajectories with split == 'val'"):
+        split_trajectories(tr, "val")
 
 
 def test_missing_field_named(tmp_path):
