@@ -13,7 +13,6 @@ Python API (used by the evaluation engineer)::
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from fm_core.data import BatchSpec, make_batch, masked_huber_loss, windows_to_ba
 from fm_core.lora import add_lora, merge_lora
 from fm_core.metrics import metric_windows, prediction_errors
 from fm_core.model import DynamicsFM, ModelConfig, SystemModel
+from fm_core.schedule import warmup_cosine
 from fm_core.trajfile import TrajData, as_trajdata, normalisation_stats, subsample
 
 FINETUNE_MODES = ("full", "head", "lora")
@@ -295,12 +295,7 @@ def finetune(
         add_lora(model, cfg.lora_rank)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    def lr_factor(s: int) -> float:
-        cos = 0.5 + 0.5 * math.cos(math.pi * s / cfg.steps)
-        floor = cfg.min_lr_ratio
-        return min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * (floor + (1 - floor) * cos)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = warmup_cosine(opt, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     rng = np.random.default_rng([cfg.seed, 1])
 
     def val_loss() -> float:

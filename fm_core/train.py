@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import signal
 import sys
@@ -38,15 +37,8 @@ from fm_core.data import (
     masked_huber_loss,
 )
 from fm_core.model import DynamicsFM, ModelConfig, count_parameters
+from fm_core.schedule import warmup_cosine
 from fm_core.train_report import plot_loss_curve, write_metrics
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def param_hash(model: torch.nn.Module) -> str:
@@ -171,8 +163,7 @@ def pretrain(
     model = DynamicsFM(mc).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     t = cfg.train
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
+    sched = warmup_cosine(opt, t.warmup_steps, t.steps, t.min_lr_ratio)
     step, history, elapsed0 = 0, [], 0.0
     last_path = out / "last.pt"
     if t.init and not (resume and last_path.is_file()):

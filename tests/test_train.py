@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -285,3 +286,20 @@ def test_warm_start_from_a_checkpoint_and_named_errors(tmp_path):
     with pytest.raises(ValueError, match="has another \\[model\\].*d_model"):
         pretrain(_smoke("train.steps=1", f"train.init={str(src)!r}", "model.d_model=48"), tmp_path / "d",
                  progress=False)
+
+
+def test_one_schedule_warmup_then_cosine_to_the_floor():
+    from fm_core.schedule import lr_factor, warmup_cosine
+
+    assert [lr_factor(s, 4, 20, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, 20, 0.1) == 1.0 and math.isclose(lr_factor(12, 4, 20, 0.1), 0.55)
+    assert math.isclose(lr_factor(20, 4, 20, 0.1), 0.1) and math.isclose(lr_factor(99, 4, 20, 0.1), 0.1)
+    assert lr_factor(0, 0, 10, 0.0) == 1.0  # no warm-up
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = warmup_cosine(opt, 4, 20, 0.1)
+    seen = []
+    for _ in range(21):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([2.0 * lr_factor(s, 4, 20, 0.1) for s in range(21)])
