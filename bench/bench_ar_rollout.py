@@ -5,10 +5,11 @@
 
 An ``ar`` model answers a rollout request with one step-graph call per horizon step. ``OnnxPredictor`` runs
 those steps on :class:`export.kv_slots.RolloutBuffers` (the cache loaded once, one IOBinding for all steps);
-the reference is the same predictor stepping through ``OnnxPredictor.step`` (a grown copy of the whole cache
-and a fresh binding per step, what rollouts did before). A checkpoint trained in masked mode is exported
-with its rollout mode set to ``ar`` (the timing does not depend on the weights). One thread, interleaved
-timing (blocks of 5); prints p50 per request, the speed-up and the largest difference between the two paths.
+the reference is the same predictor with its horizon loop stepping through ``OnnxPredictor.step`` instead (a
+grown copy of the whole cache and a fresh binding per step: :func:`copying_steps`). A checkpoint trained in
+masked mode is exported with its rollout mode set to ``ar`` (the timing does not depend on the weights). One
+thread, interleaved timing (blocks of 5); prints p50 per request, the speed-up and the largest difference
+between the two paths.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,25 @@ CASES = (  # name, rows, context, horizon, shared history
     ("MPC K64 x H10", 64, 32, 10, True),
     ("score B84 x L30 x H50", 84, 30, 50, False),
 )
+
+
+def copying_steps(self, xs: np.ndarray, u: np.ndarray, out: np.ndarray, j0: int, kc: np.ndarray,
+                  vc: np.ndarray) -> None:
+    """``OnnxPredictor._step_rollout`` through ``OnnxPredictor.step`` (the step graph on grown copies)."""
+    from export.onnx_runtime import _fill_window
+
+    k, h = out.shape[:2]
+    s, p = kc.shape[3], self.meta.patch
+    if kc.shape[1] != k:
+        kc, vc = np.repeat(kc, k, axis=1), np.repeat(vc, k, axis=1)
+    xw, uw = np.empty((k, p, xs.shape[2]), np.float32), np.empty((k, p, u.shape[2]), np.float32)
+    for j in range(j0, h):
+        t = s + j - j0
+        _fill_window(xw, uw, xs, u, t)
+        res, kc, vc = self.step(xw, uw, np.ones((k, p), np.float32), kc, vc)
+        out[:, j] = res.reshape(k, -1)
+        if t + 1 < xs.shape[1]:
+            xs[:, t + 1] = out[:, j]
 
 
 def ar_export(checkpoint: Path, tmp: Path, context: int, int8: bool = False) -> tuple[Path, Path]:
@@ -65,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         full, step = ar_export(args.checkpoint, Path(d), context=32, int8=args.int8)
         fast = OnnxPredictor(full, step)
         copying = OnnxPredictor(full, step)
-        copying._rollout_buffers = lambda rows, tokens: None  # type: ignore[method-assign]  # the old path
+        copying._step_rollout = types.MethodType(copying_steps, copying)  # type: ignore[method-assign]
         me = fast.meta
         print(f"{args.checkpoint}: {me.n_layers} layers x {me.n_heads} heads, {me.quantized or 'float32'}, "
               f"step cache {fast.step_meta.step_cache}")

@@ -2,7 +2,7 @@
 
     python bench/bench_predictor.py                      # default checkpoint (or random default-config model)
     python bench/bench_predictor.py --windows 64 16 --iters 1000
-    python bench/bench_predictor.py --compare-exporters  # fused/torchscript/dynamo: export, nodes, latency
+    python bench/bench_predictor.py --compare-exporters  # fused / torchscript: export, nodes, latency
 
 Everything runs on one thread (torch.set_num_threads(1), ORT intra_op_num_threads=1, one server thread).
 Pin the whole bench to one core (`taskset -c 0 python bench/...`) to measure the issue's "on one core" case;
@@ -51,17 +51,14 @@ def paced_stream(client: Any, seq_x: np.ndarray, seq_u: np.ndarray, rate_hz: flo
 
 def fixed_step(pred: Any, k: np.ndarray, xw: np.ndarray, uw: np.ndarray) -> Callable[[], None]:
     """One stream step at a fixed cache length S = k.shape[3], the way a stream calls the predictor's step
-    graph (in place for a ``buffer`` graph, a grown copy for a ``concat`` one)."""
+    graph (in place)."""
     slots = pred.new_slots(1)
     slots.load(0, k, k)
     s = k.shape[3]
 
     def run() -> None:
         slots.step((0,), xw, uw)
-        if hasattr(slots, "len"):
-            slots.len[0] = s  # BufferSlots: rewind, the buffer is reused
-        else:
-            slots.load(0, k, k)  # ConcatSlots: drop the grown copy
+        slots.len[0] = s  # rewind: the buffer is reused
 
     return run
 
@@ -346,7 +343,8 @@ def ort_optimised_nodes(path: Path, tmp: Path) -> int:
 
 
 def compare_exporters(ckpt: Path, tmp: Path, iters: int) -> None:
-    """Export with every exporter, then time the sessions interleaved (A B C A B C ...) on the same inputs."""
+    """Export with every exporter (the step graph: fused only), then time the sessions interleaved (A B A B
+    ...) on the same inputs."""
     from export.onnx_export import export_checkpoint
     from export.onnx_runtime import EXPORTERS, OnnxPredictor
 
@@ -355,7 +353,7 @@ def compare_exporters(ckpt: Path, tmp: Path, iters: int) -> None:
         res = export_checkpoint(
             ckpt,
             tmp / f"{exporter}.onnx",
-            streaming=tmp / f"{exporter}_step.onnx",
+            streaming=tmp / f"{exporter}_step.onnx" if exporter == "fused" else None,
             exporter=exporter,
             **system_overrides(ckpt),
         )
@@ -368,8 +366,8 @@ def compare_exporters(ckpt: Path, tmp: Path, iters: int) -> None:
     for name in names:
         r = results[name]
         print(
-            f"{name:<12s} {r.export_s['full']:6.2f} + {r.export_s['step']:6.2f}      "
-            f"{r.nodes['full']:5d} / {r.nodes['step']:<5d}   {ort_optimised_nodes(r.full_path, tmp)}"
+            f"{name:<12s} {r.export_s['full']:6.2f} + {r.export_s.get('step', 0.0):6.2f}      "
+            f"{r.nodes['full']:5d} / {r.nodes.get('step', 0):<5d}   {ort_optimised_nodes(r.full_path, tmp)}"
         )
     k = np.zeros((me.n_layers, 1, me.n_heads, me.context - 1, me.d_head), np.float32)
     xw = rng.normal(size=(1, me.patch, me.n)).astype(np.float32)
@@ -385,8 +383,13 @@ def compare_exporters(ckpt: Path, tmp: Path, iters: int) -> None:
             x = rng.normal(size=(b, t, me.n)).astype(np.float32)
             u = rng.normal(size=(b, t, me.m)).astype(np.float32)
             fns = [lambda p=preds[n], x=x, u=u: p.predict(x, u) for n in names]
-        else:
-            fns = [fixed_step(preds[n], k, xw[0], uw[0]) for n in names]
+        else:  # the step graph: fused only
+            names_b = [n for n in names if preds[n].step_sess is not None]
+            fns = [fixed_step(preds[n], k, xw[0], uw[0]) for n in names_b]
+            ts = timeit_interleaved(fns, n_it, warmup=3)
+            cells = "".join(f"{np.percentile(v, 50):15.3f} ms" for v in ts)
+            print(f"{label:<24s} {cells}  ({', '.join(names_b)})")
+            continue
         ts = timeit_interleaved(fns, n_it, warmup=3)
         print(f"{label:<24s} " + "".join(f"{np.percentile(v, 50):15.3f} ms" for v in ts))
 

@@ -94,11 +94,11 @@ def register(subparsers) -> None:
         "--exporter",
         choices=EXPORTERS,
         default=DEFAULT_EXPORTER,
-        help="fused (default: onnxruntime fused operators built from the weights) or a torch.onnx exporter; "
-        "see docs/predictor.md for the measurement",
+        help="fused (default: onnxruntime's fused operators built from the weights, window and step "
+        "graph) or torchscript (standard ONNX operators for other runtimes, window graph only)",
     )
     p.add_argument("--opset", type=int_range(7, 30), default=None,
-                   help="ONNX opset (default 17; 18 for dynamo)")
+                   help="ONNX opset (default 17; the fused exporter writes 17)")
     p.add_argument("--n", type=int_range(1, 1024), default=None,
                    help="states (if the checkpoint's meta has none)")
     p.add_argument("--m", type=int_range(1, 1024), default=None,

@@ -10,7 +10,8 @@ batch 1, on par at batch 256; measurement in docs/predictor.md):
 * everything that depends only on the fixed system (channel masks, padded channels, normalisation, the
   sinusoidal positions) folded into weights and biases at export time.
 
-Same inputs, outputs, shapes and metadata as the traced graphs (docs/predictor.md); parity with torch is
+The window graph has the same inputs, outputs, shapes and metadata as the traced (``torchscript``) one
+(docs/predictor.md); the step graph keeps its KV cache in place (the ``buffer`` layout). Parity with torch is
 checked by the tests and by :func:`export.onnx_export.export_loaded` on every export. The graphs need
 onnxruntime (the contrib operators are not part of the ONNX standard), which is the predictor's runtime.
 """
@@ -163,14 +164,13 @@ def _add_norm(b: _Builder, a: str, h: str, gamma: str, beta: str, bias: str | No
     return b.op1("LayerNormalization", [s, gamma, beta], axis=-1, epsilon=LN_EPS), s
 
 
-def _blocks(b: _Builder, w: _Weights, ln: str, h: str, past: list[str] | None) -> tuple[str, list[str]]:
-    """The decoder blocks; returns (LN_f of the last residual stream, per-layer present (2,B,H,S,dh))."""
+def _blocks(b: _Builder, w: _Weights, ln: str, h: str) -> tuple[str, list[str]]:
+    """The decoder blocks of a window; returns (LN_f of the last residual stream, per-layer present
+    (2,B,H,T,dh))."""
     c = w.cfg
     presents = []
     for i, lay in enumerate(w.layers):
         ins = [ln, b.const(f"l{i}_w_qkv", lay["w_qkv"]), b.const(f"l{i}_b_qkv", lay["b_qkv"])]
-        if past is not None:
-            ins += ["", past[i]]  # no mask_index
         att, present = b.op("Attention", ins, 2, MS, num_heads=c.n_heads, unidirectional=1)
         presents.append(present)
         h, ln = _block_tail(b, w, i, att, h)
@@ -263,7 +263,7 @@ def build_full(system: torch.nn.Module) -> onnx.ModelProto:
     zero = b.const("zero_i64", [0], np.int64)
     pos = b.op1("Slice", [b.const("emb_const", w.emb_const), zero, t, zero])  # (T,d)
     ln, h = _embed_tail(b, w, tok, pos)
-    z, presents = _blocks(b, w, ln, h, None)
+    z, presents = _blocks(b, w, ln, h)
     b.nodes.append(helper.make_node("Identity", [_head(b, w, z, xc)], ["pred"], name="Identity_pred"))
     _split_presents(b, presents)
     f = TensorProto.FLOAT
@@ -370,63 +370,6 @@ def _blocks_gqa(
     return ln
 
 
-def build_step_concat(system: torch.nn.Module) -> onnx.ModelProto:
-    """The ``concat`` step graph (the traced exporters' layout): x_win (B,p,n), u_win, obs_win, past_k/v
-    (L,B,H,S,dh) -> pred (B,n), present_k/v (L,B,H,S+1,dh). Every call copies the whole cache several times;
-    the fused exporter writes :func:`build_step` instead (kept for measurements: bench_predictor)."""
-    w = _Weights(system)
-    c, n, m, p = w.cfg, w.n, w.m, w.cfg.patch
-    b = _Builder()
-    feat, xc = _features(b, w, "x_win", "u_win", "obs_win")
-    s = b.op1("Shape", ["past_k"], start=3, end=4)  # (1,) int64: position of the new token
-    # window rows before the stream start (index S-p+1+i < 0) are ignored, like the front padding
-    idx = b.op1("Add", [s, b.const("win_offsets", np.arange(p) - (p - 1), np.int64)])
-    valid = b.op1(
-        "Cast", [b.op1("GreaterOrEqual", [idx, b.const("zero_i64s", 0, np.int64)])], to=TensorProto.FLOAT
-    )
-    feat = b.op1("Mul", [feat, b.op1("Unsqueeze", [valid, b.const("axis_last", [-1], np.int64)])])
-    tok = b.op1("Reshape", [feat, b.const("tok_shape", [0, 1, -1], np.int64)])  # (B,1,p*(n+m+1))
-    pos = b.op1("Gather", [b.const("emb_const", w.emb_const), s], axis=0)  # (1,d)
-    ln, h = _embed_tail(b, w, tok, pos)
-    past = b.op1(
-        "Concat",
-        [
-            b.op1("Unsqueeze", ["past_k", b.const("axis_0", [0], np.int64)]),
-            b.op1("Unsqueeze", ["past_v", "axis_0"]),
-        ],
-        axis=0,
-    )  # (2,L,B,H,S,dh)
-    per_layer = [
-        b.op1("Gather", [past, b.const(f"layer_{i}", i, np.int64)], axis=1) for i in range(c.n_layers)
-    ]
-    z, presents = _blocks(b, w, ln, h, per_layer)
-    _step_pred(b, w, z, xc)
-    _split_presents(b, presents)
-    f = TensorProto.FLOAT
-    ins = [
-        helper.make_tensor_value_info("x_win", f, ["B", p, n]),
-        helper.make_tensor_value_info("u_win", f, ["B", p, m]),
-        helper.make_tensor_value_info("obs_win", f, ["B", p]),
-        helper.make_tensor_value_info("past_k", f, _cache_shape(c, "B", "S")),
-        helper.make_tensor_value_info("past_v", f, _cache_shape(c, "B", "S")),
-    ]
-    outs = [
-        helper.make_tensor_value_info("pred", f, ["B", n]),
-        helper.make_tensor_value_info("present_k", f, _cache_shape(c, "B", "S1")),
-        helper.make_tensor_value_info("present_v", f, _cache_shape(c, "B", "S1")),
-    ]
-    return _model(b, ins, outs, "rigfm_step")
-
-
-def save_fused(system: torch.nn.Module, graph: str, path: str | Path, step_cache: str = "buffer") -> None:
-    """Write the fused ``full`` or ``step`` graph of ``system`` to ``path`` (``step_cache``: ``buffer``, the
-    in-place KV layout, or ``concat``, the traced exporters' layout)."""
-    if graph == "full":
-        model = build_full(system)
-    elif step_cache == "buffer":
-        model = build_step(system)
-    elif step_cache == "concat":
-        model = build_step_concat(system)
-    else:
-        raise ValueError(f"step_cache must be 'buffer' or 'concat', got {step_cache!r}")
-    onnx.save(model, str(path))
+def save_fused(system: torch.nn.Module, graph: str, path: str | Path) -> None:
+    """Write the fused ``full`` or ``step`` (in-place ``buffer`` KV layout) graph of ``system`` to path."""
+    onnx.save(build_full(system) if graph == "full" else build_step(system), str(path))

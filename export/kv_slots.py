@@ -1,15 +1,10 @@
 """Where a stream's KV caches live between step-graph calls (torch-free).
 
 A stream (``export.onnx_runtime.StreamState``) has one or two cache *slots*: the live cache and, with shadow
-re-priming, the shadow cache grown next to it. Two implementations, chosen by the step graph's
-``rigfm.step_cache`` metadata:
-
-* :class:`BufferSlots` (``buffer`` step graphs, the fused exporter's): both slots are rows of fixed-capacity
-  per-layer buffers that onnxruntime updates in place (the present outputs are bound to the past inputs with
-  IOBinding), so a step writes one token per row and copies nothing else, and the live and the shadow slot
-  advance in **one** call (batch 2).
-* :class:`ConcatSlots` (``concat`` step graphs, the traced exporters'): each slot is a pair of
-  (L,1,H,S,dh) arrays replaced by the graph's grown copy on every call, one call per slot.
+re-priming, the shadow cache grown next to it. :class:`BufferSlots` keeps both as rows of fixed-capacity
+per-layer buffers that onnxruntime updates in place (the step graph's present outputs are bound to its past
+inputs with IOBinding: the ``buffer`` layout, ``rigfm.step_cache``), so a step writes one token per row and
+copies nothing else, and the live and the shadow slot advance in **one** call (batch 2).
 
 :class:`RolloutBuffers` is the same in-place layout for an autoregressive rollout request: K rows of one
 length, loaded once from the priming window's cache and advanced by one bound call per horizon step.
@@ -17,12 +12,11 @@ length, loaded once from the priming window's cache and advanced by one bound ca
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-STEP_CACHES = ("buffer", "concat")
+STEP_CACHES = ("buffer",)  # the one step-graph cache layout (rigfm.step_cache)
 
 
 def buffer_step_io(n_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -172,46 +166,3 @@ class RolloutBuffers:
         self.sess.run_with_iobinding(self._bd.io)
         self.len += 1
         return self._bd.pred
-
-
-class ConcatSlots:
-    """Cache slots for a ``concat`` step graph: (L,1,H,S,dh) arrays, one call per slot and step."""
-
-    def __init__(self, run_step: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]], meta: Any,
-                 rows: int) -> None:
-        self.run_step = run_step
-        self.meta = meta
-        self.k: list[np.ndarray] = []
-        self.v: list[np.ndarray] = []
-        for _ in range(rows):
-            self.k.append(self._empty())
-            self.v.append(self._empty())
-
-    def _empty(self) -> np.ndarray:
-        me = self.meta
-        return np.zeros((me.n_layers, 1, me.n_heads, 0, me.d_head), np.float32)
-
-    def length(self, row: int) -> int:
-        return int(self.k[row].shape[3])
-
-    def clear(self, row: int) -> None:
-        self.k[row] = self.v[row] = self._empty()
-
-    def save(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The slots' arrays (a step replaces them with grown copies, it never writes into them)."""
-        return list(self.k), list(self.v)
-
-    def restore(self, saved: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
-        self.k[:], self.v[:] = saved
-
-    def load(self, row: int, k: np.ndarray, v: np.ndarray) -> None:
-        self.k[row], self.v[row] = k, v
-
-    def step(self, rows: tuple[int, ...], x_win: np.ndarray, u_win: np.ndarray) -> dict[int, np.ndarray]:
-        xw, uw = x_win[None], u_win[None]
-        ow = np.ones(xw.shape[:2], np.float32)
-        out = {}
-        for r in rows:
-            pred, self.k[r], self.v[r] = self.run_step(xw, uw, ow, self.k[r], self.v[r])
-            out[r] = pred[0]
-        return out

@@ -26,8 +26,6 @@ from export.onnx_runtime import (
     FULL_INPUTS,
     FULL_OUTPUTS,
     ROLLOUT_MODES,
-    STEP_INPUTS,
-    STEP_OUTPUTS,
     op_domains,
     run_step_graph,
 )
@@ -267,7 +265,7 @@ def _metadata(ck: LoadedCheckpoint, graph: str, context: int, exporter: str, ops
         "rigfm.checkpoint_sha256": ck.sha256,
         "rigfm.exporter": exporter,
         "rigfm.opset": str(opset),
-    } | ({"rigfm.step_cache": "buffer" if exporter == "fused" else "concat"} if graph == "step" else {})
+    } | ({"rigfm.step_cache": "buffer"} if graph == "step" else {})
 
 
 def _dummy_full(ck: LoadedCheckpoint, b: int = 2, t: int = 8) -> tuple[Tensor, Tensor, Tensor]:
@@ -290,74 +288,20 @@ def _dummy_step(ck: LoadedCheckpoint, b: int = 2, s: int = 5) -> tuple[Tensor, .
     )
 
 
-def _export_graph(
-    module: nn.Module,
-    args: tuple[Tensor, ...],
-    path: Path,
-    inputs: tuple[str, ...],
-    outputs: tuple[str, ...],
-    axes: dict[str, dict[int, str]],
-    max_sizes: dict[str, int],
-    exporter: str,
-    opset: int,
-) -> None:
-    """Run torch.onnx.export with either exporter and the given dynamic axes."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            from torch.export import Dim
-
-            dims = {name: Dim(name, min=1 if name != "S" else 0, max=mx) for name, mx in max_sizes.items()}
-            shapes = {name: {ax: dims[d] for ax, d in axes.get(name, {}).items()} or None for name in inputs}
-            prog = torch.onnx.export(
-                module,
-                args,
-                None,
-                input_names=list(inputs),
-                output_names=list(outputs),
-                dynamic_shapes=shapes,
-                dynamo=True,
-                opset_version=opset,
-                verbose=False,
-            )
-            prog.save(str(path))
-        elif exporter == "torchscript":
-            torch.onnx.export(
-                module,
-                args,
-                str(path),
-                input_names=list(inputs),
-                output_names=list(outputs),
-                dynamic_axes={k: v for k, v in axes.items()},
-                dynamo=False,
-                opset_version=opset,
-            )
-        else:
-            raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
-
-
 def _write_graph(ck: LoadedCheckpoint, graph: str, path: Path, exporter: str, opset: int) -> None:
-    """Write the ``full`` or ``step`` graph of ``ck`` with the chosen exporter."""
-    c = ck.config
+    """Write the ``full`` or ``step`` graph of ``ck``: fused (both) or traced by torch.onnx (full only)."""
     if exporter == "fused":
         from export.fused_graph import save_fused
 
         save_fused(ck.system, graph, path)
         return
-    if graph == "step":
-        module: nn.Module = StepGraph(ck.system).eval()
-        args, names, outs = _dummy_step(ck), STEP_INPUTS, STEP_OUTPUTS
-        axes = {n: {0: "B"} for n in ("x_win", "u_win", "obs_win", "pred")}
-        axes |= {n: {1: "B", 3: "S"} for n in ("past_k", "past_v")}
-        axes |= {n: {1: "B", 3: "S1"} for n in ("present_k", "present_v")}
-        sizes = {"B": MAX_BATCH, "S": c["max_len"] - 1}
-    else:
-        module, args = FullWindowGraph(ck.system).eval(), _dummy_full(ck)
-        names, outs = FULL_INPUTS, FULL_OUTPUTS
-        axes = {n: {0: "B", 1: "T"} for n in ("x", "u", "obs", "pred")}
-        axes |= {n: {1: "B", 3: "T"} for n in ("present_k", "present_v")}
-        sizes = {"B": MAX_BATCH, "T": c["max_len"]}
-    _export_graph(module, args, path, names, outs, axes, sizes, exporter, opset)
+    axes = {n: {0: "B", 1: "T"} for n in ("x", "u", "obs", "pred")}
+    axes |= {n: {1: "B", 3: "T"} for n in ("present_k", "present_v")}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(FullWindowGraph(ck.system).eval(), _dummy_full(ck), str(path),
+                          input_names=list(FULL_INPUTS), output_names=list(FULL_OUTPUTS), dynamic_axes=axes,
+                          dynamo=False, opset_version=opset)
 
 
 def check_parity(ck: LoadedCheckpoint, graph: str, path: Path, tol: float = PARITY_TOL) -> float:
@@ -370,19 +314,17 @@ def check_parity(ck: LoadedCheckpoint, graph: str, path: Path, tol: float = PARI
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     if graph == "step":
         args = _dummy_step(ck, b=2, s=5)
-        names = STEP_INPUTS
         module: nn.Module = StepGraph(ck.system).eval()
     else:
         x, u, obs = _dummy_full(ck, b=2, t=11)
         obs[:, 7:] = 0.0
-        args, names, module = (x, u, obs), FULL_INPUTS, FullWindowGraph(ck.system).eval()
+        args, module = (x, u, obs), FullWindowGraph(ck.system).eval()
     with torch.no_grad():
         ref = [t.numpy() for t in module(*args)]
     if graph == "step":
-        cache = sess.get_modelmeta().custom_metadata_map.get("rigfm.step_cache", "concat")
-        got = list(run_step_graph(sess, cache, *(a.numpy() for a in args)))
+        got = list(run_step_graph(sess, *(a.numpy() for a in args)))
     else:
-        got = sess.run(None, {k: a.numpy() for k, a in zip(names, args, strict=True)})
+        got = sess.run(None, {k: a.numpy() for k, a in zip(FULL_INPUTS, args, strict=True)})
     err = max(
         float(np.abs(g - r).max() / max(float(np.abs(r).max()), 1e-6)) for g, r in zip(got, ref, strict=True)
     )
@@ -400,9 +342,6 @@ def _finalise(path: Path, metadata: dict[str, str]) -> None:
     model.doc_string = "rigfm dynamics model (docs/predictor.md)"
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
-    data = path.with_name(path.name + ".data")  # the dynamo exporter may leave external data behind
-    if data.exists():
-        data.unlink()
 
 
 @dataclass
@@ -452,9 +391,13 @@ def export_loaded(
         raise ExportError(f"--context {context} must be in [patch={c['patch']}, max_len={c['max_len']}]")
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
-    opset = opset or (18 if exporter == "dynamo" else 17)
+    opset = opset or 17
     if exporter == "fused" and opset != 17:
         raise ExportError(f"the fused exporter writes opset 17 graphs, got --opset {opset}")
+    if exporter != "fused" and streaming is not None:
+        raise ExportError(f"the {exporter} exporter writes the window graph only (standard operators, "
+                          "portable); the streaming step graph runs on onnxruntime's in-place KV buffers: "
+                          "--exporter fused")
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}

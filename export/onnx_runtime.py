@@ -14,19 +14,19 @@ from typing import Any
 
 import numpy as np
 
-from export.kv_slots import STEP_CACHES, BufferSlots, ConcatSlots, RolloutBuffers, buffer_step_io
+from export.kv_slots import STEP_CACHES, BufferSlots, RolloutBuffers, buffer_step_io
 from fm_core.angle_features import SinCosCodec
 
 FORMAT = "rigfm-onnx-v1"
 # how a model makes multi-step predictions: "masked" = one window pass with hidden future states (obs = 0),
 # "ar" = autoregressive, every prediction fed back as the next observed state (KV-cached steps)
 ROLLOUT_MODES = ("masked", "ar")
-EXPORTERS = ("fused", "torchscript", "dynamo")  # rigfm export --exporter (docs/predictor.md: measurement)
+# rigfm export --exporter: fused (onnxruntime's fused operators, the fast default) or torchscript (standard
+# ONNX operators only, portable to other runtimes; window graph only) -- docs/predictor.md
+EXPORTERS = ("fused", "torchscript")
 DEFAULT_EXPORTER = "fused"
 FULL_INPUTS = ("x", "u", "obs")
 FULL_OUTPUTS = ("pred", "present_k", "present_v")
-STEP_INPUTS = ("x_win", "u_win", "obs_win", "past_k", "past_v")  # a "concat" step graph (traced exporters)
-STEP_OUTPUTS = ("pred", "present_k", "present_v")
 # rows per autoregressive rollout chunk: bounds the KV buffers one request allocates (rows x tokens x layers)
 AR_CHUNK_ROWS = 256
 
@@ -85,7 +85,7 @@ class ModelMeta:
     quantized: str
     step_file: str = ""
     angle_channels: tuple[int, ...] = ()
-    step_cache: str = ""  # step graphs: "buffer" (in-place KV buffers) or "concat" (export.kv_slots)
+    step_cache: str = ""  # step graphs: "buffer" (in-place KV buffers, export.kv_slots)
     rollout_mode: str = "masked"  # ROLLOUT_MODES; files without the key were trained for "masked"
     input_layout: tuple[str, ...] = ()  # the graph's x / pred channels, e.g. (p, sin(theta), cos(theta), ...)
     op_domains: tuple[str, ...] = ()  # operator domains beyond the ONNX standard, e.g. ("com.microsoft",)
@@ -182,7 +182,7 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
         quantized=props.get("rigfm.quantized", ""),
         step_file=props.get("rigfm.step_file", ""),
         angle_channels=angles,
-        step_cache=props.get("rigfm.step_cache", "concat") if props.get("rigfm.graph") == "step" else "",
+        step_cache=props.get("rigfm.step_cache", "") if props.get("rigfm.graph") == "step" else "",
         rollout_mode=props.get("rigfm.rollout_mode", "masked"),
         # both optional: files exported before they were written lack them
         input_layout=js("input_layout", nz, str) if "rigfm.input_layout" in props else (),
@@ -196,7 +196,8 @@ def parse_metadata(props: dict[str, str], path: str = "<model>") -> ModelMeta:
         raise ModelFileError(f"{path}: metadata 'rigfm.graph' must be 'full' or 'step', got {meta.graph!r}")
     if meta.graph == "step" and meta.step_cache not in STEP_CACHES:
         raise ModelFileError(
-            f"{path}: metadata 'rigfm.step_cache' must be one of {STEP_CACHES}, got {meta.step_cache!r}"
+            f"{path}: metadata 'rigfm.step_cache' must be one of {STEP_CACHES}, got {meta.step_cache!r} "
+            "(a step graph of an older layout: export the checkpoint again with rigfm export)"
         )
     if not (meta.patch <= meta.context <= meta.max_len):
         raise ModelFileError(
@@ -294,18 +295,9 @@ def check_output(name: str, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _patch_window(xs: np.ndarray, u: np.ndarray, t: int, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The step graph's input for the token of step ``t``: the last ``p`` steps of xs (K,T,n) and u (K,T,m)
-    up to ``t``, zero-padded at the front (observed everywhere)."""
-    k = xs.shape[0]
-    xw = np.empty((k, p, xs.shape[2]), np.float32)
-    uw = np.empty((k, p, u.shape[2]), np.float32)
-    _fill_window(xw, uw, xs, u, t)
-    return xw, uw, np.ones((k, p), np.float32)
-
-
 def _fill_window(xw: np.ndarray, uw: np.ndarray, xs: np.ndarray, u: np.ndarray, t: int) -> None:
-    """Write :func:`_patch_window`'s x and u windows of step ``t`` into xw (K,p,n) and uw (K,p,m)."""
+    """The step graph's x and u windows for the token of step ``t`` into xw (K,p,n) and uw (K,p,m): the last
+    ``p`` steps of xs (K,T,n) and u (K,T,m) up to ``t``, zero-padded at the front."""
     p = xw.shape[1]
     lo = max(0, t - p + 1)
     pad = p - (t + 1 - lo)
@@ -317,16 +309,10 @@ def _fill_window(xw: np.ndarray, uw: np.ndarray, xs: np.ndarray, u: np.ndarray, 
 
 
 def run_step_graph(
-    sess: Any, step_cache: str, x_win: np.ndarray, u_win: np.ndarray, obs_win: np.ndarray, k: np.ndarray,
-    v: np.ndarray,
+    sess: Any, x_win: np.ndarray, u_win: np.ndarray, obs_win: np.ndarray, k: np.ndarray, v: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One call of a step graph of either layout with stacked caches k, v (L,B,H,S,dh): returns pred (B,·)
-    and the caches grown to S+1 (a ``buffer`` graph runs in place on a copy with one free position)."""
-    if step_cache == "concat":
-        pred, k2, v2 = sess.run(
-            list(STEP_OUTPUTS), {"x_win": x_win, "u_win": u_win, "obs_win": obs_win, "past_k": k, "past_v": v}
-        )
-        return pred, k2, v2
+    """One call of the step graph with stacked caches k, v (L,B,H,S,dh): returns pred (B,·) and the caches
+    grown to S+1 (the graph runs in place on a copy with one free position)."""
     import onnxruntime as ort
 
     nl, b, _, s, _ = k.shape
@@ -390,10 +376,7 @@ class OnnxPredictor:
             smeta = parse_metadata(self.step_sess.get_modelmeta().custom_metadata_map, self.step_path)
             if smeta.graph != "step":
                 raise ModelFileError(f"{self.step_path}: is a {smeta.graph!r} graph, expected the step graph")
-            if smeta.step_cache == "buffer":
-                _check_io(self.step_sess, self.step_path, *buffer_step_io(smeta.n_layers))
-            else:
-                _check_io(self.step_sess, self.step_path, STEP_INPUTS, STEP_OUTPUTS)
+            _check_io(self.step_sess, self.step_path, *buffer_step_io(smeta.n_layers))
             self.step_meta = smeta
             if smeta.checkpoint_sha256 != me.checkpoint_sha256 or (
                 smeta.n,
@@ -593,31 +576,22 @@ class OnnxPredictor:
     ) -> None:
         """Fill out[:, j0:] (K,h,n_model) through the step graph, feeding every prediction back into xs
         (K,·,n_model): kc, vc (L,B,H,S,dh) hold the S tokens before the one of state t = S (B = K, or 1 for a
-        history the K rows share), the token of state S + j - j0 predicts out[:, j]. A ``buffer`` graph
-        steps in place (:class:`RolloutBuffers`, one binding for all steps), a ``concat`` one on copies."""
+        history the K rows share), the token of state S + j - j0 predicts out[:, j]. The steps run in place
+        (:class:`RolloutBuffers`, one binding for all steps)."""
         k, h = out.shape[:2]
         s = kc.shape[3]
         rb = self._rollout_buffers(k, s + h - j0)
-        if rb is not None:
-            rb.load(kc, vc)
-        elif kc.shape[1] != k:
-            kc, vc = np.repeat(kc, k, axis=1), np.repeat(vc, k, axis=1)
+        rb.load(kc, vc)
         for j in range(j0, h):
             t = s + j - j0  # the newest state (observed or predicted); its token predicts x[t+1]
-            if rb is not None:
-                _fill_window(rb.x, rb.u, xs, u, t)
-                res = rb.step()
-            else:
-                res, kc, vc = self.step(*_patch_window(xs, u, t, self.meta.patch), kc, vc)
-            out[:, j] = res.reshape(k, -1)
+            _fill_window(rb.x, rb.u, xs, u, t)
+            out[:, j] = rb.step()
             if t + 1 < xs.shape[1]:
                 xs[:, t + 1] = out[:, j]
 
-    def _rollout_buffers(self, rows: int, tokens: int) -> RolloutBuffers | None:
+    def _rollout_buffers(self, rows: int, tokens: int) -> RolloutBuffers:
         """This thread's in-place buffers for ``rows`` rollouts of ``tokens`` cache tokens (the two most
-        recent shapes are kept: allocating and binding costs milliseconds); None without a buffer graph."""
-        if self.step_meta is None or self.step_meta.step_cache != "buffer":
-            return None
+        recent shapes are kept: allocating and binding costs milliseconds)."""
         cap = min(self.meta.max_len, -(-tokens // 16) * 16)
         cache: dict[tuple[int, int], RolloutBuffers] | None = getattr(self._local, "ar", None)
         if cache is None:
@@ -659,20 +633,18 @@ class OnnxPredictor:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One step-graph call: pred (B,n_model) and the caches k, v (L,B,H,S,dh) grown by one position.
 
-        The same contract for both step-graph layouts (a ``buffer`` graph runs on a copy of the cache with one
-        free position); streams use :meth:`new_slots` instead, which keeps the cache in place.
+        The graph runs on a copy of the cache with one free position; streams use :meth:`new_slots` instead,
+        which keeps the cache in place.
         """
         if self.step_sess is None or self.step_meta is None:
             raise ModelFileError(f"{self.full_path}: no streaming step graph loaded")
-        return run_step_graph(self.step_sess, self.step_meta.step_cache, x_win, u_win, obs_win, k, v)
+        return run_step_graph(self.step_sess, x_win, u_win, obs_win, k, v)
 
-    def new_slots(self, rows: int) -> BufferSlots | ConcatSlots:
+    def new_slots(self, rows: int) -> BufferSlots:
         """``rows`` (1 or 2) empty KV-cache slots of ``context`` tokens for a stream (export.kv_slots)."""
         if self.step_sess is None or self.step_meta is None:
             raise ModelFileError(f"{self.full_path}: no streaming step graph loaded")
-        if self.step_meta.step_cache == "buffer":
-            return BufferSlots(self.step_sess, self.meta, rows, self.meta.context)
-        return ConcatSlots(self.step, self.meta, rows)
+        return BufferSlots(self.step_sess, self.meta, rows, self.meta.context)
 
     def stream(self, shadow: bool = False) -> StreamState:
         """A new, empty incremental stream (see :class:`StreamState`)."""
@@ -692,8 +664,7 @@ class StreamState:
     re-primed to the last ``keep = context // 2`` steps. ``shadow=False``: one full-window call over those
     steps (cheap on average, but that step costs a window of ``keep`` tokens). ``shadow=True``: a second
     cache slot is grown one token per step over the ``keep`` steps before the re-prime and swapped in, so no
-    step ever costs a full window. With a ``buffer`` step graph both slots advance in one batch-2 call, in
-    place (export.kv_slots); with a ``concat`` graph each slot costs its own call.
+    step ever costs a full window. Both slots advance in one batch-2 call, in place (export.kv_slots).
     Without a step graph every step recomputes the full window over the last ``context`` steps.
     The prediction after a step equals the full-window prediction over ``history[start:]`` (``self.start``).
     """

@@ -90,7 +90,8 @@ def test_graphs_validate_and_carry_metadata(tiny):
     with pytest.raises(ModelFileError, match="rigfm.step_cache"):
         parse_metadata(step_props | {"rigfm.step_cache": "ring"}, "s.onnx")
     older = {k: v for k, v in step_props.items() if k != "rigfm.step_cache"}
-    assert parse_metadata(older, "old.onnx").step_cache == "concat"  # files from before the buffer layout
+    with pytest.raises(ModelFileError, match="older layout: export the checkpoint again"):
+        parse_metadata(older, "old.onnx")  # a step graph from before the one (buffer) layout
 
 
 @pytest.mark.parametrize("which", ["tiny", "default_model"])
@@ -330,34 +331,15 @@ def test_export_cli_with_quantize(tiny, tmp_path):
     assert r.returncode == 2 and "nope.pt" in r.stderr
 
 
-@pytest.mark.slow
-def test_dynamo_exporter_parity(tiny, tmp_path):
-    ck, _ = tiny
-    res = export_checkpoint(
-        ck, tmp_path / "d.onnx", context=CONTEXT, streaming=tmp_path / "d_step.onnx", exporter="dynamo"
-    )
-    system = load_checkpoint(ck).system
-    pred = OnnxPredictor(res.full_path, res.step_path)
-    assert pred.meta.exporter == "dynamo"
-    x, u = simulator_inputs(2, 30)
-    obs = np.ones((2, 30), np.float32)
-    assert rel_err(pred.predict(x, u, obs), torch_full(system, x, u, obs)) <= 1e-4
-    stream = pred.stream()
-    for t in range(30):
-        out = stream.step(x[0, t], u[0, t])
-        ref = pred.predict(x[:1, stream.start : t + 1], u[:1, stream.start : t + 1])[0, -1]
-        assert rel_err(out, ref) <= 1e-4
-
-
 def test_torchscript_exporter_parity_and_fused_is_smaller(tiny, tmp_path):
-    """The traced graphs stay available and agree with torch (and with the fused default)."""
+    """The traced (portable) window graph agrees with torch and the fused default; it has no step graph."""
     ck, res = tiny
-    ts = export_checkpoint(
-        ck, tmp_path / "t.onnx", context=CONTEXT, streaming=tmp_path / "t_step.onnx", exporter="torchscript"
-    )
+    ts = export_checkpoint(ck, tmp_path / "t.onnx", context=CONTEXT, exporter="torchscript")
     assert res.metadata["rigfm.exporter"] == "fused" and ts.metadata["rigfm.exporter"] == "torchscript"
     assert max(ts.parity.values()) <= 1e-4 and max(res.parity.values()) <= 1e-4
-    assert res.nodes["full"] * 3 < ts.nodes["full"] and res.nodes["step"] * 3 < ts.nodes["step"]
+    assert res.nodes["full"] * 3 < ts.nodes["full"] and ts.step_path is None and "step" not in ts.nodes
+    with pytest.raises(ExportError, match="window graph only"):
+        export_checkpoint(ck, tmp_path / "t2.onnx", streaming=tmp_path / "t2.s.onnx", exporter="torchscript")
     system = load_checkpoint(ck).system
     x, u = simulator_inputs(2, 30)
     obs = np.ones((2, 30), np.float32)
