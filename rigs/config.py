@@ -55,55 +55,48 @@ def _spec(gt: float | None = None, ge: float | None = None, le: float | None = N
 
 # --------------------------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
-class CartPoleParams:
-    """Physical parameters of the IP02-class cart with a long pendulum (SI units)."""
+class _PendulumMotorParams:
+    """What both rigs have: gravity, the pendulum and the DC motor (SI units)."""
 
     gravity: float = _spec(gt=0, unit="m/s^2")
-    cart_mass: float = _spec(gt=0, unit="kg", doc="cart incl. motor and gears, without rotor inertia")
-    pendulum_mass: float = _spec(gt=0, unit="kg")
-    pendulum_length: float = _spec(gt=0, unit="m", doc="full length of the rod")
-    pendulum_com: float = _spec(gt=0, unit="m", doc="pivot to centre of mass")
-    pendulum_inertia: float = _spec(ge=0, unit="kg m^2", doc="about the centre of mass")
-    cart_viscous: float = _spec(ge=0, unit="N s/m", doc="equivalent viscous damping at the motor pinion")
-    cart_coulomb: float = _spec(ge=0, unit="N")
-    cart_coulomb_velocity: float = _spec(gt=0, unit="m/s", doc="tanh scale of the smooth Coulomb term")
-    pendulum_viscous: float = _spec(ge=0, unit="N m s/rad")
-    pendulum_coulomb: float = _spec(ge=0, unit="N m")
-    pendulum_coulomb_velocity: float = _spec(gt=0, unit="rad/s")
-    motor_resistance: float = _spec(gt=0, unit="ohm")
-    motor_torque_constant: float = _spec(ge=0, unit="N m/A")
-    motor_back_emf_constant: float = _spec(ge=0, unit="V s/rad")
-    motor_inertia: float = _spec(ge=0, unit="kg m^2", doc="rotor inertia (reflected through the gearbox)")
-    gear_ratio: float = _spec(gt=0)
-    gear_efficiency: float = _spec(gt=0, le=1)
-    motor_efficiency: float = _spec(gt=0, le=1)
-    pinion_radius: float = _spec(gt=0, unit="m", doc="motor pinion on the rack")
-
-
-@dataclass(frozen=True)
-class FurutaParams:
-    """Physical parameters of the QUBE-Servo 2 rotary pendulum (SI units)."""
-
-    gravity: float = _spec(gt=0, unit="m/s^2")
-    arm_length: float = _spec(gt=0, unit="m", doc="motor axis to pendulum pivot")
-    arm_inertia: float = _spec(ge=0, unit="kg m^2", doc="rotary arm about the motor axis")
-    hub_inertia: float = _spec(ge=0, unit="kg m^2", doc="module attachment hub")
     pendulum_mass: float = _spec(gt=0, unit="kg")
     pendulum_length: float = _spec(gt=0, unit="m", doc="full length of the rod")
     pendulum_com: float = _spec(gt=0, unit="m", doc="pivot to centre of mass")
     pendulum_inertia: float = _spec(ge=0, unit="kg m^2", doc="about the centre of mass, across the rod")
-    pendulum_axial_inertia: float = _spec(ge=0, unit="kg m^2", doc="about the rod's own axis")
-    arm_viscous: float = _spec(ge=0, unit="N m s/rad")
-    arm_coulomb: float = _spec(ge=0, unit="N m")
-    arm_coulomb_velocity: float = _spec(gt=0, unit="rad/s")
     pendulum_viscous: float = _spec(ge=0, unit="N m s/rad")
     pendulum_coulomb: float = _spec(ge=0, unit="N m")
     pendulum_coulomb_velocity: float = _spec(gt=0, unit="rad/s")
     motor_resistance: float = _spec(gt=0, unit="ohm")
     motor_torque_constant: float = _spec(ge=0, unit="N m/A")
     motor_back_emf_constant: float = _spec(ge=0, unit="V s/rad")
-    motor_inertia: float = _spec(ge=0, unit="kg m^2")
+    motor_inertia: float = _spec(ge=0, unit="kg m^2", doc="rotor (reflected through the gearbox, if any)")
     motor_efficiency: float = _spec(gt=0, le=1)
+
+
+@dataclass(frozen=True)
+class CartPoleParams(_PendulumMotorParams):
+    """Physical parameters of the IP02-class cart with a long pendulum (SI units)."""
+
+    cart_mass: float = _spec(gt=0, unit="kg", doc="cart incl. motor and gears, without rotor inertia")
+    cart_viscous: float = _spec(ge=0, unit="N s/m", doc="equivalent viscous damping at the motor pinion")
+    cart_coulomb: float = _spec(ge=0, unit="N")
+    cart_coulomb_velocity: float = _spec(gt=0, unit="m/s", doc="tanh scale of the smooth Coulomb term")
+    gear_ratio: float = _spec(gt=0)
+    gear_efficiency: float = _spec(gt=0, le=1)
+    pinion_radius: float = _spec(gt=0, unit="m", doc="motor pinion on the rack")
+
+
+@dataclass(frozen=True)
+class FurutaParams(_PendulumMotorParams):
+    """Physical parameters of the QUBE-Servo 2 rotary pendulum (SI units)."""
+
+    arm_length: float = _spec(gt=0, unit="m", doc="motor axis to pendulum pivot")
+    arm_inertia: float = _spec(ge=0, unit="kg m^2", doc="rotary arm about the motor axis")
+    hub_inertia: float = _spec(ge=0, unit="kg m^2", doc="module attachment hub")
+    pendulum_axial_inertia: float = _spec(ge=0, unit="kg m^2", doc="about the rod's own axis")
+    arm_viscous: float = _spec(ge=0, unit="N m s/rad")
+    arm_coulomb: float = _spec(ge=0, unit="N m")
+    arm_coulomb_velocity: float = _spec(gt=0, unit="rad/s")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ class RigModel:
 
     def __init__(self, params: Any) -> None:
         self._p = params
+        p = params
+        self.j_pivot = p.pendulum_inertia + p.pendulum_mass * p.pendulum_com**2  # pendulum about its pivot
+        self.mgl = p.pendulum_mass * p.gravity * p.pendulum_com
 
     # ------------------------------------------------------------------ subclass interface
     def _mass(self, q1: Array) -> tuple[Array | float, Array | float, Array | float]:
@@ -70,12 +73,16 @@ class RigModel:
         raise NotImplementedError
 
     def potential(self, x: Any) -> Array:
-        """Gravitational potential energy relative to the upright pendulum (J)."""
-        raise NotImplementedError
+        """Gravitational potential energy relative to the upright pendulum (J): m g l (cos q1 - 1), 0 upright,
+        -2 m g l hanging."""
+        x = np.asarray(x, dtype=np.float64)
+        return self.mgl * (np.cos(x[..., 1]) - 1.0)
 
     def energy(self, x: Any) -> Array:
-        """Pendulum mechanical energy (J): 0 at upright rest, -2 m g l hanging at rest."""
-        raise NotImplementedError
+        """Pendulum energy about its pivot (base at rest), J: 1/2 J_pivot q1_dot^2 + m g l (cos q1 - 1);
+        0 at upright rest, -2 m g l hanging at rest."""
+        x = np.asarray(x, dtype=np.float64)
+        return 0.5 * self.j_pivot * x[..., 3] ** 2 + self.potential(x)
 
     def actuator_speed(self, x: Any) -> Array:
         """Motor shaft speed (rad/s) for the state x."""

@@ -32,14 +32,12 @@ class CartPoleModel(RigModel):
         eta = p.gear_efficiency * p.motor_efficiency
         self.a = p.cart_mass + p.pendulum_mass + p.motor_inertia * p.gear_ratio**2 / p.pinion_radius**2
         self.b = p.pendulum_mass * p.pendulum_com
-        self.jt = p.pendulum_inertia + p.pendulum_mass * p.pendulum_com**2
-        self.mgl = p.pendulum_mass * p.gravity * p.pendulum_com
         # force = k_force * V - k_emf * p_dot
         self.k_force = eta * p.gear_ratio * p.motor_torque_constant / (p.motor_resistance * p.pinion_radius)
         self.k_emf = self.k_force * p.motor_back_emf_constant * p.gear_ratio / p.pinion_radius
 
     def _mass(self, q1: Array) -> tuple[Array | float, Array | float, Array | float]:
-        return self.a, self.b * np.cos(q1), self.jt
+        return self.a, self.b * np.cos(q1), self.j_pivot
 
     def _dmass(self, q1: Array) -> tuple[Array | float, Array | float, Array | float]:
         return 0.0, -self.b * np.sin(q1), 0.0
@@ -72,16 +70,6 @@ class CartPoleModel(RigModel):
         du[..., 0, 0] = self.k_force
         return dr, du
 
-    def potential(self, x: Any) -> Array:
-        """m_p g l (cos theta - 1): 0 upright, -2 m_p g l hanging."""
-        x = np.asarray(x, dtype=np.float64)
-        return self.mgl * (np.cos(x[..., 1]) - 1.0)
-
-    def energy(self, x: Any) -> Array:
-        """Pendulum energy about its pivot: 1/2 J_t theta_dot^2 + m_p g l (cos theta - 1)."""
-        x = np.asarray(x, dtype=np.float64)
-        return 0.5 * self.jt * x[..., 3] ** 2 + self.potential(x)
-
     def actuator_speed(self, x: Any) -> Array:
         """Motor shaft speed K_g p_dot / r_mp (rad/s)."""
         x = np.asarray(x, dtype=np.float64)
@@ -91,5 +79,5 @@ class CartPoleModel(RigModel):
         """Small-oscillation angular frequency (rad/s) about hanging, frictionless and unpowered.
 
         Cart locked: sqrt(m g l / J_t). Cart free (momentum conserved): sqrt(m g l / (J_t - b^2 / a))."""
-        j = self.jt - self.b**2 / self.a if cart_free else self.jt
+        j = self.j_pivot - self.b**2 / self.a if cart_free else self.j_pivot
         return float(np.sqrt(self.mgl / j))

@@ -35,15 +35,13 @@ class FurutaModel(RigModel):
         self.K = p.arm_inertia + p.hub_inertia + p.motor_inertia + m * L * L + p.pendulum_axial_inertia
         self.P = m * l * l + p.pendulum_inertia - p.pendulum_axial_inertia
         self.h = m * L * l
-        self.jal = p.pendulum_inertia + m * l * l
-        self.mgl = m * p.gravity * l
         # torque = k_torque * V - k_emf * theta_dot
         self.k_torque = p.motor_efficiency * p.motor_torque_constant / p.motor_resistance
         self.k_emf = self.k_torque * p.motor_back_emf_constant
 
     def _mass(self, q1: Array) -> tuple[Array | float, Array | float, Array | float]:
         s, c = np.sin(q1), np.cos(q1)
-        return self.K + self.P * s * s, self.h * c, self.jal
+        return self.K + self.P * s * s, self.h * c, self.j_pivot
 
     def _dmass(self, q1: Array) -> tuple[Array | float, Array | float, Array | float]:
         s, c = np.sin(q1), np.cos(q1)
@@ -81,16 +79,6 @@ class FurutaModel(RigModel):
         du[..., 0, 0] = self.k_torque
         return dr, du
 
-    def potential(self, x: Any) -> Array:
-        """m g l (cos alpha - 1): 0 upright, -2 m g l hanging."""
-        x = np.asarray(x, dtype=np.float64)
-        return self.mgl * (np.cos(x[..., 1]) - 1.0)
-
-    def energy(self, x: Any) -> Array:
-        """Pendulum energy about its pivot (arm at rest): 1/2 J_al alpha_dot^2 + m g l (cos alpha - 1)."""
-        x = np.asarray(x, dtype=np.float64)
-        return 0.5 * self.jal * x[..., 3] ** 2 + self.potential(x)
-
     def actuator_speed(self, x: Any) -> Array:
         """Motor shaft speed = arm speed theta_dot (direct drive)."""
         return np.asarray(x, dtype=np.float64)[..., 2]
@@ -100,5 +88,5 @@ class FurutaModel(RigModel):
 
         Arm locked: sqrt(m g l / J_al). Arm free (momentum conserved): sqrt(m g l / (J_al - h^2 / K)).
         """
-        j = self.jal - self.h**2 / self.K if arm_free else self.jal
+        j = self.j_pivot - self.h**2 / self.K if arm_free else self.j_pivot
         return float(np.sqrt(self.mgl / j))
