@@ -17,7 +17,6 @@ tick uses the fallback controller (LQR) instead: the fall-back happens on the fi
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from controllers.base import ControlOutput, pendulum_index, wrap_angle
+from controllers.latest_job import LatestJobWorker
 
 RolloutFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -182,7 +182,7 @@ class SamplingMPC:
         return self.plan_u.copy()
 
 
-class MPCController:
+class MPCController(LatestJobWorker):
     """Controller for the loop: threaded MPC at the model step, LQR fallback on predictor faults/staleness."""
 
     name = "mpc"
@@ -202,12 +202,8 @@ class MPCController:
         self._uh: deque[np.ndarray] = deque(maxlen=history)
         self._last_u = np.zeros(planner.m)
         self._next_sample_t: float | None = None
-        self._lock = threading.Lock()
+        super().__init__("mpc-planner", poll_s=0.1)
         self._plan: tuple[float, np.ndarray] | None = None  # (time of the state it starts from, plan)
-        self._job: tuple[float, np.ndarray, np.ndarray] | None = None
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.fault: str | None = None
         self.fault_since: float | None = None       # clock() when the current predictor fault was seen
         self.fallback_delays: list[float] = []      # fault seen -> first fallback tick (s), per fault
@@ -223,28 +219,14 @@ class MPCController:
     # -- worker ---------------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the planning thread (idempotent)."""
-        if self.threaded and self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name="mpc-planner", daemon=True)
-            self._thread.start()
+        if self.threaded:
+            self.start_worker()
 
     def close(self) -> None:
         """Stop the planning thread."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
+        self.stop_worker()
 
-    def _worker(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(0.1)
-            self._wake.clear()
-            with self._lock:
-                job, self._job = self._job, None
-            if job is not None:
-                self._run_plan(*job)
-
-    def _run_plan(self, t0: float, xh: np.ndarray, uh: np.ndarray) -> None:
+    def _run_job(self, t0: float, xh: np.ndarray, uh: np.ndarray) -> None:
         t_start = time.perf_counter()
         try:
             with self._lock:
@@ -292,11 +274,9 @@ class MPCController:
             job = (now, np.stack(self._xh), np.stack(self._uh))
             if self.threaded:
                 self.start()
-                with self._lock:
-                    self._job = job
-                self._wake.set()
+                self.submit(*job)
             else:
-                self._run_plan(*job)
+                self._run_job(*job)
         with self._lock:
             plan = self._plan
         u = None

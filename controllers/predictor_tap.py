@@ -19,7 +19,6 @@ unavailable) are counted and exposed as ``fault``; they never reach the loop.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from controllers.latest_job import LatestJobWorker
 from controllers.monitor import PredictionMonitor
 from hardware import log_clock
 
 
-class PredictorTap:
+class PredictorTap(LatestJobWorker):
     """Non-blocking one-step / k-step prediction at the model rate, feeding the monitor and the logger."""
 
     def __init__(self, rollout: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], model_dt: float,
@@ -60,13 +60,8 @@ class PredictorTap:
         self._meta: deque[tuple[int, int]] = deque(maxlen=keep)  # (seq, host_time_ns) per model step
         self.step_index = -1
         self._next_t: float | None = None
-        self._job: tuple | None = None
-        self._busy = False
-        self._lock = threading.Lock()
+        super().__init__("predictor-tap", poll_s=0.05)
         self._last_one_step: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.late = 0          # model steps skipped because the previous request had not finished
         self.failures = 0      # predictor errors (timeout / unavailable)
         self.requests = 0
@@ -75,19 +70,12 @@ class PredictorTap:
 
     def start(self) -> PredictorTap:
         """Start the worker thread (idempotent)."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._worker, name="predictor-tap", daemon=True)
-            self._thread.start()
+        self.start_worker()
         return self
 
     def close(self) -> None:
         """Stop the worker (waits for the request in flight, bounded by the client deadline)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
+        self.stop_worker()
 
     def __enter__(self) -> PredictorTap:
         return self.start()
@@ -109,11 +97,8 @@ class PredictorTap:
         self._meta.append((-1 if seq is None else int(seq), int(host_time_ns)))
         if self.monitor is not None:
             self.monitor.observe(self.step_index, self._x[-1], now)
-        with self._lock:
-            if self._job is not None:
-                self.late += 1  # the worker has not even picked up the previous step
-            self._job = (self.step_index, now, np.stack(self._x), np.stack(self._u), self._meta[-1])
-        self._wake.set()
+        if self.submit(self.step_index, now, np.stack(self._x), np.stack(self._u), self._meta[-1]):
+            self.late += 1  # the worker had not even picked up the previous step
 
     def last_one_step(self) -> tuple[float, np.ndarray, np.ndarray, np.ndarray] | None:
         """The newest one-step prediction: ``(t_k, x_k, u_k, predicted x_{k+1})`` (None before the first)."""
@@ -131,21 +116,6 @@ class PredictorTap:
         return st
 
     # -- worker ---------------------------------------------------------------------------------------
-    def _worker(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(0.05)
-            self._wake.clear()
-            with self._lock:
-                job, self._job = self._job, None
-                self._busy = job is not None
-            if job is None:
-                continue
-            try:
-                self._predict(*job)
-            finally:
-                with self._lock:
-                    self._busy = False
-
     def _call(self, fn: Callable[..., Any], *args: Any) -> np.ndarray | None:
         t0 = time.perf_counter()
         try:
@@ -188,7 +158,7 @@ class PredictorTap:
             self._fed = j
         return pred
 
-    def _predict(self, k: int, now: float, xs: np.ndarray, us: np.ndarray, meta: tuple[int, int]) -> None:
+    def _run_job(self, k: int, now: float, xs: np.ndarray, us: np.ndarray, meta: tuple[int, int]) -> None:
         c = self.context
         pred = self._one_step(k, xs, us)
         if pred is not None:
