@@ -21,6 +21,7 @@ import numpy as np
 
 from controllers.base import pendulum_index
 from controllers.run_limits import MAX_LATENCY_COMP_MS, MAX_TIMEOUT_MS
+from export.shipped import file_sha256
 
 CONTROLLERS = ("lqr", "swingup", "mpc")
 
@@ -261,16 +262,6 @@ class _LoggedShutdown:
         out = self.rig.estop()
         self.loop.log_command(0.0, "shutdown", estop=True)
         return out
-
-
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _controller_params(controller: Any, tuning: dict, opts: RunOptions, cfg: Any) -> dict[str, Any]:
@@ -530,7 +521,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                 "controller": opts.controller, "rate_hz": opts.rate_hz,
                 "controller_params": _controller_params(controller, tuning, opts, cfg),
                 "model": model_path or "none (no learned model)",
-                "model_sha256": (_file_sha256(model_path) if model_path and Path(model_path).is_file()
+                "model_sha256": (file_sha256(model_path) if model_path and Path(model_path).is_file()
                                  else "none (no learned model)" if not endpoint else "not readable here"),
                 "model_checkpoint_sha256": str(pinfo.get("model_sha256") or "none"),
                 "predictor_endpoint": endpoint or "none",

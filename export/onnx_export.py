@@ -6,7 +6,6 @@ documented in docs/predictor.md and read back by the torch-free :mod:`export.onn
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
@@ -29,6 +28,7 @@ from export.onnx_runtime import (
     op_domains,
     run_step_graph,
 )
+from export.shipped import file_sha256
 
 DEFAULT_CONTEXT = 64
 MAX_BATCH = 4096
@@ -85,15 +85,6 @@ class LoadedCheckpoint:
     sha256: str
     path: str
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_checkpoint(

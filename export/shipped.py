@@ -34,11 +34,8 @@ def shipped_onnx(rig: str) -> Path | None:
 
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def metadata(path: str | Path) -> dict[str, str]:

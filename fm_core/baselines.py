@@ -28,7 +28,6 @@ as the transformers, so every model of one (fraction, seed) trains on the same t
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +37,7 @@ import torch
 from fm_core.finetune import ROLLOUT_MODES, FinetuneConfig, finetune
 from fm_core.metrics import metric_windows, prediction_errors
 from fm_core.model import DynamicsFM, SystemModel
+from fm_core.schedule import EarlyStopping
 from fm_core.trajfile import TrajData, as_trajdata, normalisation_stats, subsample
 
 SMALL_TF = {
@@ -370,9 +370,7 @@ def fit_ffn(
         budget.batch_size * budget.seq_len
     )  # same number of predicted transitions per step as the transformers
     t0 = time.time()
-    best = (math.inf, copy.deepcopy(net.state_dict()), 0)
-    bad, step = 0, 0
-    stop_reason = "step_cap"
+    stopper = EarlyStopping(net, budget.patience, budget.max_minutes, min_delta=1e-7)
     history: list[dict[str, Any]] = []
     for step in range(1, budget.steps + 1):
         idx = torch.randint(0, a.shape[0], (min(bs, a.shape[0]),), generator=gen)
@@ -390,17 +388,9 @@ def fit_ffn(
                     v = float(torch.mean((net(av) - yv) ** 2))
             net.train()
             history.append({"step": step, "val_loss": v, "elapsed_s": round(time.time() - t0, 3)})
-            if v < best[0] - 1e-7:
-                best, bad = (v, copy.deepcopy(net.state_dict()), step), 0
-            else:
-                bad += 1
-                if bad >= budget.patience:
-                    stop_reason = "patience"
-                    break
-            if budget.max_minutes > 0 and time.time() - t0 > 60.0 * budget.max_minutes:
-                stop_reason = "time_cap"
+            if stopper.update(step, v):
                 break
-    net.load_state_dict(best[1])
+    stopper.restore_best()
     net.eval()
 
     return WindowPredictor(
@@ -409,11 +399,11 @@ def fit_ffn(
         w,
         g,
         {
-            "best_step": best[2],
+            "best_step": stopper.best_step,
             "steps_run": step,
-            "stop_reason": stop_reason,
+            "stop_reason": stopper.stop_reason,
             "history": history,
-            "val_loss": best[0],
+            "val_loss": stopper.best,
             "params": int(sum(p.numel() for p in net.parameters())),
             "train_s": round(time.time() - t0, 3),
             "n_train_trajectories": int(tr.x.shape[0]),

@@ -13,6 +13,7 @@ Python API (used by the evaluation engineer)::
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from fm_core.data import BatchSpec, make_batch, masked_huber_loss, windows_to_ba
 from fm_core.lora import add_lora, merge_lora
 from fm_core.metrics import metric_windows, prediction_errors
 from fm_core.model import DynamicsFM, ModelConfig, SystemModel
-from fm_core.schedule import warmup_cosine
+from fm_core.schedule import EarlyStopping, warmup_cosine
 from fm_core.trajfile import TrajData, as_trajdata, normalisation_stats, subsample
 
 FINETUNE_MODES = ("full", "head", "lora")
@@ -319,15 +320,15 @@ def finetune(
 
     has_val = bool(val_batches) or val_roll is not None
     history: list[dict[str, Any]] = []
-    best = (val_loss() if has_val else float("inf"), copy.deepcopy(model.state_dict()), 0)
-    history.append({"step": 0, "train_loss": None, "val_loss": best[0] if has_val else None,
+    stopper = EarlyStopping(model, cfg.patience, cfg.max_minutes, min_delta=1e-6,
+                            initial=val_loss() if has_val else math.inf)
+    history.append({"step": 0, "train_loss": None, "val_loss": stopper.best if has_val else None,
                     "elapsed_s": 0.0})
     lo_hi = None
     if cfg.mask_context is not None:
         lo_hi = (min(cfg.mask_context[0], seq), min(cfg.mask_context[1], seq))
         spec = replace(spec, mask_prob=0.0)  # masking applied below with the configured context range
-    bad, run, run_n = 0, 0.0, 0
-    stop_reason = "step_cap"
+    run, run_n = 0.0, 0
     t0 = time.time()
     model.train()
     pbar = None
@@ -361,24 +362,19 @@ def finetune(
                 run, run_n = 0.0, 0
                 if has_val:
                     row["val_loss"] = v = val_loss()
-                    if v < best[0] - 1e-6:
-                        best, bad = (v, copy.deepcopy(model.state_dict()), step), 0
-                    else:
-                        bad += 1
+                    stop = stopper.update(step, v)
+                else:
+                    stop = stopper.timed_out()
                 history.append(row)
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{row['train_loss']:.4g}", val=f"{row['val_loss']}")
-                if bad >= cfg.patience:
-                    stop_reason = "patience"
-                    break
-                if cfg.max_minutes > 0 and time.time() - t0 > 60.0 * cfg.max_minutes:
-                    stop_reason = "time_cap"
+                if stop:
                     break
     finally:
         if pbar is not None:
             pbar.close()
     if has_val:
-        model.load_state_dict(best[1])
+        stopper.restore_best()
     if cfg.mode == "lora":
         merge_lora(model)
     for prm in model.parameters():
@@ -386,10 +382,10 @@ def finetune(
     model.eval()
     model.rollout_mode = cfg.rollout_mode  # type: ignore[attr-defined]
     model.finetune_info = {  # type: ignore[attr-defined]
-        "best_step": best[2] if has_val else history[-1]["step"], "best_val_loss": best[0] if has_val
-        else None, "steps_run": history[-1]["step"], "n_train_trajectories": int(tr.x.shape[0]),
-        "stop_reason": stop_reason, "train_s": round(time.time() - t0, 3),
-        "n": n, "m": m,
+        "best_step": stopper.best_step if has_val else history[-1]["step"],
+        "best_val_loss": stopper.best if has_val else None, "steps_run": history[-1]["step"],
+        "n_train_trajectories": int(tr.x.shape[0]), "stop_reason": stopper.stop_reason,
+        "train_s": round(time.time() - t0, 3), "n": n, "m": m,
     }
     return model, history
 

@@ -303,3 +303,24 @@ def test_one_schedule_warmup_then_cosine_to_the_floor():
         opt.step()
         sched.step()
     assert seen == pytest.approx([2.0 * lr_factor(s, 4, 20, 0.1) for s in range(21)])
+
+
+def test_early_stopping_keeps_the_best_weights_and_names_why_it_stopped(monkeypatch):
+    from fm_core import schedule
+    from fm_core.schedule import EarlyStopping
+
+    net = torch.nn.Linear(1, 1)
+    stop = EarlyStopping(net, patience=2, max_minutes=0, min_delta=0.01)
+    seen = []
+    for step, (w, v) in enumerate([(1.0, 0.5), (2.0, 0.3), (3.0, 0.295), (4.0, 0.4)], start=1):
+        net.weight.data.fill_(w)
+        seen.append(stop.update(step, v))
+    assert seen == [False, False, False, True] and stop.stop_reason == "patience"
+    assert stop.best == 0.3 and stop.best_step == 2  # 0.295 is not better by more than min_delta
+    stop.restore_best()
+    assert float(net.weight) == 2.0
+    timed = EarlyStopping(net, patience=99, max_minutes=1.0, min_delta=0.0, initial=1.0)
+    assert not timed.update(1, 0.5) and timed.stop_reason == "step_cap"
+    t = timed.t0
+    monkeypatch.setattr(schedule.time, "time", lambda: t + 61.0)
+    assert timed.timed_out() and timed.stop_reason == "time_cap"
