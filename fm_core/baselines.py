@@ -28,7 +28,7 @@ as the transformers, so every model of one (fraction, seed) trains on the same t
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -79,7 +79,9 @@ class Budget:
     pushforward: int = 0  # transformers: extra training passes on their own predictions
     loss_scale: str = "state"  # transformers: "state" | "increment" units of the training loss
     max_minutes: float = 60.0  # wall-time cap of one fit (every trained model; 0 = none)
-    ft_mode: str = "full"  # the FM's fine-tuning mode: "full" | "head" | "lora"
+    # the FM's fine-tuning mode: "full" | "head" | "lora" | "auto" (full and head both fitted, the one with
+    # the lower val rollout MSE kept: model selection on the val split, like the ridge strength)
+    ft_mode: str = "full"
     lora_rank: int = 8
     synthetic_mix: float = 0.0  # the FM: share of synthetic windows in every fine-tuning batch
 
@@ -150,7 +152,7 @@ def _ft_cfg(
     budget: Budget, fraction: float, seed: int, lr: float, model: dict[str, Any] | None, pretrained: bool,
 ) -> FinetuneConfig:
     return FinetuneConfig(
-        mode=budget.ft_mode if pretrained else "full",
+        mode=budget.ft_mode if pretrained and budget.ft_mode != "auto" else "full",
         lora_rank=budget.lora_rank,
         synthetic_mix=budget.synthetic_mix if pretrained else 0.0,
         steps=budget.steps,
@@ -414,6 +416,24 @@ def fit_ffn(
 MODELS = ("fm", "specialist", "linreg", "ffn", "small_tf", "sindy")
 
 
+AUTO_FT_MODES = ("full", "head")  # what Budget.ft_mode = "auto" chooses between
+
+
+def fit_fm(ckpt: Any, train: Any, val: Any, seed: int, budget: Budget, fraction: float) -> Predictor:
+    """Fine-tune the pretrained FM with ``budget.ft_mode``; "auto" fits each of :data:`AUTO_FT_MODES` and
+    keeps the one with the lowest best val loss (info: ``ft_mode``, ``val_by_mode``, ``train_s`` of both)."""
+    if budget.ft_mode != "auto":
+        return fit_transformer("fm", ckpt, train, val, seed, budget, fraction)
+    fits = {m: fit_transformer("fm", ckpt, train, val, seed, replace(budget, ft_mode=m), fraction)
+            for m in AUTO_FT_MODES}
+    val_by_mode = {m: float(p.info["best_val_loss"]) for m, p in fits.items()}
+    mode = min(val_by_mode, key=lambda m: val_by_mode[m])
+    best = fits[mode]
+    best.info.update(ft_mode=mode, val_by_mode=val_by_mode,
+                     train_s=round(sum(float(p.info["train_s"]) for p in fits.values()), 3))
+    return best
+
+
 def fit_model(
     name: str, train: Any, val: Any, seed: int, budget: Budget, fraction: float, ckpt: Any = None
 ) -> Predictor:
@@ -431,7 +451,7 @@ def fit_model(
     if ckpt is None:
         raise ValueError(f"model {name!r} needs the pretrained checkpoint (ckpt=...)")
     if name == "fm":
-        return fit_transformer(name, ckpt, train, val, seed, budget, fraction)
+        return fit_fm(ckpt, train, val, seed, budget, fraction)
     if name == "specialist":
         cfg = ckpt.cfg if isinstance(ckpt, DynamicsFM) else _ckpt_model_cfg(ckpt)
         return fit_transformer(name, None, train, val, seed, budget, fraction, _cfg_dict(cfg))

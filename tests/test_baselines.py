@@ -111,3 +111,17 @@ def test_window_models_select_on_the_val_rollout_when_asked():
     assert f.info["val_loss"] == pytest.approx(_val_rollout_mse(f, va, (20, 30)), rel=1e-5)
     with pytest.raises(ValueError, match="val_rollout context\\+horizon=90"):
         fit_linreg(tr, va, 0, Budget(val_rollout=(40, 50)), 1.0)
+
+
+def test_fm_auto_fine_tuning_keeps_the_mode_with_the_lower_val_loss():
+    tr, va = linear_data(6, 40, 0), linear_data(2, 40, 1)
+    budget = Budget(steps=4, batch_size=2, seq_len=20, val_every=1, patience=5, val_rollout=(10, 10))
+    ck = tiny_model()
+    auto = fit_model("fm", tr, va, 0, Budget(**{**budget.__dict__, "ft_mode": "auto"}), 1.0, ckpt=ck)
+    each = {m: fit_model("fm", tr, va, 0, Budget(**{**budget.__dict__, "ft_mode": m}), 1.0, ckpt=ck)
+            for m in ("full", "head")}
+    want = {m: p.info["best_val_loss"] for m, p in each.items()}
+    assert auto.info["val_by_mode"] == pytest.approx(want)  # the same seeded fits
+    assert auto.info["ft_mode"] == min(want, key=want.get)
+    assert auto.info["best_val_loss"] == pytest.approx(min(want.values()))
+    assert auto.info["train_s"] >= max(p.info["train_s"] for p in each.values())
