@@ -84,6 +84,8 @@ class Budget:
     ft_mode: str = "full"
     lora_rank: int = 8
     synthetic_mix: float = 0.0  # the FM: share of synthetic windows in every fine-tuning batch
+    l2sp: float = 0.0  # the FM: pull of the weights towards the pretrained ones (FinetuneConfig.l2sp)
+    ema: float = 0.0  # transformers: weight averaging (FinetuneConfig.ema)
 
     def validate(self) -> Budget:
         """Raise ``ValueError`` naming the first field out of range (the fine-tuning config's own checks)."""
@@ -155,6 +157,8 @@ def _ft_cfg(
         mode=budget.ft_mode if pretrained and budget.ft_mode != "auto" else "full",
         lora_rank=budget.lora_rank,
         synthetic_mix=budget.synthetic_mix if pretrained else 0.0,
+        l2sp=budget.l2sp if pretrained else 0.0,
+        ema=budget.ema,
         steps=budget.steps,
         lr=lr,
         warmup_steps=min(50, budget.steps // 5 + 1),

@@ -74,12 +74,21 @@ class FinetuneConfig:
     # share of every training batch drawn from synthetic RKHS systems (per-sample normalised, as in
     # pretraining): a regulariser against forgetting the prior when the rig data is tiny (0 = off)
     synthetic_mix: float = 0.0
+    # L2-SP: loss += l2sp * the squared distance of the trained weights from their initial values (0 = off)
+    l2sp: float = 0.0
+    # exponential moving average of the weights (decay per step, 0 = off): validated and returned instead of
+    # the raw weights
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in FINETUNE_MODES:
             raise ValueError(f"FinetuneConfig.mode must be one of {FINETUNE_MODES}, got {self.mode!r}")
         if self.lora_rank < 1:
             raise ValueError(f"FinetuneConfig.lora_rank must be >= 1, got {self.lora_rank}")
+        if not (math.isfinite(self.l2sp) and self.l2sp >= 0):
+            raise ValueError(f"FinetuneConfig.l2sp must be a finite number >= 0, got {self.l2sp}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"FinetuneConfig.ema must be in [0, 1), got {self.ema}")
         if not 0.0 <= self.synthetic_mix < 1.0:
             raise ValueError(f"FinetuneConfig.synthetic_mix must be in [0, 1), got {self.synthetic_mix}")
         if not (0.0 < self.fraction <= 1.0):
@@ -295,32 +304,39 @@ def finetune(
     elif cfg.mode == "lora":
         add_lora(model, cfg.lora_rank)
     params = [q for q in model.parameters() if q.requires_grad]
+    anchor = [q.detach().clone() for q in params] if cfg.l2sp > 0 else []
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    ema = None
+    if cfg.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    net = model if ema is None else ema.module  # what is validated and returned
     sched = warmup_cosine(opt, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     rng = np.random.default_rng([cfg.seed, 1])
 
     def val_loss() -> float:
-        model.eval()
+        net.eval()
         if val_roll is not None:
             vx, vu = val_roll
             vc = cfg.val_rollout[0]  # type: ignore[index]
             roll = ROLLOUT_MODES[cfg.rollout_mode]
-            pr = roll(model.for_system(n, m), vx[:, :vc], vu[:, : vc - 1], vu[:, vc - 1 : -1])
-            model.train()
-            err = prediction_errors(None, pr.detach().numpy(), vx, model.x_std[:n].numpy(), vc)
+            pr = roll(net.for_system(n, m), vx[:, :vc], vu[:, : vc - 1], vu[:, vc - 1 : -1])
+            net.train()
+            err = prediction_errors(None, pr.detach().numpy(), vx, net.x_std[:n].numpy(), vc)
             return err["multi_step_mse"]
         with torch.no_grad():
             tot = 0.0
             for b in val_batches:
-                pred = model(b["x"], b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=p - 1)
+                pred = net(b["x"], b["u"], b["obs"], b["state_mask"], b["input_mask"], lead=p - 1)
                 tot += float(masked_huber_loss(pred, b["target"], b["state_mask"], b["hidden"],
                                                cfg.huber_delta, cfg.hidden_weight))
-        model.train()
+        net.train()
         return tot / len(val_batches)
 
     has_val = bool(val_batches) or val_roll is not None
     history: list[dict[str, Any]] = []
-    stopper = EarlyStopping(model, cfg.patience, cfg.max_minutes, min_delta=1e-6,
+    stopper = EarlyStopping(net, cfg.patience, cfg.max_minutes, min_delta=1e-6,
                             initial=val_loss() if has_val else math.inf)
     history.append({"step": 0, "train_loss": None, "val_loss": stopper.best if has_val else None,
                     "elapsed_s": 0.0})
@@ -345,6 +361,9 @@ def finetune(
             if n_syn:
                 b = _mix_synthetic(rng, b, model, syn_spec, n_syn)
             loss = _train_loss(model, b, cfg, p - 1)
+            if anchor:
+                loss = loss + cfg.l2sp * sum(((q - a) ** 2).sum() for q, a in zip(params, anchor,
+                                                                                    strict=True))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite fine-tuning loss at step {step}")
             opt.zero_grad(set_to_none=True)
@@ -352,6 +371,8 @@ def finetune(
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             run += float(loss.detach())
             run_n += 1
             if pbar is not None:
@@ -375,6 +396,8 @@ def finetune(
             pbar.close()
     if has_val:
         stopper.restore_best()
+    if ema is not None:
+        model.load_state_dict(net.state_dict())
     if cfg.mode == "lora":
         merge_lora(model)
     for prm in model.parameters():

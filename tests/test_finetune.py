@@ -246,3 +246,30 @@ def test_refinetuning_keeps_the_init_checkpoints_recipe_unless_set(data_file, pr
     conf = torch.load(v2 / "finetuned.pt", weights_only=True)["meta"]["train"]["config"]
     assert (conf["rollout_mode"], conf["increment_scale"], conf["mask_prob"]) == ("ar", True, 0)
     assert conf["noise_std"] == 0.01  # given with --set: not inherited
+
+
+def test_l2sp_keeps_the_weights_near_the_pretrained_ones_and_ema_returns_the_average(data_file, pretrained):
+    ts = load_trajectories(data_file)
+    train = split_trajectories(ts, "train")
+    init, _ = load_checkpoint(pretrained)
+
+    def dist(model) -> float:
+        with torch.no_grad():
+            return float(sum(((a - b) ** 2).sum() for a, b in zip(model.parameters(), init.parameters(),
+                                                                    strict=True)))
+
+    free, _ = finetune(pretrained, train, None, _cfg(steps=30, lr=3e-3))
+    pulled, _ = finetune(pretrained, train, None, _cfg(steps=30, lr=3e-3, l2sp=1e3))
+    assert dist(pulled) < 0.5 * dist(free)
+    # the average starts at the first step's weights; with a decay of ~1 it stays there: the model returned
+    # is the one-step model (the first step is the same under every schedule length: warm-up), not the last
+    one, _ = finetune(pretrained, train, None, _cfg(steps=1, lr=3e-3))
+    last, _ = finetune(pretrained, train, None, _cfg(steps=3, lr=3e-3))
+    avg, _ = finetune(pretrained, train, None, _cfg(steps=3, lr=3e-3, ema=1.0 - 1e-9))
+    for a, b in zip(avg.parameters(), one.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert dist(last) > dist(avg)
+    with pytest.raises(ValueError, match="ema"):
+        FinetuneConfig(ema=1.0)
+    with pytest.raises(ValueError, match="l2sp"):
+        FinetuneConfig(l2sp=-1.0)
