@@ -68,7 +68,7 @@ class EvalConfig:
     resume: bool = False  # reuse finished fits from OUT/<rig>/partial.json (same config)
     # "raw": states as logged (angles unwrapped); "sincos": every model sees the pendulum angle as (sin, cos)
     # and its predictions are mapped back (fm_core.angle_features), so the metric is unchanged
-    angle_features: str = "raw"
+    angle_features: str = "sincos"
     # the zero-shot question: FM with this much context (s) against persistence, horizon as the metric's
     zero_shot_context_s: float = 2.0
     zero_shot_max_len: int = 256  # context + horizon never exceeds the model's max_len
@@ -434,7 +434,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         "threads": args.threads,
         "resume": args.resume,
         "jobs": args.jobs,
-        "angle_features": getattr(args, "angle_features", "raw"),
+        "angle_features": getattr(args, "angle_features", "sincos"),
     }
     if args.models:
         kw["models"] = [m.strip() for m in args.models.split(",") if m.strip()]

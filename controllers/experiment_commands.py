@@ -75,8 +75,9 @@ def register(subparsers) -> None:
     e.add_argument(
         "--angle-features",
         choices=("raw", "sincos"),
-        default="raw",
-        help="pendulum angle as logged (raw, unwrapped) or as (sin, cos) for every model (metric unchanged)",
+        default="sincos",
+        help="pendulum angle as (sin, cos) for every model (default) or as logged (raw, unwrapped); the "
+             "metric is the same",
     )
     e.add_argument("--jobs", type=int_range(1, 256), default=1, help="rigs evaluated in parallel processes")
     e.add_argument("--threads", type=int_range(1, 1024), default=1, help="torch threads per process")
