@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fm_core.finetune import ROLLOUT_MODES, FinetuneConfig, finetune
+from fm_core.finetune import FINETUNE_MODES, ROLLOUT_MODES, FinetuneConfig, finetune
 from fm_core.metrics import metric_windows, prediction_errors
 from fm_core.model import DynamicsFM, SystemModel
 from fm_core.schedule import EarlyStopping
@@ -81,7 +81,7 @@ class Budget:
     max_minutes: float = 60.0  # wall-time cap of one fit (every trained model; 0 = none)
     # the FM's fine-tuning mode: "full" | "head" | "lora" | "auto" (full and head both fitted, the one with
     # the lower val rollout MSE kept: model selection on the val split, like the ridge strength)
-    ft_mode: str = "full"
+    ft_mode: str = "auto"
     lora_rank: int = 8
     synthetic_mix: float = 0.0  # the FM: share of synthetic windows in every fine-tuning batch
     l2sp: float = 0.0  # the FM: pull of the weights towards the pretrained ones (FinetuneConfig.l2sp)
@@ -91,6 +91,9 @@ class Budget:
         """Raise ``ValueError`` naming the first field out of range (the fine-tuning config's own checks)."""
         if self.window < 1:
             raise ValueError(f"Budget.window must be >= 1, got {self.window}")
+        if self.ft_mode not in (*FINETUNE_MODES, "auto"):
+            raise ValueError(f"Budget.ft_mode must be one of {', '.join((*FINETUNE_MODES, 'auto'))}, "
+                             f"got {self.ft_mode!r}")
         if self.max_minutes < 0:
             raise ValueError(f"Budget.max_minutes must be >= 0, got {self.max_minutes}")
         for lr in (self.lr_scratch, self.lr_finetune):
