@@ -117,12 +117,12 @@ def bench_latency(
     client_spin_us: float = 0.0,
 ) -> None:
     from export.client import PredictorProcess
-    from export.onnx_export import export_checkpoint, load_checkpoint
+    from export.onnx_export import export_checkpoint, load_for_export
     from export.onnx_runtime import OnnxPredictor
 
     over = system_overrides(ckpt)
     res = export_checkpoint(ckpt, tmp / "model.onnx", streaming=tmp / "model_step.onnx", **over)
-    system = load_checkpoint(ckpt, **over).system
+    system = load_for_export(ckpt, **over).system
     local = OnnxPredictor(res.full_path, res.step_path)
     me = local.meta
     rng = np.random.default_rng(0)

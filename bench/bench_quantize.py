@@ -150,10 +150,10 @@ def _speed(fp: Any, q8: Any, ckpt: Path, over: dict[str, Any], iters: int) -> No
 
     import torch
 
-    from export.onnx_export import load_checkpoint
+    from export.onnx_export import load_for_export
 
     torch.set_num_threads(1)
-    system = load_checkpoint(ckpt, **over).system.eval()
+    system = load_for_export(ckpt, **over).system.eval()
     xb = rng.normal(size=(1, 16, me.n)).astype(np.float32)
     ub = rng.normal(size=(1, 16, me.m)).astype(np.float32)
     # torch sees the graph's states: (sin, cos) for angle channels (fp.encode; the identity otherwise)

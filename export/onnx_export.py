@@ -87,7 +87,7 @@ class LoadedCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_checkpoint(
+def load_for_export(
     path: str | Path, *, n: int | None = None, m: int | None = None, dt: float | None = None
 ) -> LoadedCheckpoint:
     """Load a ``rigfm-ckpt-v1`` checkpoint (fm_core.checkpoint, weights_only) as an eval-mode ``SystemModel``.
@@ -95,12 +95,11 @@ def load_checkpoint(
     ``n``, ``m``, ``dt`` override (or supply, for a synthetic pretraining checkpoint) the meta values.
     Raises ExportError naming the file and the missing/invalid field.
     """
-    from fm_core.checkpoint import CheckpointError
-    from fm_core.checkpoint import load_checkpoint as load_fm
+    from fm_core.checkpoint import CheckpointError, load_checkpoint
 
     path = str(path)
     try:
-        core, meta = load_fm(path)
+        core, meta = load_checkpoint(path)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     meta = dict(meta)
@@ -363,7 +362,7 @@ def export_checkpoint(
 
     ``context``: predictor window (rollout history, stream re-priming); patch <= context <= max_len.
     """
-    ck = load_checkpoint(checkpoint, n=n, m=m, dt=dt)
+    ck = load_for_export(checkpoint, n=n, m=m, dt=dt)
     return export_loaded(ck, output, context=context, streaming=streaming, exporter=exporter, opset=opset)
 
 

@@ -13,7 +13,7 @@ import torch
 from onnx_helpers import TINY, rel_err
 
 from export.kv_slots import buffer_step_io
-from export.onnx_export import ExportError, export_checkpoint, load_checkpoint, save_random_checkpoint
+from export.onnx_export import ExportError, export_checkpoint, load_for_export, save_random_checkpoint
 from export.onnx_runtime import FULL_INPUTS, ModelFileError, OnnxPredictor, parse_metadata
 from export.quantize import RECIPE
 
@@ -97,7 +97,7 @@ def test_graphs_validate_and_carry_metadata(tiny):
 @pytest.mark.parametrize("which", ["tiny", "default_model"])
 def test_full_graph_parity_random_and_simulator(which, request):
     ck, res = request.getfixturevalue(which)
-    system = load_checkpoint(ck).system
+    system = load_for_export(ck).system
     pred = OnnxPredictor(res.full_path)
     rng = np.random.default_rng(0)
     for b, t in ((1, 1), (3, 17), (2, pred.meta.max_len)):
@@ -115,7 +115,7 @@ def test_full_graph_parity_random_and_simulator(which, request):
 def test_step_graph_parity_with_torch_step(tiny, inputs):
     """Step graph from an empty cache (S = 0) for 20 steps == torch SystemModel.step (pred and cache)."""
     ck, res = tiny
-    system = load_checkpoint(ck).system
+    system = load_for_export(ck).system
     pred = OnnxPredictor(res.full_path, res.step_path)
     if inputs == "simulator":
         x, u = simulator_inputs(2, 20, seed=1)
@@ -211,7 +211,7 @@ def test_stream_without_step_graph_recomputes_the_window(tiny):
 
 def test_rollout_matches_manual_masked_window(tiny):
     ck, res = tiny
-    system = load_checkpoint(ck).system
+    system = load_for_export(ck).system
     pred = OnnxPredictor(res.full_path)
     x, u = simulator_inputs(1, 10, seed=4)
     plan = np.random.default_rng(5).normal(size=(3, 6, 1)).astype(np.float32)
@@ -242,7 +242,7 @@ def test_onnx_rollout_matches_fm_core_rollout(tiny):
     if not hasattr(finetune, "rollout"):
         pytest.skip("fm_core.finetune.rollout not available")
     ck, res = tiny
-    system = load_checkpoint(ck).system
+    system = load_for_export(ck).system
     pred = OnnxPredictor(res.full_path)
     x, u = simulator_inputs(1, 12, seed=8)
     plan = np.random.default_rng(9).normal(size=(4, 7, 1)).astype(np.float32)
@@ -254,19 +254,19 @@ def test_onnx_rollout_matches_fm_core_rollout(tiny):
 
 def test_checkpoint_errors_name_the_problem(tmp_path, tiny):
     with pytest.raises(ExportError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
+        load_for_export(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     torch.save({"format": "something-else"}, bad)
     with pytest.raises(ExportError, match="format"):
-        load_checkpoint(bad)
+        load_for_export(bad)
     ck, _ = tiny
     raw = torch.load(ck, weights_only=True)
     raw["meta"].update(n=None, state_names=[])  # like a synthetic pretraining checkpoint
     nometa = tmp_path / "pretrained.pt"
     torch.save(raw, nometa)
     with pytest.raises(ExportError, match=r"meta\.n .*--n"):
-        load_checkpoint(nometa)
-    assert load_checkpoint(nometa, n=3).meta["n"] == 3
+        load_for_export(nometa)
+    assert load_for_export(nometa, n=3).meta["n"] == 3
     with pytest.raises(ExportError, match="context"):
         export_checkpoint(ck, tmp_path / "x.onnx", context=1000)
 
@@ -340,7 +340,7 @@ def test_torchscript_exporter_parity_and_fused_is_smaller(tiny, tmp_path):
     assert res.nodes["full"] * 3 < ts.nodes["full"] and ts.step_path is None and "step" not in ts.nodes
     with pytest.raises(ExportError, match="window graph only"):
         export_checkpoint(ck, tmp_path / "t2.onnx", streaming=tmp_path / "t2.s.onnx", exporter="torchscript")
-    system = load_checkpoint(ck).system
+    system = load_for_export(ck).system
     x, u = simulator_inputs(2, 30)
     obs = np.ones((2, 30), np.float32)
     obs[:, 20:] = 0.0
@@ -356,7 +356,7 @@ def test_export_parity_check_catches_a_wrong_graph(tiny, tmp_path):
     from export.onnx_export import check_parity
 
     ck, res = tiny
-    loaded = load_checkpoint(ck)
+    loaded = load_for_export(ck)
     model = onnx.load(str(res.full_path))
     init = next(i for i in model.graph.initializer if i.name == "l0_w_qkv")
     w = numpy_helper.to_array(init).copy()

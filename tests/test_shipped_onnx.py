@@ -106,7 +106,7 @@ def test_shipped_pair_matches_its_checkpoint(rig, tmp_path):
        torch gap under a fifth of the one-step increment (tests/test_quantize.py's int8 bounds)."""
     import torch
 
-    from export.onnx_export import export_checkpoint, load_checkpoint
+    from export.onnx_export import export_checkpoint, load_for_export
     from export.quantize import quantize_int8
     from fm_core.angle_features import SinCosCodec
 
@@ -117,7 +117,7 @@ def test_shipped_pair_matches_its_checkpoint(rig, tmp_path):
                           find_step=True)
     fp32 = OnnxPredictor(res.full_path, res.step_path)
     shipped = OnnxPredictor(shipped_onnx(rig), find_step=True)
-    system = load_checkpoint(checkpoint_path(rig)).system
+    system = load_for_export(checkpoint_path(rig)).system
     codec = SinCosCodec(4, [1])
     x, u = _sim_run(rig)
 
@@ -158,13 +158,13 @@ def test_portable_exporter_writes_standard_onnx_that_runs_outside_onnxruntime(tm
     from onnx.reference import ReferenceEvaluator
 
     from controllers.cli import main
-    from export.onnx_export import load_checkpoint
+    from export.onnx_export import load_for_export
     from fm_core.angle_features import SinCosCodec
 
     full = tmp_path / "portable.onnx"
     assert main(["export", str(checkpoint_path("cartpole")), "-o", str(full), "--context", "32", "--exporter",
                  "torchscript"]) == 0
-    system = load_checkpoint(checkpoint_path("cartpole")).system
+    system = load_for_export(checkpoint_path("cartpole")).system
     x, u = _sim_run("cartpole", 24)
     xz = SinCosCodec(4, [1]).encode(x)[None]
     model = onnx.load(str(full))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from export.client import PredictorProcess
-from export.onnx_export import ExportError, export_checkpoint, load_checkpoint
+from export.onnx_export import ExportError, export_checkpoint, load_for_export
 from export.onnx_runtime import ModelFileError, OnnxPredictor, parse_metadata
 from fm_core import train_commands
 from fm_core.angle_features import SinCosCodec, wrap_angle
@@ -84,7 +84,7 @@ def test_exported_metadata_describes_raw_states(deployed):
 
 def _torch_reference(ckpt, x, u, obs=None):
     """The torch model on (sin, cos) states and the codec (the evaluation's SinCosPredictor does the same)."""
-    core = load_checkpoint(ckpt).system
+    core = load_for_export(ckpt).system
     codec = SinCosCodec(4, [1])
     obs = np.ones(x.shape[:2], np.float32) if obs is None else obs
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_predict_and_rollout_take_raw_states_and_match_torch(deployed):
     # rollout: open loop over 12 planned inputs, angles unwrapped along the horizon (torch, then decoded)
     xh, uh, plan = x[0, :8], u[0, :7], u[:, 7:19]
     roll = pred.rollout(xh, uh, plan)
-    core = load_checkpoint(deployed["ckpt"]).system
+    core = load_for_export(deployed["ckpt"]).system
     xz, uz = np.repeat(codec.encode(xh)[None], 3, 0), np.repeat(uh[None], 3, 0)
     ref_z = torch_rollout(core, xz, uz, plan).numpy()
     ref = codec.decode_sequence(ref_z, np.full((3, 1), xh[-1, 1]))
@@ -175,7 +175,7 @@ def test_bad_angle_layouts_are_refused_with_the_key_named(deployed, tmp_path):
     raw["meta"]["angle_channels"] = [7]
     torch.save(raw, tmp_path / "bad.pt")
     with pytest.raises(ExportError, match=r"meta.angle_channels must list distinct raw .* in \[0, 4\)"):
-        load_checkpoint(tmp_path / "bad.pt")
+        load_for_export(tmp_path / "bad.pt")
 
 
 def test_finetune_sincos_names_the_missing_pendulum_state(tmp_path, capsys):
