@@ -206,8 +206,10 @@ def status_printer(stream: Any = sys.stderr) -> Callable[[dict[str, Any]], None]
             parts.append("x " + " ".join(f"{v:+.3f}" for v in x))
         if err is not None:
             parts.append(f"pred err {err:.3f}" + (" DRIFT" if st.get("drift") else ""))
-        if st.get("pred_fault"):
+        if st.get("pred_down"):
             parts.append("PREDICTOR DOWN")
+        elif st.get("pred_fault"):
+            parts.append("pred request failed")  # one missed deadline; DOWN once it persists
         if st.get("log_error"):
             parts.append(f"LOG FAILED ({st.get('log_lost', '?')} lost): {st['log_error']}")
         stream.write("\r" + " | ".join(parts) + "\x1b[K")
@@ -570,6 +572,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             show = status_printer()
 
             def status_cb(st: dict[str, Any]) -> None:
+                st = {**st, "pred_down": watch is not None and watch.down}
                 if logger is not None and logger.error:
                     lst = logger.stats()
                     st = {**st, "log_error": logger.error, "log_lost": lst["dropped"]}

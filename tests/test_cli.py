@@ -327,3 +327,20 @@ def test_permission_denied_names_the_group_to_join():
         os.close(slave)
     assert msg == (f"{path}: permission denied: add your user to the {group!r} group "
                    f"(sudo usermod -aG {group} $USER), then log in again")
+
+
+def test_status_line_says_down_only_when_the_watch_says_so():
+    """One missed deadline is a failed request, not a dead predictor; DOWN needs the watch's verdict."""
+    import io
+
+    from controllers.session import status_printer
+
+    def line(**st):
+        buf = io.StringIO()
+        status_printer(buf)({"rate_hz": 500.0, "jitter_us": 80.0, "mode": "balance", **st})
+        return buf.getvalue()
+
+    assert "PREDICTOR DOWN" not in line(pred_fault="PredictorTimeout: 8 ms")
+    assert "pred request failed" in line(pred_fault="PredictorTimeout: 8 ms")
+    assert "PREDICTOR DOWN" in line(pred_fault="PredictorTimeout: 8 ms", pred_down=True)
+    assert "pred request" not in line()
