@@ -44,6 +44,9 @@ class SwingUpParams:
     brake_accel: float = 0.0       # base deceleration used to stop before the travel limit (0: a_max)
     travel_frac: float = 0.9       # fraction of the safe travel (position_soft - margin) the pump may use
     energy_target: float = 0.0     # E0 (J), 0 = upright rest
+    energy_ki: float = 0.0         # 1/s: raise the aim above E0 while the energy sits inside the catch band
+    #                                uncaught (a proportional pump stalls short of E0 when the plant loses
+    #                                more energy per swing than the model says); capped below catch_energy
 
     @classmethod
     def from_tuning(cls, tuning: Mapping[str, Any] | None, **overrides: float) -> SwingUpParams:
@@ -57,6 +60,8 @@ class SwingUpParams:
             setattr(p, name, float(conv(float(val))))
         if not (0 < p.catch_angle < p.release_angle):
             raise ValueError("swing-up release_angle must exceed catch_angle (hysteresis)")
+        if not p.energy_ki >= 0:
+            raise ValueError(f"swing-up energy_ki must be >= 0, got {p.energy_ki:g}")
         return p
 
 
@@ -78,6 +83,8 @@ class EnergySwingUp:
         if not self.e_hang > 0:
             raise ValueError("rig model reports zero energy at the hanging state; cannot normalise swing-up")
         self.x_up = np.asarray(model.upright(), dtype=float)
+        self.boost = 0.0  # the aim above E0, as a fraction of |E_hang| (energy_ki's integral)
+        self._t: float | None = None
 
     def _input_effect(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``f(x, 0)`` and ``df/du`` (the rig model is affine in the voltage)."""
@@ -99,7 +106,18 @@ class EnergySwingUp:
         return (es[: self.n] - es[self.n:]) / (2 * h)
 
     def reset(self) -> None:
-        """Stateless."""
+        """Forget the energy aim's integral."""
+        self.boost = 0.0
+        self._t = None
+
+    def _update_boost(self, e: float, t: float) -> None:
+        """Integrate the energy shortfall while it sits inside the catch band (capped at 90 % of it)."""
+        p = self.params
+        dt = 0.0 if self._t is None else min(max(t - self._t, 0.0), 0.1)
+        self._t = t
+        short = (p.energy_target - e) / self.e_hang
+        if p.energy_ki > 0 and abs(short) < p.catch_energy:
+            self.boost = float(np.clip(self.boost + p.energy_ki * short * dt, 0.0, 0.9 * p.catch_energy))
 
     def compute(self, x: np.ndarray, t: float = 0.0) -> ControlOutput:
         """Energy-pumping command with base-position regulation, saturated."""
@@ -112,7 +130,8 @@ class EnergySwingUp:
         if abs(b) < 1e-9:
             raise FloatingPointError("rig model: the voltage has no effect on the base acceleration here")
         g = float(self.energy_gradient(x) @ dfdu) / b  # dE/dt per unit base acceleration
-        gap = p.energy_target - e
+        self._update_boost(e, t)
+        gap = p.energy_target + self.boost * self.e_hang - e
         level = float(np.clip(p.k_energy * gap / self.e_hang, -1.0, 1.0))
         hanging = abs(angle_error(x[self.pi], self.x_up[self.pi])) > 3.0
         at_rest = hanging and abs(x[self.n // 2 + self.pi]) < 0.05
