@@ -20,45 +20,73 @@ from typing import Any
 import numpy as np
 
 from controllers.base import pendulum_index
-from controllers.run_limits import MAX_LATENCY_COMP_MS, MAX_TIMEOUT_MS
+from controllers.run_limits import MAX_DURATION_S, MAX_LATENCY_COMP_MS, MAX_RATE_HZ, MAX_TIMEOUT_MS
 from export.shipped import file_sha256
+from fm_core.cli_types import SEED, finite_float, int_range, option
 
 CONTROLLERS = ("lqr", "swingup", "mpc")
 
 
 @dataclass
 class RunOptions:
-    """What to run (mirrors the ``rigfm run`` flags)."""
+    """What to run; each field with ``option(...)`` is also its ``rigfm run`` flag (same default and help)."""
 
-    rig: str = "cartpole"
-    controller: str = "lqr"
-    estimator: str = "diff"             # diff | kf | fm-ukf (controllers.estimators)
-    port: str | None = None
-    virtual: bool = False
-    duration_s: float | None = 10.0
-    rate_hz: float = 500.0
-    model: str | None = None            # ONNX file of the learned model (starts a predictor process)
-    endpoint: str | None = None         # ... or an already running predictor
-    log_dir: str | None = None
-    dry_run: bool = False
-    init: str = "hanging"               # virtual rig initial state
-    virtual_params: dict[str, float] = field(default_factory=dict)  # plant overrides (virtual rig)
-    model_params: dict[str, float] = field(default_factory=dict)    # controller-model overrides
-    tuning: str | None = None
-    lqr_design: str = "nominal"         # "learned": LQR on the served model's linearisation (learned_lqr.py)
-    latency_ms: float = 0.0             # latency compensation (physics forecast), 0 = off
-    latency_source: str = "physics"     # "predictor": + the learned one-step correction (physics fallback)
-    predictor_timeout_ms: float | None = None  # one-step deadline; default 0.8 model steps
+    rig: str = option("cartpole", flag="rig", help="cartpole, furuta or a rig TOML file")
+    controller: str = option("swingup", choices=CONTROLLERS)
+    estimator: str = option("diff", choices=("diff", "kf", "fm-ukf"),
+                            help="state estimator: diff (filtered differentiation, default), kf (EKF on the "
+                                 "rig physics), fm-ukf (UKF on the learned model; needs --model)")
+    port: str | None = option(None, group="where", help="serial port of the rig (e.g. /dev/ttyUSB0 or a pty)")
+    virtual: bool = option(False, group="where", help="start a virtual rig on a pty and use it")
+    duration_s: float | None = option(None, flag="--duration", metavar="S",
+                                      type=finite_float(0, MAX_DURATION_S, lo_open=True, unit="s"),
+                                      help="stop after S seconds (default: until Ctrl-C)")
+    rate_hz: float = option(500.0, flag="--rate", type=finite_float(0, MAX_RATE_HZ, lo_open=True, unit="Hz"),
+                            help="control rate in Hz (default 500; at most the rig's STATE rate, and at "
+                                 "least two commands per device watchdog period)")
+    model: str | None = option(None, help="learned model (.onnx) or 'shipped' (the rig's ONNX pair in "
+                                          "fm_core/weights, no torch needed): starts a predictor process")
+    endpoint: str | None = option(None, help="use a running predictor (e.g. ipc:///tmp/pred.sock)")
+    log_dir: str | None = option(None, flag="--log", metavar="DIR", help="write an MCAP run log into DIR")
+    on_log_error: str = option("stop", choices=("stop", "continue"),
+                               help="when the log cannot be written (disk full): stop the run (fault, motor "
+                                    "to 0 V; default) or continue without a complete log; either way the "
+                                    "exit status is 1")
+    foxglove: str | None = option(None, nargs="?", const="8765", metavar="[HOST:]PORT",
+                                  help="serve the run's channels on a Foxglove WebSocket (default "
+                                       "127.0.0.1:8765; loopback unless a host is given)")
+    dry_run: bool = option(False, help="compute and log, never actuate")
+    init: str = option("hanging", choices=("hanging", "upright"), help="initial state of the virtual rig")
+    virtual_params: dict[str, float] = field(default_factory=dict)  # plant overrides (--set plant.KEY=V)
+    model_params: dict[str, float] = field(default_factory=dict)    # controller-model overrides (model.KEY)
+    tuning: str | None = option(None, help="controller tuning TOML (overrides controllers/tuning.toml)")
+    lqr_design: str = option("nominal", choices=("nominal", "learned"),
+                             help="balance LQR designed on the physics (nominal, default) or on the served "
+                                  "model's linearisation (learned; needs --model/--endpoint; redesigned when "
+                                  "the predictor reloads a new model; falls back to nominal outside the "
+                                  "trust band)")
+    latency_ms: float = option(0.0, flag="--latency-comp-ms",
+                               type=finite_float(0, MAX_LATENCY_COMP_MS, unit="ms"),
+                               help="forecast the state this far ahead with the physics model (0 = off)")
+    latency_source: str = option("physics", choices=("physics", "predictor"),
+                                 help="latency forecast: physics model, or physics + the predictor's "
+                                      "one-step correction (falls back to physics when no fresh, plausible "
+                                      "prediction)")
+    predictor_timeout_ms: float | None = option(
+        None, type=finite_float(0, MAX_TIMEOUT_MS, lo_open=True, unit="ms"),
+        help="deadline of one-step predictions (default: 0.8 model steps)")
     mpc_timeout_ms: float = 100.0
     mpc_max_plan_age_s: float = 0.1
-    stale_ms: float = 50.0
-    watchdog_ms: int | None = None      # device watchdog for this run (default: the rig config's watchdog_ms)
-    realtime: bool = False              # SCHED_FIFO for the control process (if permitted)
-    status: bool = True
-    seed: int = 0
+    stale_ms: float = option(50.0, type=finite_float(0, MAX_TIMEOUT_MS, lo_open=True, unit="ms"),
+                             help="e-stop when no new state for this long")
+    watchdog_ms: int | None = option(None, type=int_range(5, 1000, unit="ms"),
+                                     help="device watchdog for this run: no COMMAND for this long -> 0 V "
+                                          "(default: the rig config's watchdog_ms, 50; the motor's stop time "
+                                          "when this process is killed)")
+    realtime: bool = option(False, help="SCHED_FIFO priority for the loop (if permitted)")
+    status: bool = option(True, flag="--quiet", action="store_false", help="no live status line")
+    seed: int = option(0, type=SEED, help="virtual rig seed")
     kill_predictor_after_s: float | None = None  # test hook: SIGKILL the predictor mid-run
-    on_log_error: str = "stop"          # a logging failure: "stop" (fault, motor 0 V) or "continue"
-    foxglove: str | None = None         # serve a Foxglove live view on [HOST:]PORT (loopback by default)
     command_line: list[str] | None = None  # recorded in the log metadata (default sys.argv)
 
 

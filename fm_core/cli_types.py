@@ -145,3 +145,54 @@ def section(pairs: list[tuple[str, object]], name: str) -> dict[str, object]:
 
 
 SEED = int_range(0, 2**32 - 1)  # numpy / the virtual rig take seeds in [0, 2**32)
+
+
+# -- options declared once: a dataclass field carries its flag ---------------------------------------------
+_CLI = "rigfm.cli"
+
+
+def option(default: object = None, *, flag: str | None = None, help: str = "", group: str | None = None,
+           **argparse_kw: object) -> object:
+    """A dataclass field that is also a command-line flag (declared once: name, default, help, check).
+
+    ``flag`` defaults to ``--field-name``; ``"rig"`` (no dashes) makes a positional argument. A bool field
+    defaulting to False becomes ``store_true``; ``action="store_false"`` with its own ``flag`` (e.g.
+    ``--quiet`` for ``status``) negates. ``group`` puts flags into one required mutually exclusive group.
+    Other keywords (``type``, ``choices``, ``metavar``, ``nargs``, ``const``) go to ``add_argument``."""
+    import dataclasses
+
+    meta = {_CLI: {"flag": flag, "help": help, "group": group, "kw": argparse_kw}}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add a flag for every :func:`option` field of dataclass ``cls`` (its default is the flag's)."""
+    import dataclasses
+
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get(_CLI)
+        if spec is None:
+            continue
+        kw = dict(spec["kw"])
+        flag = spec["flag"] or "--" + f.name.replace("_", "-")
+        if flag.startswith("-"):
+            kw.update(dest=f.name, default=f.default)
+            if f.default is False and "action" not in kw:
+                kw["action"] = "store_true"
+            if "action" not in kw and "choices" not in kw:
+                kw.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+        target: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup = parser
+        if spec["group"]:
+            if spec["group"] not in groups:
+                groups[spec["group"]] = parser.add_mutually_exclusive_group(required=True)
+            target = groups[spec["group"]]
+        target.add_argument(flag, help=spec["help"] or None, **kw)
+
+
+def options_from_args(cls: type, args: argparse.Namespace, **extra: object) -> object:
+    """``cls`` built from the parsed flags of its :func:`option` fields, plus ``extra`` fields."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if _CLI in f.metadata}
+    return cls(**values, **extra)

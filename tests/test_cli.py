@@ -344,3 +344,24 @@ def test_status_line_says_down_only_when_the_watch_says_so():
     assert "pred request failed" in line(pred_fault="PredictorTimeout: 8 ms")
     assert "PREDICTOR DOWN" in line(pred_fault="PredictorTimeout: 8 ms", pred_down=True)
     assert "pred request" not in line()
+
+
+def test_run_flags_are_the_run_options_fields_with_the_same_defaults():
+    """Each `rigfm run` option is declared once (controllers.session.RunOptions): the parsed defaults are
+    the dataclass defaults, and every flag lands in its field."""
+    import dataclasses
+
+    from controllers.session import RunOptions
+    from fm_core.cli_types import options_from_args
+
+    args = build_parser().parse_args(["run", "cartpole", "--virtual"])
+    assert options_from_args(RunOptions, args) == RunOptions(rig="cartpole", virtual=True)
+    args = build_parser().parse_args(["run", "furuta", "--port", "/dev/ttyUSB0", "--controller", "lqr",
+                                      "--duration", "3", "--rate", "250", "--quiet", "--log", "d",
+                                      "--latency-comp-ms", "2", "--seed", "7", "--foxglove"])
+    opts = options_from_args(RunOptions, args)
+    assert (opts.rig, opts.port, opts.virtual, opts.controller, opts.duration_s, opts.rate_hz, opts.status,
+            opts.log_dir, opts.latency_ms, opts.seed, opts.foxglove) == (
+        "furuta", "/dev/ttyUSB0", False, "lqr", 3.0, 250.0, False, "d", 2.0, 7, "8765")
+    flagged = {f.name for f in dataclasses.fields(RunOptions) if "rigfm.cli" in f.metadata}
+    assert flagged >= {"controller", "estimator", "duration_s", "rate_hz", "model", "stale_ms", "seed"}
