@@ -21,7 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from fm_core.cli_types import SEED, add_set_option, finite_float, int_range, section
+from fm_core.cli_types import (
+    SEED,
+    add_options,
+    add_set_option,
+    finite_float,
+    int_range,
+    option,
+    options_from_args,
+    section,
+)
 
 DEFAULT_PARAMS = {"pole_mass_scale": 1.4, "friction_scale": 2.0}
 NOMINAL_WEIGHTS = {"cartpole": "fm_core/weights/cartpole.pt", "furuta": "fm_core/weights/furuta.pt"}
@@ -35,22 +44,30 @@ class FlywheelError(RuntimeError):
 
 @dataclass
 class FlywheelConfig:
-    """One flywheel experiment (mirrors ``rigfm flywheel`` flags)."""
+    """One flywheel experiment; each ``option(...)`` field is also its ``rigfm flywheel`` flag."""
 
-    out: str
-    rig: str = "cartpole"
-    controller: str = "swingup"
-    duration_s: float = 60.0
-    finetune_steps: int = 300
-    init_checkpoint: str | None = None      # default: fm_core/weights/<rig>.pt, else the pretrained default
-    virtual_params: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PARAMS))
-    seed: int = 0
-    stale_ms: float = 200.0                 # tolerant: the shared machine is loaded
-    window: int | None = None               # dataset window (default: fits the run)
+    out: str = option("runs/flywheel", help="output folder (default runs/flywheel)")
+    rig: str = option("cartpole")
+    controller: str = option("swingup", choices=("lqr", "swingup"))
+    duration_s: float = option(60.0, flag="--duration", type=finite_float(0, 1e6, lo_open=True, unit="s"),
+                               help="seconds per run (default 60)")
+    finetune_steps: int = option(300, flag="--steps", type=int_range(1, 10**9),
+                                 help="fine-tune steps (default 300)")
+    init_checkpoint: str | None = option(None, flag="--init", help="v1 checkpoint (default "
+                                         "fm_core/weights/<rig>.pt, else the pretrained default.pt)")
+    virtual_params: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PARAMS))  # --set plant.K=V
+    seed: int = option(0, type=SEED)
+    stale_ms: float = option(200.0, type=finite_float(0, 10_000, lo_open=True, unit="ms"),
+                             help="e-stop when no new state for this long (tolerant: shared machines)")
+    window: int | None = option(None, type=int_range(2, 10**7), help="dataset window (default fits the run)")
     context: int = 64                       # predictor window of the exported ONNX
-    status: bool = False
-    angle_features: str = "auto"            # v2's pendulum angle: "raw", "sincos" or "auto" (as v1 has it)
-    lqr_design: str = "nominal"             # "learned": both runs balance on the served model's linearisation
+    status: bool = option(False, help="live status line during the runs")
+    angle_features: str = option("auto", choices=("auto", "raw", "sincos"),
+                                 help="fine-tune v2 on the pendulum angle as logged or as (sin, cos) (the "
+                                      "predictor still serves raw states); auto (default): as v1 has it")
+    lqr_design: str = option("nominal", choices=("nominal", "learned"),
+                             help="balance LQR of both runs: physics (default) or the served model's "
+                                  "linearisation (run 2 then balances on v2's, controllers/learned_lqr.py)")
 
     def __post_init__(self) -> None:
         if self.angle_features not in ("auto", "raw", "sincos"):
@@ -251,35 +268,14 @@ def register(subparsers: Any) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rig", default="cartpole")
-    p.add_argument("--controller", choices=("lqr", "swingup"), default="swingup")
-    p.add_argument("--duration", type=finite_float(0, 1e6, lo_open=True, unit="s"), default=60.0,
-                   help="seconds per run (default 60)")
-    p.add_argument("--steps", type=int_range(1, 10**9), default=300, help="fine-tune steps (default 300)")
-    p.add_argument("--init", default=None, help="v1 checkpoint (default fm_core/weights/<rig>.pt, else "
-                                                "the pretrained default.pt)")
+    add_options(p, FlywheelConfig)
     add_set_option(p, "plant mismatch of the virtual rig (default plant.pole_mass_scale=1.4 "
                       "plant.friction_scale=2)", number=True, sections=("plant",))
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--stale-ms", type=finite_float(0, 10_000, lo_open=True, unit="ms"), default=200.0)
-    p.add_argument("--window", type=int_range(2, 10**7), default=None,
-                   help="dataset window (default fits the run)")
-    p.add_argument("--out", default="runs/flywheel", help="output folder (default runs/flywheel)")
-    p.add_argument("--status", action="store_true", help="live status line during the runs")
-    p.add_argument("--angle-features", choices=("auto", "raw", "sincos"), default="auto",
-                   help="fine-tune v2 on the pendulum angle as logged or as (sin, cos) (the predictor still "
-                        "serves raw states); auto (default): as v1 has it")
-    p.add_argument("--lqr-design", choices=("nominal", "learned"), default="nominal",
-                   help="balance LQR of both runs: physics (default) or the served model's linearisation "
-                        "(run 2 then balances on v2's, controllers/learned_lqr.py)")
 
 
 def handler(args: argparse.Namespace) -> int:
-    cfg = FlywheelConfig(out=args.out, rig=args.rig, controller=args.controller, duration_s=args.duration,
-                         finetune_steps=args.steps, init_checkpoint=args.init, seed=args.seed,
-                         stale_ms=args.stale_ms, window=args.window, status=args.status,
-                         angle_features=args.angle_features, lqr_design=args.lqr_design,
-                         virtual_params=section(args.overrides, "plant") or dict(DEFAULT_PARAMS))
+    cfg = options_from_args(FlywheelConfig, args,
+                            virtual_params=section(args.overrides, "plant") or dict(DEFAULT_PARAMS))
     try:
         res = run_flywheel(cfg, progress=lambda m: print(f"flywheel: {m}", file=sys.stderr, flush=True))
     except (FlywheelError, FileNotFoundError, ValueError) as exc:

@@ -365,3 +365,14 @@ def test_run_flags_are_the_run_options_fields_with_the_same_defaults():
         "furuta", "/dev/ttyUSB0", False, "lqr", 3.0, 250.0, False, "d", 2.0, 7, "8765")
     flagged = {f.name for f in dataclasses.fields(RunOptions) if "rigfm.cli" in f.metadata}
     assert flagged >= {"controller", "estimator", "duration_s", "rate_hz", "model", "stale_ms", "seed"}
+
+
+def test_flywheel_flags_are_the_config_fields_with_the_same_defaults():
+    from controllers.flywheel import FlywheelConfig
+    from fm_core.cli_types import options_from_args
+
+    args = build_parser().parse_args(["flywheel"])
+    assert options_from_args(FlywheelConfig, args) == FlywheelConfig()
+    args = build_parser().parse_args(["flywheel", "--steps", "5", "--init", "a.pt", "--status"])
+    cfg = options_from_args(FlywheelConfig, args)
+    assert (cfg.finetune_steps, cfg.init_checkpoint, cfg.status) == (5, "a.pt", True)
