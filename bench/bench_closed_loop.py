@@ -1,5 +1,5 @@
-"""Closed-loop benchmark on mismatched virtual rigs: nominal LQR vs the learned-linearisation LQR, before and
-after one flywheel update.
+"""Closed-loop benchmark on mismatched virtual rigs: nominal LQR vs the learned-model controllers (LQR on the
+learned linearisation, MPC on the learned model), before and after one flywheel update.
 
 For each rig (cartpole, furuta) and plant mismatch (``mass_friction``: pole mass x1.4, friction x2;
 ``gain_delay``: motor gain x0.8, 4 ms extra actuation delay):
@@ -9,22 +9,23 @@ For each rig (cartpole, furuta) and plant mismatch (``mass_friction``: pole mass
    shipped) and ``v2.onnx`` (after one update).
 2. Runs (``controllers.session.run_session``, virtual rig on a pty, 500 Hz, swing-up from hanging, seeds
    0..N-1, T s each) of: ``nominal`` (LQR on the physics, per estimator of ``--estimators``), ``learned-v1``
-   and ``learned-v2`` (``--lqr-design learned`` on v1 / v2, predictor process serving it).
+   and ``learned-v2`` (``--lqr-design learned`` on v1 / v2, predictor process serving it) and, with
+   ``--learned mpc`` (balance only, ``--init upright``), ``mpc-v1`` / ``mpc-v2`` (``--controller mpc``).
 3. Per run: swing-up success (caught once and held to the end) and time (first catch), and over the balance
    phase (from 1 s after the first catch, balance-mode ticks): RMS pendulum angle error and base position,
    RMS command, RMS command increment ``u[k] - u[k-1]`` (chatter), balance cost = mean of ``e'Qe + u'Ru``
-   (the rig's LQR weights, ``e`` the loop's state estimate minus upright); faults; overruns.
+   (the rig's LQR weights, ``e`` the loop's state estimate minus upright); faults; overruns; for MPC the
+   share of ticks with a fresh plan (1 - fallback ticks / ticks).
 
 Prints a markdown table (means over seeds) and writes JSON.  ``--quick``: 2 seeds x 12 s, 20 s flywheel runs
 with at most 150 fine-tune steps.  ``python bench/bench_closed_loop.py [--quick] [--rigs cartpole furuta]
-[--mismatch mass_friction gain_delay] [--seeds 5] [--duration 30] [--estimators diff] [--realtime]
-[--out DIR]``.
+[--mismatch mass_friction gain_delay] [--seeds 5] [--duration 30] [--estimators diff kf fm-ukf]
+[--learned lqr mpc] [--init upright] [--realtime] [--out DIR]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import subprocess
@@ -43,29 +44,17 @@ MISMATCHES: dict[str, dict[str, float]] = {
     "gain_delay": {"motor_gain_scale": 0.8, "actuation_delay_extra_ms": 4.0},
 }
 SETTLE_S = 1.0  # balance metrics start this long after the first catch
-
-
-def estimator_kwargs(estimator: str) -> dict[str, Any]:
-    """RunOptions keywords of a velocity estimator: ``diff`` is today's default; ``kf`` / ``fm-ukf`` are
-    passed as ``estimator=`` once ``RunOptions`` has that field (the estimation branch)."""
-    from controllers.session import RunOptions
-
-    if "estimator" in {f.name for f in dataclasses.fields(RunOptions)}:
-        return {"estimator": estimator}
-    if estimator != "diff":
-        raise SystemExit(f"--estimators {estimator}: this tree's rigfm run has no --estimator option "
-                         "(diff only)")
-    return {}
+BALANCE_MODES = ("balance", "mpc", "fallback")  # LQR balance; MPC plans and its LQR fallback ticks
 
 
 def run_flywheel(rig: str, mismatch: str, out: Path, duration: float, steps: int,
-                 seed: int) -> dict[str, Any]:
+                 seed: int, init: str = "hanging") -> dict[str, Any]:
     """``rigfm flywheel`` on the mismatched rig; returns its flywheel.json (reused when already there)."""
     res = out / "flywheel.json"
     if res.is_file() and (out / "v2.onnx").is_file():
         return json.loads(res.read_text())
     cmd = [sys.executable, "-m", "controllers.cli", "flywheel", "--rig", rig, "--duration", str(duration),
-           "--steps", str(steps), "--seed", str(seed), "--out", str(out)]
+           "--steps", str(steps), "--seed", str(seed), "--init-state", init, "--out", str(out)]
     for k, v in MISMATCHES[mismatch].items():
         cmd += ["--set", f"plant.{k}={v}"]
     t0 = time.monotonic()
@@ -82,7 +71,7 @@ def metrics(result: Any, cfg: Any, q: np.ndarray, r: np.ndarray, pend: int, base
 
     traj, modes = result.trajectory, np.asarray(result.modes)
     t, u, x = traj[:, 0], traj[:, 1:2], traj[:, 2:]
-    bal = modes == "balance"
+    bal = np.isin(modes, BALANCE_MODES)
     catches = int(np.sum(bal[1:] & ~bal[:-1]) + (1 if bal.size and bal[0] else 0))
     out: dict[str, Any] = {"fault": result.fault, "overruns": int(result.stats["overruns"]),
                            "overrun_pct": float(result.stats["overrun_pct"]),
@@ -111,7 +100,8 @@ def metrics(result: Any, cfg: Any, q: np.ndarray, r: np.ndarray, pend: int, base
 
 
 def one_run(rig: str, mismatch: str, seed: int, duration: float, model: str | None, design: str,
-            estimator: str, stale_ms: float, realtime: bool, init: str = "hanging") -> dict[str, Any]:
+            estimator: str, stale_ms: float, realtime: bool, init: str = "hanging",
+            controller: str = "swingup") -> dict[str, Any]:
     import rigs
     from controllers.base import base_index, pendulum_index
     from controllers.lqr import lqr_weights
@@ -120,11 +110,17 @@ def one_run(rig: str, mismatch: str, seed: int, duration: float, model: str | No
     cfg = rigs.load_config(rig)
     m = rigs.make_model(cfg)
     q, r = lqr_weights(cfg)
-    opts = RunOptions(rig=rig, controller="swingup", virtual=True, duration_s=duration, seed=seed, init=init,
+    opts = RunOptions(rig=rig, controller=controller, virtual=True, duration_s=duration, seed=seed, init=init,
                       virtual_params=dict(MISMATCHES[mismatch]), model=model, lqr_design=design, status=False,
-                      stale_ms=stale_ms, realtime=realtime, **estimator_kwargs(estimator))
+                      stale_ms=stale_ms, realtime=realtime, estimator=estimator)
     res = run_session(opts)
-    return metrics(res, cfg, q, r, pendulum_index(m), base_index(m))
+    out = metrics(res, cfg, q, r, pendulum_index(m), base_index(m))
+    if controller == "mpc":
+        pred = res.predictor or {}
+        plans, fb = pred.get("mpc_plans"), pred.get("mpc_fallback_ticks")
+        out.update(mpc_plans=plans, mpc_fallback_ticks=fb,
+                   plan_tick_frac=None if fb is None else 1.0 - fb / max(1, out["ticks"]))
+    return out
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -143,6 +139,7 @@ def aggregate(rows: list[dict]) -> dict[str, Any]:
             "overruns": sum(r["overruns"] for r in rows),
             "overrun_pct": 100.0 * sum(r["overruns"] for r in rows) / max(1, sum(r["ticks"] for r in rows)),
             "designs": sorted({r["lqr_design"] for r in rows}),
+            "plan_tick_frac": _mean(rows, "plan_tick_frac"),
             "gain_change": _mean(rows, "gain_change"),
             "design_reasons": sorted({r["design_reason"] for r in rows if r["design_reason"]})}
 
@@ -161,6 +158,8 @@ def table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
             rel = (f"{100 * (a['cost'] / nom - 1):+.0f} %" if a["cost"] is not None and nom else "-")
             gain = "/".join(a["designs"]) + (f" ({a['gain_change']:.2f})" if a["gain_change"] is not None
                                              and "learned" in a["designs"] else "")
+            if a.get("plan_tick_frac") is not None:
+                gain = f"MPC, plan on {100 * a['plan_tick_frac']:.1f} % of ticks"
             lines.append(f"| {key} | {c} | {gain} | {a['success']}/{a['runs']} | "
                          f"{fmt(a['swingup_s'], '.2f')} | {fmt(a['rms_angle'])} | {fmt(a['rms_base'])} | "
                          f"{fmt(a['rms_u'], '.3f')} | "
@@ -175,8 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mismatch", nargs="+", default=list(MISMATCHES), choices=list(MISMATCHES))
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--duration", type=float, default=30.0, help="seconds per run (default 30)")
-    p.add_argument("--estimators", nargs="+", default=["diff"],
-                   help="velocity estimators of the nominal rows (diff; kf, fm-ukf once rigfm run has them)")
+    p.add_argument("--estimators", nargs="+", default=["diff"], choices=("diff", "kf", "fm-ukf"),
+                   help="velocity estimators of the nominal rows (fm-ukf on v1); the learned rows use the "
+                        "first, and 'vs nominal' compares with the first")
+    p.add_argument("--learned", nargs="+", default=["lqr"], choices=("lqr", "mpc"),
+                   help="learned-model controllers: lqr (--lqr-design learned) and/or mpc (balance only: "
+                        "needs --init upright); each on v1 and v2")
     p.add_argument("--flywheel-duration", type=float, default=30.0)
     p.add_argument("--flywheel-steps", type=int, default=300)
     p.add_argument("--stale-ms", type=float, default=200.0,
@@ -193,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.seeds, a.duration, a.flywheel_duration = 2, 12.0, 20.0
         a.flywheel_steps = min(a.flywheel_steps, 150)
-    for est in a.estimators:
-        estimator_kwargs(est)
+    if "mpc" in a.learned and a.init != "upright":
+        p.error("--learned mpc balances only (no swing-up): add --init upright")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -205,19 +208,23 @@ def main(argv: list[str] | None = None) -> int:
         for mm in a.mismatch:
             key = f"{rig} / {mm}"
             fw_dir = (out / f"fw-{rig}-{mm}").resolve()
-            fw = run_flywheel(rig, mm, fw_dir, a.flywheel_duration, a.flywheel_steps, 0)
+            fw = run_flywheel(rig, mm, fw_dir, a.flywheel_duration, a.flywheel_steps, 0, a.init)
             flywheels[key] = {k: fw.get(k) for k in ("error_before", "error_after", "factor", "error1_before",
                                                      "error1_after", "stages_s", "wall_s")}
-            ctrls: list[tuple[str, str | None, str, str]] = [(f"nominal ({e})", None, "nominal", e)
-                                                              for e in a.estimators]
-            ctrls += [("learned-v1", str(fw_dir / "v1.onnx"), "learned", a.estimators[0]),
-                      ("learned-v2", str(fw_dir / "v2.onnx"), "learned", a.estimators[0])]
+            v1_for_ukf = {e: str(fw_dir / "v1.onnx") if e == "fm-ukf" else None for e in a.estimators}
+            ctrls: list[tuple[str, str | None, str, str, str]] = [
+                (f"nominal ({e})", v1_for_ukf[e], "nominal", e, "swingup") for e in a.estimators]
+            for kind in a.learned:
+                for v in ("v1", "v2"):
+                    name = f"learned-{v}" if kind == "lqr" else f"mpc-{v}"
+                    ctrls.append((name, str(fw_dir / f"{v}.onnx"), "learned" if kind == "lqr" else "nominal",
+                                  a.estimators[0], "swingup" if kind == "lqr" else "mpc"))
             runs[key] = {}
-            for name, model, design, est in ctrls:
+            for name, model, design, est, controller in ctrls:
                 rows = []
                 for seed in range(a.seeds):
                     row = one_run(rig, mm, seed, a.duration, model, design, est, a.stale_ms, a.realtime,
-                                  a.init)
+                                  a.init, controller)
                     rows.append({"seed": seed, **row})
                     print(f"  {key} {name} seed {seed}: cost {fmt(row.get('cost'))} fault {row['fault']} "
                           f"design {row['lqr_design']}", file=sys.stderr, flush=True)
@@ -228,13 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     bar = {}
     for key, ctrls in summary.items():
         nom = next(a_["cost"] for c, a_ in ctrls.items() if c.startswith("nominal"))
-        v2 = ctrls["learned-v2"]
-        red = None if not (nom and v2["cost"] is not None) else 1.0 - v2["cost"] / nom
-        bar[key] = {"cost_reduction": red, "met": bool(red is not None and red >= 0.30 and v2["faults"] == 0
-                                                      and v2["overrun_pct"] < 0.1)}
-        verdict = "met" if bar[key]["met"] else "missed"
-        print(f"{key}: learned-v2 balance cost {fmt(None if red is None else 100 * red, '.1f')} % below "
-              f"nominal; faults {v2['faults']}, overruns {v2['overrun_pct']:.3f} % -> bar {verdict}")
+        bar[key] = {}
+        for name in (c for c in ("learned-v2", "mpc-v2") if c in ctrls):
+            v2 = ctrls[name]
+            red = None if not (nom and v2["cost"] is not None) else 1.0 - v2["cost"] / nom
+            plans_ok = name != "mpc-v2" or (v2["plan_tick_frac"] or 0.0) >= 0.95
+            met = bool(red is not None and red >= 0.30 and v2["faults"] == 0 and v2["overrun_pct"] < 0.1
+                       and plans_ok)
+            bar[key][name] = {"cost_reduction": red, "plan_tick_frac": v2["plan_tick_frac"], "met": met}
+            plans = (f", plan on {100 * (v2['plan_tick_frac'] or 0):.1f} % of ticks"
+                     if name == "mpc-v2" else "")
+            print(f"{key}: {name} balance cost {fmt(None if red is None else 100 * red, '.1f')} % below "
+                  f"nominal; faults {v2['faults']}, overruns {v2['overrun_pct']:.3f} %{plans} -> bar "
+                  f"{'met' if met else 'missed'}")
     res = {"args": vars(a), "wall_s": round(time.monotonic() - t0, 1), "summary": summary, "bar": bar,
            "flywheel": flywheels, "runs": runs, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     path = Path(a.json) if a.json else out / "closed_loop.json"

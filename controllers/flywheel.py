@@ -56,6 +56,9 @@ class FlywheelConfig:
     init_checkpoint: str | None = option(None, flag="--init", help="v1 checkpoint (default "
                                          "fm_core/weights/<rig>.pt, else the pretrained default.pt)")
     virtual_params: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PARAMS))  # --set plant.K=V
+    init_state: str = option("hanging", choices=("hanging", "upright"),
+                             help="virtual rig start of both runs: hanging (swing-up first; default) or "
+                                  "upright (balance data only)")
     seed: int = option(0, type=SEED)
     stale_ms: float = option(200.0, type=finite_float(0, 10_000, lo_open=True, unit="ms"),
                              help="e-stop when no new state for this long (tolerant: shared machines)")
@@ -127,7 +130,7 @@ def _run(cfg: FlywheelConfig, endpoint: str, log_dir: Path | None) -> Any:
     opts = RunOptions(rig=cfg.rig, controller=cfg.controller, virtual=True, duration_s=cfg.duration_s,
                       endpoint=endpoint, log_dir=str(log_dir) if log_dir else None,
                       virtual_params=dict(cfg.virtual_params), stale_ms=cfg.stale_ms, status=cfg.status,
-                      seed=cfg.seed, lqr_design=cfg.lqr_design)
+                      seed=cfg.seed, lqr_design=cfg.lqr_design, init=cfg.init_state)
     return run_session(opts)
 
 
@@ -179,6 +182,13 @@ def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
             n_windows = {k: int(v) for k, v in report.get("windows", {}).items()} \
                 if isinstance(report.get("windows"), dict) else report.get("windows")
             say(f"dataset {data.name}: window {window}, windows {n_windows}")
+            if isinstance(n_windows, dict) and not (n_windows.get("train") and n_windows.get("val")):
+                raise FlywheelError(
+                    f"flywheel stage 'dataset': run 1 gave too little data to fine-tune on (windows "
+                    f"{n_windows}; a train and a val window are needed): it ended after "
+                    f"{before.stats.get('ticks', 0) / max(before.stats.get('rate_hz') or 1.0, 1.0):.1f} s"
+                    f"{' with the fault ' + str(before.fault) if before.fault else ''}; use a longer "
+                    f"--duration or a smaller --window")
             ft = out / "ft"
             _rigfm(["finetune", "--init", str(init), "--data", str(data), "--mode", "full", "--steps",
                     str(cfg.finetune_steps), "--seed", str(cfg.seed), "--out", str(ft), "--no-progress",

@@ -75,6 +75,14 @@ def test_failed_stage_names_it(tmp_path):
         run_flywheel(cfg)
 
 
+def test_too_short_a_run_is_named_before_fine_tuning(tmp_path):
+    """A run that yields no val window (too short, or ended by a fault) stops the flywheel at the dataset
+    stage with the reason, not deep inside the fine-tuning."""
+    cfg = FlywheelConfig(out=str(tmp_path / "fw"), duration_s=0.4, init_state="upright")
+    with pytest.raises(FlywheelError, match="too little data"):
+        run_flywheel(cfg)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_flywheel_60s_multistep_error_drops(tmp_path):
