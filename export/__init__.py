@@ -4,22 +4,9 @@ Public names are imported lazily (PEP 562) so importing the package stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rigs.lazy import lazy_exports
 
-_LAZY = {
-    "PredictorClient": "export.client",
-    "PredictorError": "export.client",
-    "PredictorTimeout": "export.client",
-    "PredictorUnavailable": "export.client",
-    "PredictorRequestError": "export.client",
-    "PredictorProcess": "export.client",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "export.client": ("PredictorClient", "PredictorError", "PredictorTimeout", "PredictorUnavailable",
+                      "PredictorRequestError", "PredictorProcess"),
+})
