@@ -231,6 +231,7 @@ class CollectOptions:
     upright_fraction: float = 0.25
     rate_hz: float | None = None
     progress: bool = True
+    estimator: str = "diff"  # what the loop logs as velocities: "diff" (filtered differences) or "kf" (EKF)
 
 
 def initial_state(model: Any, rng: np.random.Generator, upright: bool) -> np.ndarray:
@@ -248,7 +249,7 @@ def collect_run(
 ) -> dict[str, Any]:
     """Simulate, control and log run ``index``; returns a summary (file, seconds logged, segments, trip)."""
     import rigs
-    from controllers.estimation import VelocityEstimator
+    from controllers.estimator_select import make_estimator
     from controllers.loop import ControlLoop
     from hardware.logger import RunLogger
 
@@ -261,7 +262,7 @@ def collect_run(
     rig = FlaggedSimRig(sim, cfg)
     ctl = ExcitationController(model, cfg, 1.0 / rate, segs, tuning)
     cut = float(tuning.get("estimation", {}).get("velocity_cutoff_hz", 25.0))
-    est = VelocityEstimator(model.n // 2, cut, angle_channels=(pendulum_index(model),))
+    est = make_estimator(opts.estimator, model, cfg, tuning, pendulum=pendulum_index(model))
     run_name = f"{cfg.kind}_collect_s{opts.seed}_{index:04d}"
     meta = {
         "rig": cfg.kind,
@@ -275,6 +276,7 @@ def collect_run(
             "index": index,
             "rate_hz": rate,
             "velocity_cutoff_hz": cut,
+            "estimator": opts.estimator,
         },
         "rig_config": {"name": cfg.name, "kind": cfg.kind, "model_dt": cfg.model_dt, "control_rate_hz": rate},
         "firmware_version": "sim",
@@ -335,6 +337,7 @@ def main_collect(args: argparse.Namespace) -> int:
             rate_hz=args.rate,
             upright_fraction=args.upright_fraction,
             progress=not args.quiet,
+            estimator=args.estimator,
         )
         res = collect(opts)
     except ValueError as exc:  # CollectError, RigConfigError: the message names the option / file

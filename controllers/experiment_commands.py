@@ -40,6 +40,9 @@ def register(subparsers) -> None:
         default=0.25,
         help="share of runs starting near upright under LQR (default 0.25)",
     )
+    p.add_argument("--estimator", choices=("diff", "kf"), default="diff",
+                   help="the loop's state estimator, whose velocities are logged: diff (filtered "
+                        "differences, default) or kf (EKF on the rig physics)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_collect)
 
