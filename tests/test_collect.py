@@ -62,8 +62,12 @@ def test_collect_with_the_kf_estimator_logs_its_smoother_velocities(tmp_path):
                                progress=False, estimator=est))
         (path,) = (tmp_path / est).glob("*.mcap")
         rows: list[list[float]] = []
-        scan = scan_file(path, lambda ch, _s, msg: rows.append(decode_json(ch, msg)["velocities"])
-                         if ch.topic == "/state" else None)
+
+        def on_message(ch, _schema, msg, rows=rows):
+            if ch.topic == "/state":
+                rows.append(decode_json(ch, msg)["velocities"])
+
+        scan = scan_file(path, on_message)
         assert scan.run_metadata()["controller_params"]["estimator"] == est
         vel[est] = np.asarray(rows)
     assert vel["kf"].shape == vel["diff"].shape == (1000, 2)
