@@ -77,12 +77,17 @@ def test_motor_guard_zero_and_estop_on_normal_exit_and_on_exception():
 
 
 def test_motor_guard_sigint_in_process():
-    rig = RecordingRig()
-    with pytest.raises(KeyboardInterrupt), MotorGuard(rig) as guard:
-        rig.send_command(4.0)
-        os.kill(os.getpid(), signal.SIGINT)
-    assert guard.stopped_by == "SIGINT" and rig.sent[-1] == 0.0 and rig.estops == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    # a shell's background job starts with SIGINT ignored: give the test the interactive default
+    prior = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rig = RecordingRig()
+        with pytest.raises(KeyboardInterrupt), MotorGuard(rig) as guard:
+            rig.send_command(4.0)
+            os.kill(os.getpid(), signal.SIGINT)
+        assert guard.stopped_by == "SIGINT" and rig.sent[-1] == 0.0 and rig.estops == 1
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, prior)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
