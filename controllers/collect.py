@@ -31,6 +31,7 @@ import numpy as np
 
 from controllers.base import ControlOutput, base_index, pendulum_index, voltage_limit
 from controllers.simrig import SimulatedRig, run_lockstep
+from fm_core.cli_types import SEED, finite_float, int_range, option, options_from_args
 
 EXCITATIONS = ("swingup", "lqr", "steps", "prbs", "chirp", "multisine", "free")
 _WEIGHTS = {"swingup": 0.2, "steps": 0.18, "prbs": 0.14, "chirp": 0.16, "multisine": 0.2, "free": 0.12}
@@ -220,18 +221,24 @@ class FlaggedSimRig(SimulatedRig):
 # ------------------------------------------------------------------------------------------- runs
 @dataclass
 class CollectOptions:
-    """What ``collect`` does: rig, how many runs of how long, where to, seed, physics overrides."""
+    """What ``collect`` does; each ``option(...)`` field is also its ``rigfm collect`` flag."""
 
-    rig: str
-    runs: int
-    duration_s: float
-    out: Path
-    seed: int = 0
-    params: dict[str, float] = field(default_factory=dict)
-    upright_fraction: float = 0.25
-    rate_hz: float | None = None
-    progress: bool = True
-    estimator: str = "diff"  # what the loop logs as velocities: "diff" (filtered differences) or "kf" (EKF)
+    rig: str = option(required=True, flag="rig", help="cartpole | furuta | path/to/rig.toml")
+    out: Path = option(required=True, flag=("-o", "--out"), type=Path,
+                       help="output directory for the .mcap files")
+    runs: int = option(40, type=int_range(1, 1_000_000), help="number of runs (default 40)")
+    duration_s: float = option(20.0, flag="--duration", type=finite_float(0, 1e6, lo_open=True, unit="s"),
+                               help="seconds per run (default 20)")
+    seed: int = option(0, type=SEED)
+    params: dict[str, float] = field(default_factory=dict)  # simulator physics overrides (--set KEY=V)
+    upright_fraction: float = option(0.25, type=finite_float(0, 1),
+                                     help="share of runs starting near upright under LQR (default 0.25)")
+    rate_hz: float | None = option(None, flag="--rate", type=finite_float(0, 10_000, lo_open=True, unit="Hz"),
+                                   help="loop rate in Hz (default: rig control_rate_hz)")
+    progress: bool = option(True, flag="--quiet", action="store_false", help="no progress bar")
+    estimator: str = option("diff", choices=("diff", "kf"),
+                            help="the loop's state estimator, whose velocities are logged: diff (filtered "
+                                 "differences, default) or kf (EKF on the rig physics)")
 
 
 def initial_state(model: Any, rng: np.random.Generator, upright: bool) -> np.ndarray:
@@ -327,18 +334,7 @@ def main_collect(args: argparse.Namespace) -> int:
     """CLI handler of ``rigfm collect``."""
     t0 = time.time()
     try:
-        opts = CollectOptions(
-            rig=args.rig,
-            runs=args.runs,
-            duration_s=args.duration,
-            out=Path(args.out),
-            seed=args.seed,
-            params=dict(args.overrides),
-            rate_hz=args.rate,
-            upright_fraction=args.upright_fraction,
-            progress=not args.quiet,
-            estimator=args.estimator,
-        )
+        opts = options_from_args(CollectOptions, args, params=dict(args.overrides))
         res = collect(opts)
     except ValueError as exc:  # CollectError, RigConfigError: the message names the option / file
         print(f"rigfm collect: {exc}", file=sys.stderr)

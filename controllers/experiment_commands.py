@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from fm_core.cli_types import SEED, add_set_option, finite_float, int_range
+from fm_core.cli_types import add_options, add_set_option, finite_float, int_range
 
 
 def _collect(args: argparse.Namespace) -> int:
@@ -25,25 +25,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add `collect` and `evaluate` to the umbrella parser."""
     p = subparsers.add_parser("collect", help="simulated excitation runs logged as MCAP (one file per run)")
-    p.add_argument("rig", help="cartpole | furuta | path/to/rig.toml")
-    p.add_argument("--runs", type=int_range(1, 1_000_000), default=40, help="number of runs (default 40)")
-    p.add_argument("--duration", type=finite_float(0, 1e6, lo_open=True, unit="s"), default=20.0,
-                   help="seconds per run (default 20)")
-    p.add_argument("-o", "--out", required=True, help="output directory for the .mcap files")
-    p.add_argument("--seed", type=SEED, default=0)
+    from controllers.collect import CollectOptions
+
+    add_options(p, CollectOptions)
     add_set_option(p, "simulator physics override, e.g. --set pole_mass_scale=1.4", number=True)
-    p.add_argument("--rate", type=finite_float(0, 10_000, lo_open=True, unit="Hz"), default=None,
-                   help="loop rate in Hz (default: rig control_rate_hz)")
-    p.add_argument(
-        "--upright-fraction",
-        type=finite_float(0, 1),
-        default=0.25,
-        help="share of runs starting near upright under LQR (default 0.25)",
-    )
-    p.add_argument("--estimator", choices=("diff", "kf"), default="diff",
-                   help="the loop's state estimator, whose velocities are logged: diff (filtered "
-                        "differences, default) or kf (EKF on the rig physics)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_collect)
 
     e = subparsers.add_parser("evaluate", help="foundation model vs baselines at several data fractions")

@@ -151,17 +151,21 @@ SEED = int_range(0, 2**32 - 1)  # numpy / the virtual rig take seeds in [0, 2**3
 _CLI = "rigfm.cli"
 
 
-def option(default: object = None, *, flag: str | None = None, help: str = "", group: str | None = None,
-           **argparse_kw: object) -> object:
+def option(default: object = None, *, flag: str | tuple[str, ...] | None = None, help: str = "",
+           group: str | None = None, required: bool = False, **argparse_kw: object) -> object:
     """A dataclass field that is also a command-line flag (declared once: name, default, help, check).
 
-    ``flag`` defaults to ``--field-name``; ``"rig"`` (no dashes) makes a positional argument. A bool field
-    defaulting to False becomes ``store_true``; ``action="store_false"`` with its own ``flag`` (e.g.
-    ``--quiet`` for ``status``) negates. ``group`` puts flags into one required mutually exclusive group.
-    Other keywords (``type``, ``choices``, ``metavar``, ``nargs``, ``const``) go to ``add_argument``."""
+    ``flag`` defaults to ``--field-name`` (a tuple gives aliases, e.g. ``("-o", "--out")``); ``"rig"`` (no
+    dashes) makes a positional argument; ``required=True`` makes a field without a default and a required
+    flag. A bool field defaulting to False becomes ``store_true``; ``action="store_false"`` with its own
+    ``flag`` (e.g. ``--quiet`` for ``status``) negates. ``group`` puts flags into one required mutually
+    exclusive group. Other keywords (``type``, ``choices``, ``metavar``, ``nargs``, ``const``) go to
+    ``add_argument``."""
     import dataclasses
 
     meta = {_CLI: {"flag": flag, "help": help, "group": group, "kw": argparse_kw}}
+    if required:
+        return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -175,9 +179,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if spec is None:
             continue
         kw = dict(spec["kw"])
-        flag = spec["flag"] or "--" + f.name.replace("_", "-")
+        flags = spec["flag"] or "--" + f.name.replace("_", "-")
+        flags = (flags,) if isinstance(flags, str) else tuple(flags)
+        flag = flags[-1]
         if flag.startswith("-"):
-            kw.update(dest=f.name, default=f.default)
+            kw["dest"] = f.name
+            if f.default is dataclasses.MISSING:
+                kw["required"] = True
+            else:
+                kw["default"] = f.default
             if f.default is False and "action" not in kw:
                 kw["action"] = "store_true"
             if "action" not in kw and "choices" not in kw:
@@ -187,7 +197,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             if spec["group"] not in groups:
                 groups[spec["group"]] = parser.add_mutually_exclusive_group(required=True)
             target = groups[spec["group"]]
-        target.add_argument(flag, help=spec["help"] or None, **kw)
+        target.add_argument(*flags, help=spec["help"] or None, **kw)
 
 
 def options_from_args(cls: type, args: argparse.Namespace, **extra: object) -> object:

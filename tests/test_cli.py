@@ -376,3 +376,18 @@ def test_flywheel_flags_are_the_config_fields_with_the_same_defaults():
     args = build_parser().parse_args(["flywheel", "--steps", "5", "--init", "a.pt", "--status"])
     cfg = options_from_args(FlywheelConfig, args)
     assert (cfg.finetune_steps, cfg.init_checkpoint, cfg.status) == (5, "a.pt", True)
+
+
+def test_collect_flags_are_the_options_fields_with_the_same_defaults():
+    from pathlib import Path
+
+    from controllers.collect import CollectOptions
+    from fm_core.cli_types import options_from_args
+
+    args = build_parser().parse_args(["collect", "furuta", "-o", "d"])
+    assert options_from_args(CollectOptions, args) == CollectOptions(rig="furuta", out=Path("d"))
+    args = build_parser().parse_args(["collect", "cartpole", "--out", "e", "--runs", "3", "--quiet",
+                                      "--estimator", "kf", "--upright-fraction", "0.5"])
+    opts = options_from_args(CollectOptions, args)
+    assert (opts.runs, opts.progress, opts.estimator, opts.upright_fraction, opts.out) == (
+        3, False, "kf", 0.5, Path("e"))

@@ -152,9 +152,10 @@ def test_plan_segments_cover_the_run_and_start_with_lqr_when_upright():
 
 def test_bad_options_raise_clear_errors(tmp_path):
     with pytest.raises(CollectError, match="--runs"):
-        collect(CollectOptions("cartpole", 0, 1.0, tmp_path, progress=False))
+        collect(CollectOptions(rig="cartpole", runs=0, duration_s=1.0, out=tmp_path, progress=False))
     with pytest.raises(Exception, match="no_such_param"):
-        collect(CollectOptions("cartpole", 1, 1.0, tmp_path, params={"no_such_param": 2.0}, progress=False))
+        collect(CollectOptions(rig="cartpole", runs=1, duration_s=1.0, out=tmp_path,
+                               params={"no_such_param": 2.0}, progress=False))
 
 
 def test_cli_collect_with_param_override(tmp_path):
