@@ -135,7 +135,12 @@ def lockstep(args: argparse.Namespace) -> None:
             ctl = LQRController(model, 0.002, cfg=cfg, tuning=tun)
             for name in args.estimators:
                 onnx = str(ROOT / f"fm_core/weights/{rig}.int8.onnx")
-                est = make_estimator(name, model, cfg, tun, fm_model=onnx)
+                if name.startswith("kf:d="):  # kf with the voltage-offset state of this noise density
+                    dtun = {**tun, "estimation": {**tun.get("estimation", {}),
+                                                  "kf_disturbance_noise": float(name[5:])}}
+                    est = make_estimator("kf", model, cfg, dtun)
+                else:
+                    est = make_estimator(name, model, cfg, tun, fm_model=onnx)
                 if name == "fm-ukf":
                     est.close()
                     est.worker = None  # synchronous
@@ -162,7 +167,8 @@ def main() -> None:
     ls = sub.add_parser("lockstep")
     ls.add_argument("--duration", type=float, default=30.0)
     ls.add_argument("--rigs", nargs="+", default=["cartpole", "furuta"])
-    ls.add_argument("--estimators", nargs="+", default=["diff", "kf", "fm-ukf"])
+    ls.add_argument("--estimators", nargs="+", default=["diff", "kf", "fm-ukf"],
+                    help="also kf:d=Q: kf with a voltage-offset state, random walk of density Q (V^2/s)")
     ls.add_argument("--kick", type=float, default=0.5)
     args = ap.parse_args()
     if args.what == "cost":

@@ -88,6 +88,7 @@ def simulate_balance(cfg: Any, estimator: Any, controller: Any, duration_s: floa
             if p is not None:
                 e = xh - truth
                 e[1] = wrap_angle(e[1])
+                p = np.asarray(p)[:4, :4]  # the state's marginal (a kf disturbance state left out)
                 nees = float(e @ np.linalg.solve(p, e))
             rows.append((t, truth, xh, u, nees))
         sim.advance(tick)

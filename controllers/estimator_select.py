@@ -23,7 +23,8 @@ def make_estimator(name: str, model: Any, cfg: Any, tuning: dict | None = None, 
         return DiffEstimator(VelocityEstimator(2, cut, angle_channels=(pendulum,)))
     if name == "kf":
         return PhysicsEKF(model, cfg, accel_noise=est.get("kf_accel_noise", (1.0, 10.0)),
-                          angle_channels=(pendulum,))
+                          angle_channels=(pendulum,),
+                          disturbance_noise=float(est.get("kf_disturbance_noise", 0.0)))
     if name == "fm-ukf":
         if not fm_model:
             raise EstimatorSetupError(

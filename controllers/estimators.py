@@ -158,7 +158,16 @@ class PhysicsEKF:
 
     def __init__(self, model: Any, cfg: Any, accel_noise: Sequence[float] = (1.0, 10.0),
                  init_velocity_std: Sequence[float] = (0.5, 5.0), max_gap_s: float = 0.1,
-                 max_substep_s: float = 0.0025, angle_channels: Sequence[int] = (1,)) -> None:
+                 max_substep_s: float = 0.0025, angle_channels: Sequence[int] = (1,),
+                 disturbance_noise: float = 0.0, init_disturbance_std: float = 1.0) -> None:
+        """``disturbance_noise`` (V^2/s, 0 = off) adds a fifth state: a voltage offset ``d`` acting with the
+        applied voltage (``u + d``), a random walk of that spectral density -- it absorbs a steady mismatch
+        between the model and the plant (friction, motor gain) instead of biasing the velocities."""
+        if not (math.isfinite(disturbance_noise) and disturbance_noise >= 0):
+            raise ValueError(f"kf: disturbance_noise must be a finite number >= 0, got {disturbance_noise}")
+        self.nd = 1 if disturbance_noise > 0 else 0
+        self.qdist = float(disturbance_noise)
+        self.d0 = float(init_disturbance_std) ** 2
         self.model = model
         self.cfg = cfg
         self.qa = np.asarray(accel_noise, dtype=float)
@@ -172,11 +181,12 @@ class PhysicsEKF:
         self.inputs = InputHistory(float(cfg.sim.actuation_delay_s))
         self._angle_idx = tuple(int(i) for i in np.flatnonzero(self.angle))
         self._rdiag = np.diag(self.r)
-        self._eye = np.eye(4)
-        self._h = np.eye(2, 4)
+        dim = 4 + self.nd
+        self._eye = np.eye(dim)
+        self._h = np.eye(2, dim)
         self._qcache: dict[float, np.ndarray] = {}
-        self.x = np.zeros(4)
-        self.P = np.eye(4)
+        self.x = np.zeros(dim)
+        self.P = np.eye(dim)
         self._t: float | None = None
         self.updates = 0
 
@@ -187,8 +197,8 @@ class PhysicsEKF:
             self._init(np.asarray(positions, dtype=float), t)
 
     def _init(self, pos: np.ndarray, t: float | None) -> None:
-        self.x = np.concatenate([pos, np.zeros(2)])
-        self.P = np.diag(np.concatenate([self.r, self.v0]))
+        self.x = np.concatenate([pos, np.zeros(2 + self.nd)])
+        self.P = np.diag(np.concatenate([self.r, self.v0, np.full(self.nd, self.d0)]))
         self._t = t
 
     def predict(self, t: float) -> None:
@@ -203,10 +213,23 @@ class PhysicsEKF:
         if qd is None:
             if len(self._qcache) > 256:
                 self._qcache.clear()
-            qd = self._qcache[key] = _accel_noise(h, self.qa)
+            qd = _accel_noise(h, self.qa)
+            if self.nd:
+                qd = np.pad(qd, (0, 1))
+                qd[4, 4] = self.qdist * h
+            self._qcache[key] = qd
         for i in range(k):
             u = self.inputs.mean(t0 + i * h, t0 + (i + 1) * h)
-            self.x, f = self.prop.step(self.x, u, h)
+            if not self.nd:
+                self.x, f = self.prop.step(self.x, u, h)
+            else:
+                d = self.x[4]
+                x4, f4 = self.prop.step(self.x[:4], u + d, h)
+                xu, _ = self.prop.step(self.x[:4], u + d + 1e-4, h, with_jacobian=False)
+                f = np.eye(5)
+                f[:4, :4] = f4
+                f[:4, 4] = (xu - x4) / 1e-4  # d x(t+h) / d d (the derivative is affine in the voltage)
+                self.x = np.append(x4, d)
             self.P = f @ self.P @ f.T + qd
         self._t = t
 
@@ -235,7 +258,7 @@ class PhysicsEKF:
             self._init(pos, t)
             self.inputs.clear()
             self.inputs.add(t, u_applied)
-            return self.x.copy()
+            return self.x[:4].copy()
         if t > self._t:
             self.predict(t)
             self.correct(pos)
@@ -243,4 +266,4 @@ class PhysicsEKF:
         self.inputs.add(t, u_applied)
         if not math.isfinite(self.x.sum()):
             raise FloatingPointError(f"kf: state estimate became non-finite at t = {t:.6f} s")
-        return self.x.copy()
+        return self.x[:4].copy()
