@@ -13,7 +13,7 @@ from pathlib import Path
 
 from export.onnx_runtime import DEFAULT_EXPORTER, EXPORTERS
 from export.serve_args import add_serve_arguments
-from fm_core.cli_types import finite_float, int_range
+from fm_core.cli_types import call_with_args, finite_float, int_range
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -21,17 +21,7 @@ def _export(args: argparse.Namespace) -> int:
     from export.quantize import RECIPE, quantize_int8
 
     try:
-        res = export_checkpoint(
-            args.checkpoint,
-            args.output,
-            context=args.context,
-            streaming=args.streaming,
-            exporter=args.exporter,
-            opset=args.opset,
-            n=args.n,
-            m=args.m,
-            dt=args.dt,
-        )
+        res = call_with_args(export_checkpoint, args)
     except (ExportError, ValueError) as exc:
         print(f"rigfm export: {exc}", file=sys.stderr)
         return 2

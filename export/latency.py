@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fm_core.cli_types import finite_float, int_range
+from fm_core.cli_types import call_with_args, finite_float, int_range
 
 TARGET_RTT_P99_MS = 1.5
 TARGET_OVERHEAD_MS = 0.15
@@ -412,16 +412,8 @@ def run(args: Any) -> int:
         print(f"rigfm latency: --server-cpu {args.server_cpu}: no such CPU", file=sys.stderr)
         return 2
     try:
-        report = measure(
-            args.model,
-            window=args.window,
-            iters=args.iters,
-            rate_hz=args.rate_hz,
-            endpoint=args.bind,
-            server_cpu=args.server_cpu,
-            stream_reprime=args.stream_reprime,
-            progress=not args.no_progress,
-        )
+        report = call_with_args(measure, args, model_path=args.model, endpoint=args.bind,
+                                progress=not args.no_progress)
     except (ValueError, ModelFileError) as exc:
         print(f"rigfm latency: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from export.batch_worker import BatchWorker, Job
 from export.endpoint import EndpointError, check_port, parse_bind
 from export.onnx_runtime import MAX_ABS_INPUT, InputError, ModelFileError, OnnxPredictor, StreamState
 from export.serve_args import add_serve_arguments
+from fm_core.cli_types import call_with_args
 
 MAX_STREAMS = 256
 LATENCY_WINDOW = 10_000
@@ -712,20 +713,8 @@ def run(args: argparse.Namespace) -> int:
         print("rigfm serve: --threads must be >= 1", file=sys.stderr)
         return 2
     try:
-        server = PredictorServer(
-            args.model,
-            args.bind,
-            step_path=args.streaming,
-            threads=args.threads,
-            sequential=not args.parallel,
-            curve_secret_key=args.curve_secret_key,
-            insecure=args.insecure,
-            reload_dir=args.reload_dir,
-            spin_us=args.spin_us,
-            stream_reprime=args.stream_reprime,
-            max_elements=args.max_elements,
-            mem_arena=not args.no_ort_arena,
-        )
+        server = call_with_args(PredictorServer, args, model_path=args.model, step_path=args.streaming,
+                                sequential=not args.parallel, mem_arena=not args.no_ort_arena)
         server.install_signal_handlers()
         server.open()
     except (ServerConfigError, ModelFileError) as exc:

@@ -206,3 +206,13 @@ def options_from_args(cls: type, args: argparse.Namespace, **extra: object) -> o
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if _CLI in f.metadata}
     return cls(**values, **extra)
+
+
+def call_with_args(fn: Callable[..., object], args: argparse.Namespace, **extra: object) -> object:
+    """``fn(**kw)`` with every parsed flag named like one of ``fn``'s parameters, then ``extra`` (for the
+    parameters whose flag has another name): a handler never copies its flags one by one."""
+    import inspect
+
+    kw = {name: getattr(args, name) for name in inspect.signature(fn).parameters if hasattr(args, name)}
+    kw.update(extra)
+    return fn(**kw)

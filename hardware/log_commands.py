@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from fm_core.cli_types import SEED, finite_float, int_range
+from fm_core.cli_types import SEED, call_with_args, finite_float, int_range
 
 
 def register(subparsers) -> None:
@@ -125,19 +125,9 @@ def _build(args: argparse.Namespace) -> int:
     from hardware.log_reader import LogFileError
 
     try:
-        report = build_dataset(
-            args.runs,
-            args.output,
-            window=args.window,
-            stride=args.stride,
-            model_dt=args.model_dt,
-            split=args.split,
-            seed=args.seed,
-            exclude_flags=args.exclude_flags,
-            input_source=args.input,
-            max_gap_s=args.max_gap,
-            max_cmd_age_s=args.max_cmd_age,
-        )
+        report = call_with_args(build_dataset, args, paths=args.runs, out=args.output,
+                                input_source=args.input, max_gap_s=args.max_gap,
+                                max_cmd_age_s=args.max_cmd_age)
     except (DatasetBuildError, LogFileError) as exc:
         print(f"dataset build: error: {exc}", file=sys.stderr)
         return 2
