@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hardware.log_reader import LogFileError, decode_json, scan_file
+from hardware.log_reader import LogFileError, read_topics
 
 STATE_NAMES = {
     "cartpole": ["p", "theta", "p_dot", "theta_dot"],
@@ -98,22 +98,7 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
 
 def _read_file(path: Path) -> tuple[Any, dict[str, list[tuple[int, int, dict]]]]:
     """Scan one file: ``{topic: [(file_order, log_time_ns, record), ...]}`` for the topics used here."""
-    out: dict[str, list[tuple[int, int, dict]]] = {t: [] for t in _TOPICS}
-    bad: list[str] = []
-    counter = [0]
-
-    def on_message(ch: Any, _schema: Any, msg: Any) -> None:
-        counter[0] += 1
-        if ch.topic in out:
-            try:
-                out[ch.topic].append((counter[0], msg.log_time, decode_json(ch, msg)))
-            except ValueError as exc:
-                bad.append(str(exc))
-
-    scan = scan_file(path, on_message)
-    if bad:
-        scan.errors.append(f"{len(bad)} undecodable message(s), first: {bad[0]}")
-    return scan, out
+    return read_topics(path, _TOPICS, file_order=True)
 
 
 def load_runs(paths: list[str | Path], skipped: list[str] | None = None) -> list[RunData]:

@@ -217,19 +217,25 @@ class MessageDecoder:
         raise ValueError(f"{channel.topic}: message encoding {channel.message_encoding!r} is not supported")
 
 
-def read_topics(path: str | Path, topics: set[str]) -> tuple[ScanResult, dict[str, list[tuple[int, dict]]]]:
-    """Decoded records of ``topics`` as ``{topic: [(log_time_ns, record), ...]}`` plus the scan result.
+def read_topics(path: str | Path, topics: set[str] | list[str], file_order: bool = False
+                ) -> tuple[ScanResult, dict[str, list[tuple]]]:
+    """Decoded records of ``topics`` as ``{topic: [(log_time_ns, record), ...]}`` plus the scan result;
+    ``file_order=True`` prefixes each tuple with the message's 1-based position in the file (all topics).
 
     Tolerant of truncated files (everything readable is returned; see ``ScanResult.errors``)."""
-    out: dict[str, list[tuple[int, dict]]] = {t: [] for t in topics}
+    out: dict[str, list[tuple]] = {t: [] for t in topics}
     bad: list[str] = []
+    counter = [0]
 
     def on_message(ch: Channel, _schema: Schema | None, msg: Message) -> None:
+        counter[0] += 1
         if ch.topic in out:
             try:
-                out[ch.topic].append((msg.log_time, decode_json(ch, msg)))
+                rec = decode_json(ch, msg)
             except ValueError as exc:
                 bad.append(str(exc))
+                return
+            out[ch.topic].append((counter[0], msg.log_time, rec) if file_order else (msg.log_time, rec))
 
     res = scan_file(path, on_message)
     if bad:
