@@ -29,8 +29,8 @@ from controllers.mpc import MPCParams, PhysicsRollout, make_mpc  # noqa: E402
 from controllers.simrig import SimulatedRig, run_lockstep  # noqa: E402
 from controllers.tuning import load_tuning  # noqa: E402
 
-MISMATCHES = {"mass_friction": {"pole_mass_scale": 1.4, "friction_scale": 2.0},
-              "gain_delay": {"motor_gain_scale": 0.8, "actuation_delay_extra_ms": 4.0}}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_closed_loop import MISMATCHES  # noqa: E402  (the closed-loop benchmark's plants)
 
 
 def one_run(rig: str, plant: dict, controller: str, seed: int, duration: float) -> dict[str, float]:
