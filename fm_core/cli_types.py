@@ -14,6 +14,8 @@ One copy for every ``rigfm`` command (it lives at the bottom layer so ``fm_core`
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 
@@ -161,8 +163,6 @@ def option(default: object = None, *, flag: str | tuple[str, ...] | None = None,
     ``flag`` (e.g. ``--quiet`` for ``status``) negates. ``group`` puts flags into one required mutually
     exclusive group. Other keywords (``type``, ``choices``, ``metavar``, ``nargs``, ``const``) go to
     ``add_argument``."""
-    import dataclasses
-
     meta = {_CLI: {"flag": flag, "help": help, "group": group, "kw": argparse_kw}}
     if required:
         return dataclasses.field(metadata=meta)
@@ -171,8 +171,6 @@ def option(default: object = None, *, flag: str | tuple[str, ...] | None = None,
 
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add a flag for every :func:`option` field of dataclass ``cls`` (its default is the flag's)."""
-    import dataclasses
-
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in dataclasses.fields(cls):
         spec = f.metadata.get(_CLI)
@@ -202,8 +200,6 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def options_from_args(cls: type, args: argparse.Namespace, **extra: object) -> object:
     """``cls`` built from the parsed flags of its :func:`option` fields, plus ``extra`` fields."""
-    import dataclasses
-
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if _CLI in f.metadata}
     return cls(**values, **extra)
 
@@ -211,8 +207,6 @@ def options_from_args(cls: type, args: argparse.Namespace, **extra: object) -> o
 def call_with_args(fn: Callable[..., object], args: argparse.Namespace, **extra: object) -> object:
     """``fn(**kw)`` with every parsed flag named like one of ``fn``'s parameters, then ``extra`` (for the
     parameters whose flag has another name): a handler never copies its flags one by one."""
-    import inspect
-
     kw = {name: getattr(args, name) for name in inspect.signature(fn).parameters if hasattr(args, name)}
     kw.update(extra)
     return fn(**kw)
