@@ -1,6 +1,7 @@
 """Ablations of the model / fine-tuning recipe on the VAL split (never the test split).
 
-Each variant is a model name plus overrides of the evaluation's training budget (``fm_core.baselines.Budget``)
+Each variant is a model name plus overrides of the evaluation's training budget
+(``fm_core.train_configs.Budget``)
 and is fitted with the same code path as ``rigfm evaluate``; the val windows are scored with the evaluation's
 metric (one-step and open-loop rollout MSE in raw units / train-split std, pendulum angle decoded from
 (sin, cos)). Prints one table row per variant, with the steps it used and its wall time, and writes JSON.

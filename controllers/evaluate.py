@@ -12,26 +12,20 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from controllers.collect import CollectOptions, collect
+from controllers.eval_config import EvalConfig, EvaluateError, config_from_args
 from controllers.eval_report import BASELINES, aggregate, write_outputs
 from fm_core.angle_features import SinCosCodec, SinCosPredictor, rig_angle_codec
-from fm_core.baselines import MODELS, Budget, PersistencePredictor, Predictor, fit_model, zero_shot
-from fm_core.cli_types import parse_kv
-from fm_core.metrics import ONE_STEP_SKIP, channel_scale, metric_windows, prediction_errors
+from fm_core.baselines import PersistencePredictor, Predictor, fit_model, zero_shot
+from fm_core.metrics import channel_scale, metric_windows, prediction_errors
+from fm_core.train_configs import MODELS, Budget
 from hardware.dataset_build import build_dataset
-
-
-class EvaluateError(ValueError):
-    """Bad evaluation option or input (the message names it)."""
-
-
-ANGLE_FEATURES = ("raw", "sincos")
 
 
 def angle_codec(rig: str, td: Any) -> SinCosCodec:
@@ -40,67 +34,6 @@ def angle_codec(rig: str, td: Any) -> SinCosCodec:
         return rig_angle_codec(rig, td)
     except ValueError as exc:
         raise EvaluateError(str(exc)) from None
-
-
-@dataclass
-class EvalConfig:
-    """Everything that defines one evaluation run (recorded in results.json)."""
-
-    rigs: list[str] = field(default_factory=lambda: ["cartpole", "furuta"])
-    fractions: list[float] = field(default_factory=lambda: [0.02, 0.1, 1.0])
-    seeds: int = 5
-    models: list[str] = field(default_factory=lambda: list(MODELS))
-    checkpoint: str = "fm_core/weights/default.pt"
-    data: dict[str, str] = field(default_factory=dict)
-    runs: int = 48  # collected runs per rig
-    duration_s: float = 20.0  # seconds per run
-    window: int = 200  # dataset window (steps); stride = window (no overlap)
-    context: int = 30
-    horizon: int = 50
-    one_step_skip: int = ONE_STEP_SKIP  # first targets of a window left out of the one-step metric
-    budget: Budget = field(default_factory=Budget)
-    out: str = "results"
-    work: str | None = None
-    threads: int = 1
-    jobs: int = 1
-    quick: bool = False
-    collect_rate_hz: float | None = None
-    resume: bool = False  # reuse finished fits from OUT/<rig>/partial.json (same config)
-    # "raw": states as logged (angles unwrapped); "sincos": every model sees the pendulum angle as (sin, cos)
-    # and its predictions are mapped back (fm_core.angle_features), so the metric is unchanged
-    angle_features: str = "sincos"
-    # the zero-shot question: FM with this much context (s) against persistence, horizon as the metric's
-    zero_shot_context_s: float = 2.0
-    zero_shot_max_len: int = 256  # context + horizon never exceeds the model's max_len
-
-    def __post_init__(self) -> None:
-        """Fill the budget's metric-matched settings: masked training windows observe ``context`` tokens and
-        model selection on val uses the metric's rollout (context, horizon); explicit values are kept."""
-        if self.angle_features not in ANGLE_FEATURES:
-            raise EvaluateError(f"angle_features {self.angle_features!r}: use one of {ANGLE_FEATURES}")
-        b = self.budget if isinstance(self.budget, Budget) else Budget(**self.budget)
-        self.budget = replace(
-            b,
-            mask_context=tuple(b.mask_context) if b.mask_context else (self.context, self.context),
-            val_rollout=tuple(b.val_rollout) if b.val_rollout else (self.context, self.horizon),
-        )
-
-    @classmethod
-    def quick_config(cls, **kw: Any) -> EvalConfig:
-        """CI variant: 1 seed, tiny data and budgets (seconds, not minutes)."""
-        base: dict[str, Any] = dict(
-            seeds=1,
-            runs=6,
-            duration_s=3.0,
-            window=60,
-            context=20,
-            horizon=20,
-            one_step_skip=4,
-            budget=Budget(steps=4, batch_size=4, seq_len=40, val_every=2, patience=2),
-            quick=True,
-            collect_rate_hz=250.0,
-        )
-        return cls(**{**base, **kw})
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -405,94 +338,6 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def _floats(s: str, name: str) -> list[float]:
-    try:
-        return [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise EvaluateError(f"{name}: expected comma-separated numbers, got {s!r}") from None
-
-
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """EvalConfig from the `rigfm evaluate` options (``--quick`` starts from the CI budgets)."""
-    rigs = [r.strip() for r in args.rigs.split(",") if r.strip()]
-    data: dict[str, str] = {}
-    for item in args.data or []:
-        rig, sep, path = item.partition("=")
-        if not sep:
-            if len(rigs) != 1:
-                raise EvaluateError(f"--data {item!r}: name the rig (RIG=PATH) when evaluating {rigs}")
-            rig, path = rigs[0], item
-        data[rig.strip()] = path
-    kw: dict[str, Any] = {
-        "rigs": rigs,
-        "fractions": _floats(args.fractions, "--fractions"),
-        "seeds": args.seeds,
-        "checkpoint": args.checkpoint,
-        "data": data,
-        "out": args.out,
-        "work": args.work,
-        "threads": args.threads,
-        "resume": args.resume,
-        "jobs": args.jobs,
-        "angle_features": getattr(args, "angle_features", "sincos"),
-    }
-    if args.models:
-        kw["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
-    for key, attr in (
-        ("runs", "runs"),
-        ("duration_s", "duration"),
-        ("context", "context"),
-        ("horizon", "horizon"),
-    ):
-        if getattr(args, attr) is not None:
-            kw[key] = getattr(args, attr)
-    if args.quick:
-        if args.seeds == 5:
-            kw["seeds"] = 1
-        cfg = EvalConfig.quick_config(**kw)
-    else:
-        cfg = EvalConfig(**kw)
-    if args.steps is not None:
-        cfg.budget = replace(cfg.budget, steps=args.steps)
-    overrides = getattr(args, "overrides", None) or []
-    if overrides:
-        cfg.budget = replace(cfg.budget, **_budget_overrides(overrides))
-    return cfg
-
-
-def _budget_overrides(items: list[str]) -> dict[str, Any]:
-    """``--set KEY=VALUE`` items as Budget fields (TOML values; bare words are strings); named errors."""
-    from dataclasses import fields
-
-    try:
-        given = parse_kv(items)
-    except ValueError as exc:
-        raise EvaluateError(str(exc)) from None
-    known = [f.name for f in fields(Budget)]
-    defaults = Budget()
-    out: dict[str, Any] = {}
-    for key, value in given.items():
-        item = f"{key}={value}"
-        if key not in known:
-            raise EvaluateError(f"--set {item!r}: unknown budget field {key!r}; one of {', '.join(known)}")
-        default = getattr(defaults, key)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise EvaluateError(f"--set {item!r}: {key} takes true or false")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise EvaluateError(f"--set {item!r}: {key} takes a number")
-            if isinstance(default, float):
-                value = float(value)
-            elif float(value).is_integer():
-                value = int(value)
-        out[key] = value
-    try:
-        Budget(**out).validate()
-    except ValueError as exc:
-        raise EvaluateError(f"--set: {str(exc).replace('FinetuneConfig.', '')}") from None
-    return out
-
-
 def main_evaluate(args: argparse.Namespace) -> int:
     """CLI handler of ``rigfm evaluate``: prints where the results went and the verdict."""
     try:

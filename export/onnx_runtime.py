@@ -16,11 +16,12 @@ import numpy as np
 
 from export.kv_slots import STEP_CACHES, BufferSlots, RolloutBuffers, buffer_step_io
 from fm_core.angle_features import SinCosCodec
+from fm_core.train_configs import ROLLOUT_MODE_NAMES
 
 FORMAT = "rigfm-onnx-v1"
 # how a model makes multi-step predictions: "masked" = one window pass with hidden future states (obs = 0),
 # "ar" = autoregressive, every prediction fed back as the next observed state (KV-cached steps)
-ROLLOUT_MODES = ("masked", "ar")
+ROLLOUT_MODES = ROLLOUT_MODE_NAMES
 # rigfm export --exporter: fused (onnxruntime's fused operators, the fast default) or torchscript (standard
 # ONNX operators only, portable to other runtimes; window graph only) -- docs/predictor.md
 EXPORTERS = ("fused", "torchscript")

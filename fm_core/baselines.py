@@ -28,16 +28,17 @@ as the transformers, so every model of one (fraction, seed) trains on the same t
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from fm_core.finetune import FINETUNE_MODES, ROLLOUT_MODES, FinetuneConfig, finetune
+from fm_core.finetune import ROLLOUT_MODES, finetune
 from fm_core.metrics import metric_windows, prediction_errors
 from fm_core.model import DynamicsFM, SystemModel
 from fm_core.schedule import EarlyStopping
+from fm_core.train_configs import MODELS, Budget, finetune_config
 from fm_core.trajfile import TrajData, as_trajdata, normalisation_stats, subsample
 
 SMALL_TF = {
@@ -50,55 +51,6 @@ SMALL_TF = {
     "d_ff": 64,
     "max_len": 256,
 }
-
-
-@dataclass
-class Budget:
-    """The training-budget rule shared by every trained model (see docs/experiment.md)."""
-
-    steps: int = 1500  # maximum optimiser steps = the cosine schedule's length (the shared cap; docs)
-    batch_size: int = 8  # windows per step
-    seq_len: int = 80  # steps per training window (= context + horizon of the metric)
-    val_every: int = 20  # validation period (steps)
-    patience: int = 10  # validations without improvement before stopping early
-    lr_scratch: float = 1e-3  # Adam lr for models trained from scratch (FFN, small transformer, specialist)
-    lr_finetune: float = 2e-3  # Adam lr when fine-tuning the pretrained model (picked on val, docs)
-    window: int = 4  # history steps w of the window models (linreg, FFN)
-    # transformers: share of training windows with a hidden horizon (the rest: all steps observed)
-    mask_prob: float = 0.0
-    # token-position range [lo, hi] of the observed context of masked training windows; None: 1..seq_len
-    mask_context: tuple[int, int] | None = None
-    # model selection for EVERY model on the val split: open-loop rollout MSE with (context, horizon) -- early
-    # stopping (transformers, FFN) and the ridge strength (linreg); None: the one-step / masked val loss
-    val_rollout: tuple[int, int] | None = None
-    # transformers: multi-step prediction mode ("masked" one pass | "ar" autoregressive), head output in
-    # units of the one-step increment std, Gaussian noise on the (normalised) input states in training
-    rollout_mode: str = "ar"
-    increment_scale: bool = True
-    noise_std: float = 0.03
-    pushforward: int = 0  # transformers: extra training passes on their own predictions
-    loss_scale: str = "state"  # transformers: "state" | "increment" units of the training loss
-    max_minutes: float = 60.0  # wall-time cap of one fit (every trained model; 0 = none)
-    # the FM's fine-tuning mode: "full" | "head" | "lora" | "auto" (full and head both fitted, the one with
-    # the lower val rollout MSE kept: model selection on the val split, like the ridge strength)
-    ft_mode: str = "auto"
-    lora_rank: int = 8
-    synthetic_mix: float = 0.0  # the FM: share of synthetic windows in every fine-tuning batch
-    l2sp: float = 0.0  # the FM: pull of the weights towards the pretrained ones (FinetuneConfig.l2sp)
-    ema: float = 0.0  # transformers: weight averaging (FinetuneConfig.ema)
-
-    def validate(self) -> Budget:
-        """Raise ``ValueError`` naming the first field out of range (the fine-tuning config's own checks)."""
-        if self.window < 1:
-            raise ValueError(f"Budget.window must be >= 1, got {self.window}")
-        if self.ft_mode not in (*FINETUNE_MODES, "auto"):
-            raise ValueError(f"Budget.ft_mode must be one of {', '.join((*FINETUNE_MODES, 'auto'))}, "
-                             f"got {self.ft_mode!r}")
-        if self.max_minutes < 0:
-            raise ValueError(f"Budget.max_minutes must be >= 0, got {self.max_minutes}")
-        for lr in (self.lr_scratch, self.lr_finetune):
-            _ft_cfg(self, 1.0, 0, lr, None, True)
-        return self
 
 
 class Predictor:
@@ -153,38 +105,6 @@ class TransformerPredictor(Predictor):
         return roll(self.sys, x_ctx, u_ctx, u_future).numpy()
 
 
-def _ft_cfg(
-    budget: Budget, fraction: float, seed: int, lr: float, model: dict[str, Any] | None, pretrained: bool,
-) -> FinetuneConfig:
-    return FinetuneConfig(
-        mode=budget.ft_mode if pretrained and budget.ft_mode != "auto" else "full",
-        lora_rank=budget.lora_rank,
-        synthetic_mix=budget.synthetic_mix if pretrained else 0.0,
-        l2sp=budget.l2sp if pretrained else 0.0,
-        ema=budget.ema,
-        steps=budget.steps,
-        lr=lr,
-        warmup_steps=min(50, budget.steps // 5 + 1),
-        batch_size=budget.batch_size,
-        seq_len=budget.seq_len,
-        fraction=fraction,
-        seed=seed,
-        val_every=budget.val_every,
-        patience=budget.patience,
-        val_windows=32,
-        model=dict(model or {}),
-        mask_prob=budget.mask_prob,
-        mask_context=budget.mask_context,
-        val_rollout=budget.val_rollout,
-        rollout_mode=budget.rollout_mode,
-        increment_scale=budget.increment_scale,
-        noise_std=budget.noise_std,
-        pushforward=budget.pushforward,
-        loss_scale=budget.loss_scale,
-        max_minutes=budget.max_minutes,
-    )
-
-
 def _tf_info(model: DynamicsFM, history: list[dict[str, Any]]) -> dict[str, Any]:
     fi = dict(getattr(model, "finetune_info", {}))
     fi["params"] = int(sum(p.numel() for p in model.parameters()))
@@ -206,7 +126,8 @@ def fit_transformer(
 ) -> TransformerPredictor:
     """Fine-tune ``init`` (checkpoint / model) or train ``model_cfg`` from scratch (``init=None``)."""
     lr = budget.lr_scratch if init is None else budget.lr_finetune
-    model, hist = finetune(init, train, val, _ft_cfg(budget, fraction, seed, lr, model_cfg, init is not None))
+    cfg = finetune_config(budget, fraction, seed, lr, model_cfg, init is not None)
+    model, hist = finetune(init, train, val, cfg)
     tr = as_trajdata(train)
     return TransformerPredictor(name, model, tr.x.shape[-1], tr.u.shape[-1], _tf_info(model, hist))
 
@@ -418,9 +339,6 @@ def fit_ffn(
             "n_train_trajectories": int(tr.x.shape[0]),
         },
     )
-
-
-MODELS = ("fm", "specialist", "linreg", "ffn", "small_tf", "sindy")
 
 
 AUTO_FT_MODES = ("full", "head")  # what Budget.ft_mode = "auto" chooses between

@@ -78,6 +78,22 @@ def int_range(lo: int | None = None, hi: int | None = None, *, unit: str = "") -
     return parse
 
 
+def comma_list(item: Callable[[str], object] = str, what: str = "names") -> Callable[[str], list]:
+    """An argparse type: ``a,b,c`` -> ``[item(a), item(b), item(c)]`` (blanks dropped, at least one)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [item(v.strip()) for v in text.split(",") if v.strip()]
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        return values
+
+    parse.__name__ = "comma_list"
+    return parse
+
+
 def parse_value(raw: str) -> object:
     """A ``--set`` value in TOML syntax (``3``, ``1e-3``, ``true``, ``[30, 50]``); a bare word is a string."""
     import tomllib
@@ -154,19 +170,29 @@ _CLI = "rigfm.cli"
 
 
 def option(default: object = None, *, flag: str | tuple[str, ...] | None = None, help: str = "",
-           group: str | None = None, required: bool = False, **argparse_kw: object) -> object:
+           group: str | None = None, required: bool = False, factory: Callable[[], object] | None = None,
+           **argparse_kw: object) -> object:
     """A dataclass field that is also a command-line flag (declared once: name, default, help, check).
 
     ``flag`` defaults to ``--field-name`` (a tuple gives aliases, e.g. ``("-o", "--out")``); ``"rig"`` (no
     dashes) makes a positional argument; ``required=True`` makes a field without a default and a required
     flag. A bool field defaulting to False becomes ``store_true``; ``action="store_false"`` with its own
     ``flag`` (e.g. ``--quiet`` for ``status``) negates. ``group`` puts flags into one required mutually
-    exclusive group. Other keywords (``type``, ``choices``, ``metavar``, ``nargs``, ``const``) go to
-    ``add_argument``."""
+    exclusive group. ``factory`` gives a mutable default (a list). Other keywords (``type``, ``choices``,
+    ``metavar``, ``nargs``, ``const``, ``action``) go to ``add_argument``; with ``action="append"`` the flag
+    defaults to None and an unused flag leaves the field's default."""
     meta = {_CLI: {"flag": flag, "help": help, "group": group, "kw": argparse_kw}}
     if required:
         return dataclasses.field(metadata=meta)
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _field_default(f: dataclasses.Field) -> object:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -182,11 +208,12 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = flags[-1]
         if flag.startswith("-"):
             kw["dest"] = f.name
-            if f.default is dataclasses.MISSING:
+            default = _field_default(f)
+            if default is dataclasses.MISSING:
                 kw["required"] = True
             else:
-                kw["default"] = f.default
-            if f.default is False and "action" not in kw:
+                kw["default"] = None if kw.get("action") == "append" else default
+            if default is False and "action" not in kw:
                 kw["action"] = "store_true"
             if "action" not in kw and "choices" not in kw:
                 kw.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
@@ -198,10 +225,45 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         target.add_argument(*flags, help=spec["help"] or None, **kw)
 
 
+def option_values(cls: type, args: argparse.Namespace, changed_only: bool = False) -> dict[str, object]:
+    """The parsed flags of ``cls``'s :func:`option` fields as {field: value}; an unused ``append`` flag is
+    left out (the field keeps its default); ``changed_only``: only values that differ from the defaults."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if _CLI not in f.metadata:
+            continue
+        value = getattr(args, f.name)
+        if value is None and f.metadata[_CLI]["kw"].get("action") == "append":
+            continue
+        if changed_only and value == _field_default(f):
+            continue
+        out[f.name] = value
+    return out
+
+
 def options_from_args(cls: type, args: argparse.Namespace, **extra: object) -> object:
     """``cls`` built from the parsed flags of its :func:`option` fields, plus ``extra`` fields."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if _CLI in f.metadata}
-    return cls(**values, **extra)
+    return cls(**option_values(cls, args), **extra)
+
+
+def option_argv(obj: object) -> list[str]:
+    """The flags that parse back into dataclass ``obj`` (its :func:`option` fields that differ from their
+    defaults), to hand the same options on to a child process."""
+    argv: list[str] = []
+    for f in dataclasses.fields(obj):
+        spec = f.metadata.get(_CLI)
+        value = getattr(obj, f.name)
+        if spec is None or value == _field_default(f):
+            continue
+        flags = spec["flag"] or "--" + f.name.replace("_", "-")
+        flag = flags if isinstance(flags, str) else flags[-1]
+        if isinstance(value, bool):
+            argv.append(flag)  # a bool option is a switch: store_true, or store_false with its own flag
+        elif flag.startswith("-"):
+            argv += [flag, str(value)]
+        else:
+            argv.append(str(value))
+    return argv
 
 
 def call_with_args(fn: Callable[..., object], args: argparse.Namespace, **extra: object) -> object:

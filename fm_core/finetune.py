@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,108 +28,8 @@ from fm_core.lora import add_lora, merge_lora
 from fm_core.metrics import metric_windows, prediction_errors
 from fm_core.model import DynamicsFM, ModelConfig, SystemModel
 from fm_core.schedule import EarlyStopping, warmup_cosine
+from fm_core.train_configs import FinetuneConfig
 from fm_core.trajfile import TrajData, as_trajdata, normalisation_stats, subsample
-
-FINETUNE_MODES = ("full", "head", "lora")
-
-
-@dataclass
-class FinetuneConfig:
-    """Hyper-parameters of :func:`finetune`. ``model`` is only used when training from scratch."""
-
-    mode: str = "full"             # "full" | "head" (embedding + output head only) | "lora" (fm_core/lora.py)
-    steps: int = 2000              # maximum optimiser steps
-    lr: float = 3e-4
-    warmup_steps: int = 50
-    batch_size: int = 32
-    seq_len: int = 64              # tokens per training window (clipped to the trajectory length)
-    noise_std: float = 0.01
-    mask_prob: float = 0.5
-    hidden_weight: float = 1.0
-    huber_delta: float = 1.0
-    grad_clip: float = 1.0
-    fraction: float = 1.0          # share of training trajectories used (seeded subsample, at least 1)
-    seed: int = 0
-    val_every: int = 50
-    patience: int = 10             # validations without improvement before early stopping
-    val_windows: int = 64          # fixed validation windows
-    threads: int = 0
-    model: dict[str, Any] = field(default_factory=dict)
-    # token-position range [lo, hi] of the context of masked windows (None: 1..seq_len, the pretraining rule)
-    mask_context: tuple[int, int] | None = None
-    # early stopping on the val open-loop rollout MSE (context, horizon) instead of the masked val loss
-    val_rollout: tuple[int, int] | None = None
-    min_lr_ratio: float = 0.0      # cosine decay floor (share of lr)
-    # how multi-step predictions are made (val rollout, evaluation, export metadata): "masked" = one forward
-    # pass with hidden future states, "ar" = autoregressive, each prediction fed back as observed
-    rollout_mode: str = "masked"
-    # head output in units of the data's one-step increment std (per channel) instead of the state std
-    increment_scale: bool = False
-    # extra training passes on the model's own (detached) one-step predictions (0 = teacher forcing only)
-    pushforward: int = 0
-    # units of the training loss: "state" (the normalised state) | "increment" (units of dx_scale)
-    loss_scale: str = "state"
-    max_minutes: float = 0.0       # wall-time cap (checked at validations; 0 = none)
-    lora_rank: int = 8             # mode "lora": rank of the blocks' weight updates
-    # share of every training batch drawn from synthetic RKHS systems (per-sample normalised, as in
-    # pretraining): a regulariser against forgetting the prior when the rig data is tiny (0 = off)
-    synthetic_mix: float = 0.0
-    # L2-SP: loss += l2sp * the squared distance of the trained weights from their initial values (0 = off)
-    l2sp: float = 0.0
-    # exponential moving average of the weights (decay per step, 0 = off): validated and returned instead of
-    # the raw weights
-    ema: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.mode not in FINETUNE_MODES:
-            raise ValueError(f"FinetuneConfig.mode must be one of {FINETUNE_MODES}, got {self.mode!r}")
-        if self.lora_rank < 1:
-            raise ValueError(f"FinetuneConfig.lora_rank must be >= 1, got {self.lora_rank}")
-        if not (math.isfinite(self.l2sp) and self.l2sp >= 0):
-            raise ValueError(f"FinetuneConfig.l2sp must be a finite number >= 0, got {self.l2sp}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"FinetuneConfig.ema must be in [0, 1), got {self.ema}")
-        if not 0.0 <= self.synthetic_mix < 1.0:
-            raise ValueError(f"FinetuneConfig.synthetic_mix must be in [0, 1), got {self.synthetic_mix}")
-        if not (0.0 < self.fraction <= 1.0):
-            raise ValueError(f"FinetuneConfig.fraction must be in (0, 1], got {self.fraction}")
-        for name in ("steps", "batch_size", "seq_len", "val_every", "patience", "val_windows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"FinetuneConfig.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.mask_prob <= 1.0:
-            raise ValueError(f"FinetuneConfig.mask_prob must be in [0, 1], got {self.mask_prob}")
-        if self.mask_context is not None:
-            lo, hi = (int(v) for v in self.mask_context)
-            if not 1 <= lo <= hi:
-                raise ValueError(f"FinetuneConfig.mask_context must be [lo, hi] with 1 <= lo <= hi, "
-                                 f"got {self.mask_context}")
-            self.mask_context = (lo, hi)
-        if self.val_rollout is not None:
-            c, h = (int(v) for v in self.val_rollout)
-            if c < 1 or h < 1:
-                raise ValueError(f"FinetuneConfig.val_rollout must be (context, horizon) >= 1, "
-                                 f"got {self.val_rollout}")
-            self.val_rollout = (c, h)
-        if self.rollout_mode not in ROLLOUT_MODES:
-            raise ValueError(f"FinetuneConfig.rollout_mode must be one of {sorted(ROLLOUT_MODES)}, "
-                             f"got {self.rollout_mode!r}")
-        if self.pushforward < 0:
-            raise ValueError(f"FinetuneConfig.pushforward must be >= 0, got {self.pushforward}")
-        if self.loss_scale not in ("state", "increment"):
-            raise ValueError(f"FinetuneConfig.loss_scale must be 'state' or 'increment', "
-                             f"got {self.loss_scale!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"FinetuneConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"FinetuneConfig: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------- data helpers

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fm_core.train_configs import known_keys
+
 
 @dataclass
 class ModelConfig:
@@ -59,11 +61,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a dict; unknown keys raise ValueError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in d.items()})
+        return cls(**{k: int(v) if isinstance(v, float) and v.is_integer() else v
+                      for k, v in known_keys(cls, d).items()})
 
 
 class StreamCache(NamedTuple):

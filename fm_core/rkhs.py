@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from fm_core.train_configs import known_keys
+
 INPUT_KINDS = ("smooth", "multisine", "steps", "zero")
 INTEGRATORS = ("euler", "rk4")
 CORPUS_FORMAT_VERSION = 1
@@ -187,11 +189,7 @@ class RKHSConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RKHSConfig:
         """Build from a plain dict (TOML [rkhs] table); unknown keys raise RKHSConfigError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RKHSConfigError(f"RKHSConfig: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**known_keys(cls, d, RKHSConfigError))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/TOML-friendly dict (tuples become lists)."""

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fm_core.checkpoint import read_checkpoint, save_checkpoint
-from fm_core.cli_types import add_set_option
+from fm_core.cli_types import add_options, add_set_option
 from fm_core.config import FullConfig, load_config
 from fm_core.data import (
     BatchSpec,
@@ -38,6 +38,7 @@ from fm_core.data import (
 )
 from fm_core.model import DynamicsFM, ModelConfig, count_parameters
 from fm_core.schedule import warmup_cosine
+from fm_core.train_configs import PretrainOptions
 from fm_core.train_report import plot_loss_curve, write_metrics
 
 
@@ -311,18 +312,15 @@ def pretrain(
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="python -m fm_core.train", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="TOML config (default: built-in defaults)")
+    add_options(p, PretrainOptions)
     add_set_option(p, "override a config value, e.g. --set train.steps=200", parse=False)
-    p.add_argument("--out", default="runs/pretrain", help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    summary = pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress,
+    summary = pretrain(cfg, args.out, resume=args.resume, progress=args.progress,
                        config_source=str(args.config or "<defaults>"))
     if summary:
         print(json.dumps(summary, indent=1))

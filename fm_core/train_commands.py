@@ -8,7 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fm_core.cli_types import SEED, add_set_option, finite_float, int_range, parse_kv
+from fm_core.cli_types import (
+    SEED,
+    add_options,
+    add_set_option,
+    int_range,
+    option_argv,
+    option_values,
+    options_from_args,
+    parse_kv,
+)
+from fm_core.train_configs import FinetuneConfig, PretrainOptions
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 
@@ -16,13 +26,10 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 def register(subparsers) -> None:
     """Add pretrain / finetune / generate to the umbrella parser."""
     p = subparsers.add_parser("pretrain", help="pretrain the foundation model on synthetic RKHS dynamics")
-    p.add_argument("--config", default=None, help="TOML config, e.g. fm_core/configs/pretrain_default.toml")
+    add_options(p, PretrainOptions)
     add_set_option(p, "override a config value, e.g. --set train.steps=200", parse=False)
-    p.add_argument("--out", default="runs/pretrain", help="output directory (checkpoints, metrics, plot)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt after a kill")
     p.add_argument("--nproc", type=int_range(1, 1024), default=1,
                    help="DDP processes (relaunches itself under torchrun; gloo on CPU, nccl on GPU)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=_pretrain)
 
     f = subparsers.add_parser("finetune", help="fine-tune (or train from scratch) on a trajectory .npz file")
@@ -30,14 +37,7 @@ def register(subparsers) -> None:
                    help="initial checkpoint (default: the shipped fm_core/weights/default.pt), or 'none' to "
                         "train a specialist from scratch")
     f.add_argument("--data", required=True, help="trajectory .npz (fm_core.trajfile; splits train/val)")
-    f.add_argument("--fraction", type=finite_float(0, 1, lo_open=True), default=1.0,
-                   help="share of training trajectories (seeded)")
-    f.add_argument("--mode", choices=("full", "head", "lora"), default="full",
-                   help="train everything, head+embed only, or low-rank block updates + head/embed (lora)")
-    f.add_argument("--steps", type=int_range(1, 10**9), default=None,
-                   help="maximum steps (default from FinetuneConfig)")
-    f.add_argument("--lr", type=finite_float(0, 10, lo_open=True), default=None)
-    f.add_argument("--seed", type=SEED, default=0)
+    add_options(f, FinetuneConfig)
     add_set_option(f, "FinetuneConfig field override, e.g. --set batch_size=16", parse=False)
     f.add_argument("--out", default="runs/ft", help="output dir (finetuned.pt, history.json)")
     f.add_argument("--context", type=int_range(1, 65_536), default=32,
@@ -68,13 +68,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    fwd = ["--out", args.out] + (["--config", args.config] if args.config else [])
+    fwd = option_argv(options_from_args(PretrainOptions, args))
     for o in args.overrides:
         fwd += ["--set", o]
-    if args.resume:
-        fwd.append("--resume")
-    if args.no_progress:
-        fwd.append("--no-progress")
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={args.nproc}", "-m", "fm_core.train", *fwd]
@@ -124,17 +120,12 @@ def resolve_angle_features(choice: str, init: str | None) -> str:
 
 def _finetune(args: argparse.Namespace) -> int:
     from fm_core.checkpoint import CheckpointError
-    from fm_core.finetune import FinetuneConfig, evaluate_mse, finetune, save_finetuned
+    from fm_core.finetune import evaluate_mse, finetune, save_finetuned
     from fm_core.train_report import plot_loss_curve
     from fm_core.trajfile import TrajectoryFileError, load_trajectories, split_trajectories
 
     try:
-        kv = parse_kv(args.overrides)
-        kv.update({"mode": args.mode, "fraction": args.fraction, "seed": args.seed})
-        if args.steps is not None:
-            kv["steps"] = args.steps
-        if args.lr is not None:
-            kv["lr"] = args.lr
+        kv = {**parse_kv(args.overrides), **option_values(FinetuneConfig, args, changed_only=True)}
         init = None if str(args.init).lower() == "none" else args.init
         inherited = inherited_recipe(init, set(kv))
         if inherited:
@@ -164,7 +155,7 @@ def _finetune(args: argparse.Namespace) -> int:
                                  "angle_features": angles},
                           angle_channels=list(codec.channels) if codec else None, raw_state_names=raw_names)
     (out / "history.json").write_text(json.dumps(history, indent=1))
-    title = f"fine-tuning ({args.mode}, fraction {args.fraction}{', sin/cos angle' if codec else ''})"
+    title = f"fine-tuning ({cfg.mode}, fraction {cfg.fraction}{', sin/cos angle' if codec else ''})"
     plot_loss_curve(history, out / "loss_curve.png", title=title)
     report = {"checkpoint": str(ckpt), **getattr(model, "finetune_info", {})}
     try:

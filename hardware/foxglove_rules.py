@@ -40,37 +40,32 @@ def _object(schema: Any, path: str, out: list[str]) -> None:
         _field(fs, f"{path}.{field}", out)
 
 
-def _field(fs: Any, path: str, out: list[str]) -> None:
+def _field(fs: Any, path: str, out: list[str], item: bool = False) -> None:
+    """Check one field schema (``item``: an array's items schema, where strings take no encoding and a
+    nested array is rejected)."""
+    where = f"{path}[]" if item else path
     if not isinstance(fs, dict):
-        out.append(f"{path}: field schema is not an object")
+        what = "array without an items schema" if item else "field schema is not an object"
+        out.append(f"{path}: {what}")
         return
     t = fs.get("type")
     if t in _SCALARS:
         return
     if t == "string":
-        if fs.get("contentEncoding") not in (None, "base64"):
-            out.append(f"{path}: unsupported contentEncoding {fs.get('contentEncoding')!r}")
+        allowed = (None,) if item else (None, "base64")
+        if fs.get("contentEncoding") not in allowed:
+            out.append(f"{where}: contentEncoding on array items is not supported" if item
+                       else f"{path}: unsupported contentEncoding {fs.get('contentEncoding')!r}")
         return
     if t == "object":
-        _object(fs, path, out)
+        _object(fs, where, out)
         return
-    if t == "array":
-        items = fs.get("items")
-        if not isinstance(items, dict):
-            out.append(f"{path}: array without an items schema")
-            return
-        it = items.get("type")
-        if it in _SCALARS:
-            return
-        if it == "string":
-            if items.get("contentEncoding") is not None:
-                out.append(f"{path}[]: contentEncoding on array items is not supported")
-            return
-        if it == "object":
-            _object(items, f"{path}[]", out)
-            return
-        out.append(f"{path}[]: unsupported array item type {it!r}" + (" (nested array)" if it == "array"
-                                                                          else ""))
+    if t == "array" and not item:
+        _field(fs.get("items"), path, out, item=True)
+        return
+    if item:
+        nested = " (nested array)" if t == "array" else ""
+        out.append(f"{where}: unsupported array item type {t!r}{nested}")
         return
     why = " (nullable union)" if isinstance(t, list) else ""
     out.append(f"{path}: unsupported field type {t!r}{why}")

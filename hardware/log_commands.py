@@ -12,14 +12,16 @@ import sys
 from fm_core.cli_types import SEED, call_with_args, finite_float, int_range
 
 
+def _group(subparsers, name: str, help: str):
+    """Command ``rigfm NAME`` whose subcommands are added to the returned action (one is required)."""
+    return subparsers.add_parser(name, help=help).add_subparsers(dest=f"{name}_cmd", required=True)
+
+
 def register(subparsers) -> None:
     """Add the ``logs`` and ``dataset`` subcommands."""
-    logs = subparsers.add_parser("logs", help="inspect run logs (MCAP)")
-    logs_sub = logs.add_subparsers(dest="logs_cmd", required=True)
-    chk = logs_sub.add_parser(
+    chk = _group(subparsers, "logs", "inspect run logs (MCAP)").add_parser(
         "check",
-        help="verify MCAP run logs: footer/summary, CRCs, readable messages, per-topic counts, seq gaps",
-    )
+        help="verify MCAP run logs: footer/summary, CRCs, readable messages, per-topic counts, seq gaps")
     chk.add_argument("files", nargs="+", help="MCAP files (parts of one run are also checked for continuity)")
     chk.add_argument(
         "--recover",
@@ -29,12 +31,10 @@ def register(subparsers) -> None:
     chk.add_argument("--json", action="store_true", help="print one JSON object per file instead of text")
     chk.set_defaults(func=_check)
 
-    ds = subparsers.add_parser("dataset", help="build fine-tuning datasets from run logs")
-    ds_sub = ds.add_subparsers(dest="dataset_cmd", required=True)
+    ds_sub = _group(subparsers, "dataset", "build fine-tuning datasets from run logs")
     b = ds_sub.add_parser(
         "build",
-        help="logged runs (MCAP files or directories) -> trajectory dataset (.npz, fm_core.trajfile format)",
-    )
+        help="logged runs (MCAP files or directories) -> trajectory dataset (.npz, fm_core.trajfile format)")
     b.add_argument("runs", nargs="+", help="MCAP files or directories of them (parts grouped by run id)")
     b.add_argument("-o", "--output", required=True, help="output dataset path (.npz)")
     b.add_argument("--window", type=int_range(2, 10**7), default=256,

@@ -391,3 +391,44 @@ def test_collect_flags_are_the_options_fields_with_the_same_defaults():
     opts = options_from_args(CollectOptions, args)
     assert (opts.runs, opts.progress, opts.estimator, opts.upright_fraction, opts.out) == (
         3, False, "kf", 0.5, Path("e"))
+
+
+def test_evaluate_flags_are_the_eval_config_fields_with_the_same_defaults():
+    from controllers.eval_config import EvalConfig, config_from_args
+
+    assert config_from_args(build_parser().parse_args(["evaluate"])) == EvalConfig()
+    args = build_parser().parse_args(["evaluate", "--rigs", "furuta", "--fractions", "0.1,1", "--seeds", "2",
+                                      "--models", "fm,ffn", "--data", "f.npz", "--duration", "4",
+                                      "--steps", "9", "--angle-features", "raw", "--resume"])
+    cfg = config_from_args(args)
+    assert (cfg.rigs, cfg.fractions, cfg.seeds, cfg.models, cfg.data, cfg.duration_s, cfg.budget.steps,
+            cfg.angle_features, cfg.resume) == (
+        ["furuta"], [0.1, 1.0], 2, ["fm", "ffn"], {"furuta": "f.npz"}, 4.0, 9, "raw", True)
+    quick = config_from_args(build_parser().parse_args(["evaluate", "--quick", "--runs", "3"]))
+    assert quick == EvalConfig.quick_config(runs=3)
+
+
+def test_finetune_flags_are_the_finetune_config_fields_with_the_same_defaults():
+    from fm_core.cli_types import option_values
+    from fm_core.train_configs import FinetuneConfig
+
+    args = build_parser().parse_args(["finetune", "--data", "d.npz"])
+    assert FinetuneConfig(**option_values(FinetuneConfig, args)) == FinetuneConfig()
+    args = build_parser().parse_args(["finetune", "--data", "d.npz", "--mode", "head", "--steps", "7",
+                                      "--lr", "1e-3", "--fraction", "0.5", "--seed", "3"])
+    assert option_values(FinetuneConfig, args, changed_only=True) == {
+        "mode": "head", "steps": 7, "lr": 1e-3, "fraction": 0.5, "seed": 3}
+
+
+def test_pretrain_options_are_handed_to_the_trainer_unchanged():
+    """`rigfm pretrain` and `python -m fm_core.train` share PretrainOptions; option_argv hands them on."""
+    from fm_core.cli_types import option_argv, options_from_args
+    from fm_core.train import build_arg_parser
+    from fm_core.train_configs import PretrainOptions
+
+    assert option_argv(PretrainOptions()) == []
+    argv = ["pretrain", "--out", "o", "--resume", "--no-progress", "--config", "c.toml"]
+    args = build_parser().parse_args(argv)
+    opts = options_from_args(PretrainOptions, args)
+    assert opts == PretrainOptions(config="c.toml", out="o", resume=True, progress=False)
+    assert options_from_args(PretrainOptions, build_arg_parser().parse_args(option_argv(opts))) == opts

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from controllers.cli import build_parser
 from controllers.evaluate import EvalConfig, EvaluateError, config_from_args, run_evaluation, verdict
 from fm_core.checkpoint import save_checkpoint
 from fm_core.model import DynamicsFM, ModelConfig
@@ -188,7 +189,7 @@ def test_missing_checkpoint_is_named(quick_results, tmp_path):
         run_evaluation(cfg)
 
 
-def test_bad_inputs_raise_clear_errors(tmp_path):
+def test_bad_inputs_raise_clear_errors(tmp_path, capsys):
     with pytest.raises(EvaluateError, match="does not exist"):
         run_evaluation(
             EvalConfig.quick_config(
@@ -199,30 +200,14 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         run_evaluation(EvalConfig(fractions=[0.0, 2.0], out=str(tmp_path)))
     with pytest.raises(EvaluateError, match="unknown model"):
         run_evaluation(EvalConfig(models=["gp"], out=str(tmp_path)))
-    ns = argparse.Namespace(
-        rigs="cartpole,furuta",
-        data=["x.npz"],
-        fractions="0.1",
-        seeds=1,
-        checkpoint="c",
-        out=str(tmp_path),
-        work=None,
-        threads=1,
-        jobs=1,
-        models=None,
-        runs=None,
-        duration=None,
-        context=None,
-        horizon=None,
-        quick=True,
-        steps=None,
-    )
+    parser = build_parser()
+    ns = parser.parse_args(["evaluate", "--quick", "--rigs", "cartpole,furuta", "--data", "x.npz",
+                            "--fractions", "0.1", "--checkpoint", "c", "--out", str(tmp_path)])
     with pytest.raises(EvaluateError, match="RIG=PATH"):
         config_from_args(ns)
-    ns.fractions = "0.1,abc"
-    ns.data = None
-    with pytest.raises(EvaluateError, match="--fractions"):
-        config_from_args(ns)
+    with pytest.raises(SystemExit):  # argparse's one-line usage error, exit 2
+        parser.parse_args(["evaluate", "--fractions", "0.1,abc"])
+    assert "argument --fractions: expected comma-separated numbers, got '0.1,abc'" in capsys.readouterr().err
 
 
 def test_budget_is_matched_to_the_metric_windows():
