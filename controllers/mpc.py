@@ -80,6 +80,14 @@ class MPCParams:
     state_penalty: float = 1e4
     seed: int = 0
     trust_frac: float | None = None     # input within trust_frac * u_max of the fallback's (None: unbounded)
+    # planning latency: the first steps of a plan are applied before it lands, so they are held at the inputs
+    # already planned for them (the previous plan's) and only the rest is optimised. "auto": the whole model
+    # steps a plan's measured landing age (new plan's first use - its state's time) has passed; an int: fixed
+    delay_steps: int | str = "auto"
+    # a stale plan tracks its predicted path: u = plan input - w K (x - predicted x), K the fallback LQR's
+    # gain, w ramping from 0 to 1 as the plan's age goes from 1 to 2 model steps, so a plan that lands late
+    # or is used for several steps still feeds back on the state (a fresh one acts at the model step only)
+    tracking: bool = True
 
 
 class SamplingMPC:
@@ -97,6 +105,10 @@ class SamplingMPC:
             raise ValueError(f"MPC method must be 'mppi' or 'cem', got {self.p.method!r}")
         if self.p.horizon < 1 or self.p.samples < 2:
             raise ValueError("MPC horizon must be >= 1 and samples >= 2")
+        if not (self.p.delay_steps == "auto" or (isinstance(self.p.delay_steps, int)
+                                                 and 0 <= self.p.delay_steps < self.p.horizon)):
+            raise ValueError(f"MPC delay_steps must be 'auto' or an integer in [0, horizon), "
+                             f"got {self.p.delay_steps!r}")
         if self.p.trust_frac is not None and not (self.p.trust_frac >= 0 and np.isfinite(self.p.trust_frac)):
             raise ValueError(f"MPC trust_frac must be >= 0 (fraction of u_max), got {self.p.trust_frac!r}")
         self.rollout = rollout
@@ -113,6 +125,7 @@ class SamplingMPC:
         self.bounds = None if state_bounds is None else np.asarray(state_bounds, dtype=float)
         self.rng = np.random.default_rng(self.p.seed)
         self.plan_u = np.zeros((self.p.horizon, m))
+        self.plan_x = np.full((self.p.horizon, n), np.nan)  # predicted states after each plan input
         self.last_cost = float("nan")
 
     def reset(self) -> None:
@@ -142,10 +155,13 @@ class SamplingMPC:
         c[~np.isfinite(c)] = np.inf
         return c
 
-    def plan(self, x_hist: np.ndarray, u_hist: np.ndarray) -> np.ndarray:
-        """Improve the warm-started plan from the current history; returns the plan (H,m)."""
+    def plan(self, x_hist: np.ndarray, u_hist: np.ndarray, fixed: int = 0) -> np.ndarray:
+        """Improve the warm-started plan from the current history; returns the plan (H,m). The first
+        ``fixed`` steps keep the warm start's inputs (they are applied before the plan lands)."""
         p = self.p
+        fixed = int(np.clip(fixed, 0, p.horizon - 1))
         mean = self.plan_u.copy()
+        held = mean[:fixed].copy()
         std = np.full_like(mean, p.noise_std * self.u_max)
         prior = None
         if self.prior is not None:
@@ -159,6 +175,7 @@ class SamplingMPC:
                 us[1] = prior
                 half = p.samples // 4
                 us[2:2 + half] = np.clip(prior[None] + noise[2:2 + half], -self.u_max, self.u_max)
+            us[:, :fixed] = held
             xs = self.rollout(x_hist, u_hist, us)
             if xs.shape != (p.samples, p.horizon, self.n):
                 want = (p.samples, p.horizon, self.n)
@@ -172,12 +189,16 @@ class SamplingMPC:
                 w = np.where(finite, np.exp(-(c - c[finite].min()) / (p.temperature * spread)), 0.0)
                 w /= w.sum()
                 mean = np.einsum("k,khm->hm", w, us)
+                self.plan_x = np.einsum("k,khn->hn", w, np.where(finite[:, None, None], xs, 0.0))
             else:
                 n_elite = max(2, int(p.elite_frac * p.samples))
-                elite = us[np.argsort(c)[:n_elite]]
+                best = np.argsort(c)[:n_elite]
+                elite = us[best]
                 mean = elite.mean(axis=0)
                 std = np.maximum(elite.std(axis=0), 0.02 * self.u_max)
+                self.plan_x = np.asarray(xs, dtype=float)[best].mean(axis=0)  # ~ the path of the mean plan
             self.last_cost = float(np.min(c))
+        mean[:fixed] = held
         self.plan_u = np.clip(mean, -self.u_max, self.u_max)
         return self.plan_u.copy()
 
@@ -203,7 +224,8 @@ class MPCController(LatestJobWorker):
         self._last_u = np.zeros(planner.m)
         self._next_sample_t: float | None = None
         super().__init__("mpc-planner", poll_s=0.1)
-        self._plan: tuple[float, np.ndarray] | None = None  # (time of the state it starts from, plan)
+        # (time of the state it starts from, plan inputs (H,m), predicted path (H+1,n) from that state)
+        self._plan: tuple[float, np.ndarray, np.ndarray] | None = None
         self.fault: str | None = None
         self.fault_since: float | None = None       # clock() when the current predictor fault was seen
         self.fallback_delays: list[float] = []      # fault seen -> first fallback tick (s), per fault
@@ -214,6 +236,8 @@ class MPCController(LatestJobWorker):
         self.fallbacks = 0
         self.plans = 0
         self.plan_time_s = float("nan")
+        self._used_plan: tuple[float, np.ndarray, np.ndarray] | None = None
+        self._land_age_s = float("nan")  # EWMA of (first use - state time) over plans
         self.mode = "mpc"
 
     # -- worker ---------------------------------------------------------------------------------------
@@ -226,13 +250,15 @@ class MPCController(LatestJobWorker):
         """Stop the planning thread."""
         self.stop_worker()
 
-    def _run_job(self, t0: float, xh: np.ndarray, uh: np.ndarray) -> None:
+    def _run_job(self, t0: float, xh: np.ndarray, uh: np.ndarray, fixed: int = 0) -> None:
         t_start = time.perf_counter()
         try:
             with self._lock:
                 if self._plan is not None:
                     self.planner.shift(int(round((t0 - self._plan[0]) / self.model_dt)))
-            plan = self.planner.plan(xh, uh)
+                else:
+                    fixed = 0  # no plan in force: nothing planned to hold
+            plan = self.planner.plan(xh, uh, fixed)
         except (*self.errors, FloatingPointError, ValueError) as exc:
             with self._lock:
                 self._plan = None
@@ -244,10 +270,38 @@ class MPCController(LatestJobWorker):
             return
         self.plan_time_s = time.perf_counter() - t_start
         with self._lock:
-            self._plan = (t0, plan)
+            self._plan = (t0, plan, np.vstack([np.asarray(xh[-1], dtype=float), self.planner.plan_x]))
             self.fault = None
             self.fault_since = None
         self.plans += 1
+
+    @property
+    def land_age_s(self) -> float:
+        """How late plans land: EWMA of (a plan's first use - the time of the state it starts from), s."""
+        return self._land_age_s
+
+    def delay_steps(self) -> int:
+        """Plan steps applied before a new plan lands: ``MPCParams.delay_steps``, or for "auto" the whole
+        model steps its measured landing age has passed (0 until a plan has been used, and when planning is
+        inline)."""
+        d = self.planner.p.delay_steps
+        if d != "auto":
+            return int(d)
+        if not self.threaded or not np.isfinite(self._land_age_s):
+            return 0
+        return int(self._land_age_s / self.model_dt)  # the steps a plan's landing has fully passed
+
+    def _tracking(self, x: np.ndarray, path: np.ndarray, s: float) -> np.ndarray:
+        """``-w K (x - path(s))`` with the fallback LQR's gain, ``w = clip(s - 1, 0, 1)`` at a plan age of
+        ``s`` model steps (zero without tracking, or for a path with NaNs)."""
+        fb = self.fallback
+        w = float(np.clip(s - 1.0, 0.0, 1.0))
+        if w == 0.0 or not self.planner.p.tracking or not (hasattr(fb, "k") and hasattr(fb, "error")):
+            return np.zeros(self.planner.m)
+        ref = _path_point(path, s, self.planner.angle)
+        if not np.all(np.isfinite(ref)):
+            return np.zeros(self.planner.m)
+        return -w * np.asarray(fb.k, dtype=float) @ (fb.error(x) - fb.error(ref))
 
     # -- controller interface -------------------------------------------------------------------------
     def reset(self) -> None:
@@ -255,6 +309,8 @@ class MPCController(LatestJobWorker):
         self._xh.clear()
         self._uh.clear()
         self._plan = None
+        self._used_plan = None
+        self._land_age_s = float("nan")
         self._next_sample_t = None
         self.planner.reset()
         self.fallback.reset()
@@ -271,7 +327,7 @@ class MPCController(LatestJobWorker):
             self._next_sample_t = base + self.model_dt
             if self._next_sample_t < now:  # we fell behind by more than one model step: resync
                 self._next_sample_t = now + self.model_dt
-            job = (now, np.stack(self._xh), np.stack(self._uh))
+            job = (now, np.stack(self._xh), np.stack(self._uh), self.delay_steps())
             if self.threaded:
                 self.start()
                 self.submit(*job)
@@ -282,9 +338,13 @@ class MPCController(LatestJobWorker):
         u = None
         if plan is not None and self.fault is None:
             age = now - plan[0]
+            if plan is not self._used_plan:  # a plan's first use: how late plans land
+                self._used_plan = plan
+                a = self._land_age_s
+                self._land_age_s = age if not np.isfinite(a) else 0.9 * a + 0.1 * age
             idx = int(age / self.model_dt)
             if age <= self.max_plan_age_s and idx < len(plan[1]):
-                u = plan[1][idx]
+                u = plan[1][idx] + self._tracking(x, plan[2], age / self.model_dt)
         if u is None:
             if not self._fault_handled and self.fault_since is not None:
                 self.fallback_delays.append(max(0.0, now - self.fault_since))
@@ -306,6 +366,14 @@ class MPCController(LatestJobWorker):
             out = ControlOutput(u, "mpc", {"mpc_cost": self.planner.last_cost})
         self._last_u = out.u.copy()
         return out
+
+
+def _path_point(path: np.ndarray, s: float, angle: np.ndarray) -> np.ndarray:
+    """The predicted path (H+1,n) at fractional model step ``s`` (linear, angle steps wrapped)."""
+    i = min(int(s), len(path) - 2)
+    step = path[i + 1] - path[i]
+    step[angle] = wrap_angle(step[angle])
+    return path[i] + (s - i) * step
 
 
 def _predictor_errors() -> tuple[type[BaseException], ...]:

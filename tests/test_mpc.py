@@ -137,3 +137,48 @@ def test_stale_plan_falls_back(cart):
     out = ctl.compute(x, 0.05)
     assert out.mode == "fallback"
     np.testing.assert_allclose(out.u, lqr.compute(x).u)
+
+
+def test_a_late_plan_tracks_its_predicted_path(cart):
+    """Within one model step of its state a plan's input is applied as planned; later the fallback LQR's gain
+    feeds back the deviation from the plan's predicted path (weight ramping 0 -> 1 over the second step)."""
+    cfg, model = cart
+    lqr = LQRController(model, 0.002, cfg=cfg)
+    planner = SamplingMPC(PhysicsRollout(model, 0.01), 4, 1, 10.0, model.upright(), MPCParams(samples=8))
+    ctl = MPCController(planner, lqr, 0.01, max_plan_age_s=0.1, threaded=False)
+    x0 = np.array([0.0, 0.05, 0.0, 0.0])
+    u0 = ctl.compute(x0, 0.0).u
+    t0, plan_u, path = ctl._plan
+    assert path.shape == (planner.p.horizon + 1, 4) and np.allclose(path[0], x0)
+    np.testing.assert_allclose(u0, plan_u[0])
+    ctl._next_sample_t = 1e9  # no replanning: the plan ages
+    off = np.array([0.0, 0.01, 0.0, 0.0])
+    ref = path[0] + 0.5 * (path[1] - path[0])
+    np.testing.assert_allclose(ctl.compute(ref + off, 0.005).u, plan_u[0])  # fresh: no feedback
+    ref = path[1] + 0.5 * (path[2] - path[1])
+    np.testing.assert_allclose(ctl.compute(ref, 0.015).u, plan_u[1])  # on the path: as planned
+    np.testing.assert_allclose(ctl.compute(ref + off, 0.015).u, plan_u[1] - 0.5 * lqr.k @ off)
+    ref = path[2] + 0.5 * (path[3] - path[2])
+    np.testing.assert_allclose(ctl.compute(ref + off, 0.025).u, plan_u[2] - lqr.k @ off)
+    planner.p.tracking = False
+    np.testing.assert_allclose(ctl.compute(ref + off, 0.025).u, plan_u[2])
+    assert ctl.land_age_s == 0.0  # planned inline: each plan lands at its state's time
+
+
+def test_a_plan_keeps_the_inputs_applied_before_it_lands(cart):
+    cfg, model = cart
+    planner = SamplingMPC(PhysicsRollout(model, 0.01), 4, 1, 10.0, model.upright(), MPCParams(samples=8))
+    warm = np.array([[1.5], [-2.0], [0.5], [0.0], [0.0], [0.0], [0.0], [0.0], [0.0], [0.0]])
+    planner.plan_u = warm.copy()
+    plan = planner.plan(np.array([[0.0, 0.05, 0.0, 0.0]]), np.zeros((1, 1)), fixed=2)
+    np.testing.assert_array_equal(plan[:2], warm[:2])  # applied before the plan lands: kept
+    assert np.abs(plan[2:] - warm[2:]).max() > 0.1  # the rest is optimised
+    lqr = LQRController(model, 0.002, cfg=cfg)
+    ctl = MPCController(planner, lqr, 0.01, threaded=True)
+    assert ctl.delay_steps() == 0  # no plan has landed yet
+    ctl._land_age_s = 0.023
+    assert ctl.delay_steps() == 2  # two whole model steps pass before a plan lands
+    ctl.threaded = False
+    assert ctl.delay_steps() == 0  # inline planning: nothing is late
+    with pytest.raises(ValueError, match="delay_steps"):
+        SamplingMPC(PhysicsRollout(model, 0.01), 4, 1, 10.0, model.upright(), MPCParams(delay_steps=10))
