@@ -13,6 +13,9 @@ regulates. This prints, per state channel, the RMS over windows and horizon step
 
 DATA: a trajectory file of a balance run (``rigfm dataset build`` of a run log); models are scored on all its
 windows, so give a run the models were not trained on (the flywheel's ``logs_after``).
+
+A second table gives each model's input response, what MPC optimises over: the mean change of the state at
+the horizon's end when ``--input-step`` volts are added to every planned input (physics: the same).
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ def physics_rollout(model: object, dt: float, x: np.ndarray, u: np.ndarray, cont
                      for w in range(x.shape[0])])
 
 
+def onnx_rollout(pred: OnnxPredictor, x: np.ndarray, u: np.ndarray, context: int) -> np.ndarray:
+    """(W, H, n) open-loop rollouts of an exported model (its own rollout mode) under the logged inputs."""
+    xf, uf, b = x.astype(np.float32), u.astype(np.float32), pred.meta.max_batch
+    out = [pred.rollout_windows(xf[i : i + b, :context], uf[i : i + b, : context - 1],
+                                uf[i : i + b, context - 1 : -1]) for i in range(0, len(x), b)]
+    return np.concatenate(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data")
@@ -49,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=30)
     p.add_argument("--horizon", type=int, default=8, help="model steps (the shipped MPC plans 8)")
     p.add_argument("--set", dest="plant", action="append", default=[], help="plant override KEY=VALUE")
+    p.add_argument("--input-step", type=float, default=0.5, help="V added to the planned inputs (response)")
     a = p.parse_args(argv)
     ts = load_trajectories(a.data)
     x, u = metric_windows(ts.x.astype(np.float64), ts.u.astype(np.float64), a.context + a.horizon)
@@ -62,20 +74,23 @@ def main(argv: list[str] | None = None) -> int:
         err[..., pend] = wrap_angle(err[..., pend])
         return np.sqrt(np.mean(err.reshape(-1, err.shape[-1]) ** 2, axis=0))
 
-    rows = {"balance motion (x - upright)": rms(future - upright),
-            "persistence": rms(future - x[:, a.context - 1 : a.context]),
-            "nominal physics": rms(future - physics_rollout(nominal, ts.dt, x, u, a.context))}
+    models: dict[str, object] = {
+        "nominal physics": lambda xx, uu: physics_rollout(nominal, ts.dt, xx, uu, a.context)}
     if a.plant:
         true = rigs.make_model(ts.rig, split_sim_overrides(parse_kv(a.plant, number=True))[0])
-        rows["plant physics (oracle)"] = rms(future - physics_rollout(true, ts.dt, x, u, a.context))
+        models["plant physics (oracle)"] = lambda xx, uu: physics_rollout(true, ts.dt, xx, uu, a.context)
     for path in a.models:
-        pred = OnnxPredictor(path, self_test=False)
-        xf, uf = x.astype(np.float32), u.astype(np.float32)
-        out = [pred.rollout_windows(xf[i : i + pred.meta.max_batch, : a.context],
-                                    uf[i : i + pred.meta.max_batch, : a.context - 1],
-                                    uf[i : i + pred.meta.max_batch, a.context - 1 : -1])
-               for i in range(0, x.shape[0], pred.meta.max_batch)]
-        rows[Path(path).name] = rms(future - np.concatenate(out))
+        models[Path(path).name] = lambda xx, uu, pr=OnnxPredictor(path, self_test=False, find_step=True): \
+            onnx_rollout(pr, xx, uu, a.context)
+    rows = {"balance motion (x - upright)": rms(future - upright),
+            "persistence": rms(future - x[:, a.context - 1 : a.context])}
+    response = {}
+    stepped = u.copy()
+    stepped[:, a.context - 1 :] += a.input_step
+    for name, roll in models.items():
+        base = roll(x, u)
+        rows[name] = rms(future - base)
+        response[name] = np.mean(roll(x, stepped)[:, -1] - base[:, -1], axis=0)
     names = list(ts.state_names)
     print(f"{ts.rig}, {x.shape[0]} windows, context {a.context}, horizon {a.horizon} x {ts.dt} s; RMS over "
           "windows and horizon steps (SI units)")
@@ -83,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|" + "---:|" * len(names))
     for k, v in rows.items():
         print(f"| {k} | " + " | ".join(f"{e:.2e}" for e in v) + " |")
+    print(f"\ninput response: mean state change at the horizon's end for +{a.input_step} V on every planned "
+          "input")
+    print("| | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for k, v in response.items():
+        print(f"| {k} | " + " | ".join(f"{e:+.2e}" for e in v) + " |")
     return 0
 
 

@@ -71,6 +71,9 @@ class FlywheelConfig:
     lqr_design: str = option("nominal", choices=("nominal", "learned"),
                              help="balance LQR of both runs: physics (default) or the served model's "
                                   "linearisation (run 2 then balances on v2's, controllers/learned_lqr.py)")
+    dither_v: float = option(0.0, flag="--dither", metavar="V", type=finite_float(0, 100, unit="V"),
+                             help="random +-V telegraph added to the balance commands of both runs (rigfm "
+                                  "run --dither): data that shows the model what the input does (default 0)")
 
     def __post_init__(self) -> None:
         if self.angle_features not in ("auto", "raw", "sincos"):
@@ -130,7 +133,7 @@ def _run(cfg: FlywheelConfig, endpoint: str, log_dir: Path | None) -> Any:
     opts = RunOptions(rig=cfg.rig, controller=cfg.controller, virtual=True, duration_s=cfg.duration_s,
                       endpoint=endpoint, log_dir=str(log_dir) if log_dir else None,
                       virtual_params=dict(cfg.virtual_params), stale_ms=cfg.stale_ms, status=cfg.status,
-                      seed=cfg.seed, lqr_design=cfg.lqr_design, init=cfg.init_state)
+                      seed=cfg.seed, lqr_design=cfg.lqr_design, init=cfg.init_state, dither_v=cfg.dither_v)
     return run_session(opts)
 
 

@@ -60,6 +60,10 @@ class RunOptions:
     virtual_params: dict[str, float] = field(default_factory=dict)  # plant overrides (--set plant.KEY=V)
     model_params: dict[str, float] = field(default_factory=dict)    # controller-model overrides (model.KEY)
     tuning: str | None = option(None, help="controller tuning TOML (overrides controllers/tuning.toml)")
+    dither_v: float = option(0.0, flag="--dither", metavar="V", type=finite_float(0, 100, unit="V"),
+                             help="add a random +-V telegraph signal (new sign every 20 ms) to the balance "
+                                  "commands, so the logged run shows a model what the input does (data for "
+                                  "fine-tuning; default 0 = off)")
     lqr_design: str = option("nominal", choices=("nominal", "learned"),
                              help="balance LQR designed on the physics (nominal, default) or on the served "
                                   "model's linearisation (learned; needs --model/--endpoint; redesigned when "
@@ -528,6 +532,10 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             lqr_ctl, refresher = _learned_lqr(endpoint, info, model, cfg, tuning, dt, stack)
         controller = build_controller(opts.controller, model, cfg, tuning, dt, mpc_rollout, errors,
                                       opts.mpc_max_plan_age_s, lqr=lqr_ctl)
+        if opts.dither_v > 0:
+            from controllers.dither import Dither
+
+            controller = Dither(controller, opts.dither_v, seed=opts.seed)
         if hasattr(controller, "close"):
             stack.callback(controller.close)
 
