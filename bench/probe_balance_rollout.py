@@ -53,6 +53,15 @@ def onnx_rollout(pred: OnnxPredictor, x: np.ndarray, u: np.ndarray, context: int
     return np.concatenate(out)
 
 
+def print_table(title: str, names: list[str], rows: dict[str, np.ndarray], fmt: str) -> None:
+    """A markdown table: one row per entry of ``rows``, one column per state channel."""
+    print(title)
+    print("| | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for k, v in rows.items():
+        print(f"| {k} | " + " | ".join(fmt.format(e) for e in v) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data")
@@ -91,19 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         base = roll(x, u)
         rows[name] = rms(future - base)
         response[name] = np.mean(roll(x, stepped)[:, -1] - base[:, -1], axis=0)
-    names = list(ts.state_names)
-    print(f"{ts.rig}, {x.shape[0]} windows, context {a.context}, horizon {a.horizon} x {ts.dt} s; RMS over "
-          "windows and horizon steps (SI units)")
-    print("| | " + " | ".join(names) + " |")
-    print("|---|" + "---:|" * len(names))
-    for k, v in rows.items():
-        print(f"| {k} | " + " | ".join(f"{e:.2e}" for e in v) + " |")
-    print(f"\ninput response: mean state change at the horizon's end for +{a.input_step} V on every planned "
-          "input")
-    print("| | " + " | ".join(names) + " |")
-    print("|---|" + "---:|" * len(names))
-    for k, v in response.items():
-        print(f"| {k} | " + " | ".join(f"{e:+.2e}" for e in v) + " |")
+    print_table(f"{ts.rig}, {x.shape[0]} windows, context {a.context}, horizon {a.horizon} x {ts.dt} s; RMS "
+                "over windows and horizon steps (SI units)", ts.state_names, rows, "{:.2e}")
+    print_table(f"\ninput response: mean state change at the horizon's end for +{a.input_step} V on every "
+                "planned input", ts.state_names, response, "{:+.2e}")
     return 0
 
 
