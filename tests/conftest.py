@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+import rigs
+
 
 @pytest.fixture
 def torch_one_thread() -> Iterator[None]:
@@ -16,3 +18,10 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cart() -> tuple:
+    """The shipped cart-pole config and its physics model."""
+    cfg = rigs.load_config("cartpole")
+    return cfg, rigs.make_model(cfg)

@@ -14,12 +14,6 @@ from controllers.simrig import SimulatedRig, run_lockstep
 from controllers.swingup import SwingUpController
 
 
-@pytest.fixture(scope="module")
-def cart():
-    cfg = rigs.load_config("cartpole")
-    return cfg, rigs.make_model(cfg)
-
-
 def test_dither_adds_a_held_random_sign_to_balance_commands_only(cart):
     cfg, model = cart
     lqr = LQRController(model, 0.002, cfg=cfg)

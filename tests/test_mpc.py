@@ -13,12 +13,6 @@ from controllers.simrig import SimulatedRig, run_lockstep
 from export.client import PredictorTimeout, PredictorUnavailable
 
 
-@pytest.fixture(scope="module")
-def cart():
-    cfg = rigs.load_config("cartpole")
-    return cfg, rigs.make_model(cfg)
-
-
 def test_physics_rollout_matches_model_steps(cart):
     cfg, model = cart
     ro = PhysicsRollout(model, 0.01, substeps=2)

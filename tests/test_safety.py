@@ -25,12 +25,6 @@ from controllers.safety import DryRunRig, MotorGuard, SoftLimits, StaleStateWatc
 from controllers.simrig import SimulatedRig, run_lockstep
 
 
-@pytest.fixture(scope="module")
-def cart():
-    cfg = rigs.load_config("cartpole")
-    return cfg, rigs.make_model(cfg)
-
-
 def test_soft_limits_from_config_clamp_and_check(cart):
     cfg, model = cart
     lim = SoftLimits.from_config(cfg, model)
