@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         true = rigs.make_model(ts.rig, split_sim_overrides(parse_kv(a.plant, number=True))[0])
         models["plant physics (oracle)"] = lambda xx, uu: physics_rollout(true, ts.dt, xx, uu, a.context)
     for path in a.models:
-        models[Path(path).name] = lambda xx, uu, pr=OnnxPredictor(path, self_test=False, find_step=True): \
+        label = Path(path).name if sum(Path(q).name == Path(path).name for q in a.models) == 1 else path
+        models[label] = lambda xx, uu, pr=OnnxPredictor(path, self_test=False, find_step=True): \
             onnx_rollout(pr, xx, uu, a.context)
     rows = {"balance motion (x - upright)": rms(future - upright),
             "persistence": rms(future - x[:, a.context - 1 : a.context])}
