@@ -20,7 +20,7 @@ For each rig (cartpole, furuta) and plant mismatch (``mass_friction``: pole mass
 Prints a markdown table (means over seeds) and writes JSON.  ``--quick``: 2 seeds x 12 s, 20 s flywheel runs
 with at most 150 fine-tune steps.  ``python bench/bench_closed_loop.py [--quick] [--rigs cartpole furuta]
 [--mismatch mass_friction gain_delay] [--seeds 5] [--duration 30] [--estimators diff kf fm-ukf]
-[--learned lqr mpc] [--init upright] [--realtime] [--out DIR]``.
+[--learned lqr mpc] [--init upright] [--realtime] [--flywheel-dither V] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -48,13 +48,14 @@ BALANCE_MODES = ("balance", "mpc", "fallback")  # LQR balance; MPC plans and its
 
 
 def run_flywheel(rig: str, mismatch: str, out: Path, duration: float, steps: int,
-                 seed: int, init: str = "hanging") -> dict[str, Any]:
+                 seed: int, init: str = "hanging", dither: float = 0.0) -> dict[str, Any]:
     """``rigfm flywheel`` on the mismatched rig; returns its flywheel.json (reused when already there)."""
     res = out / "flywheel.json"
     if res.is_file() and (out / "v2.onnx").is_file():
         return json.loads(res.read_text())
     cmd = [sys.executable, "-m", "controllers.cli", "flywheel", "--rig", rig, "--duration", str(duration),
-           "--steps", str(steps), "--seed", str(seed), "--init-state", init, "--out", str(out)]
+           "--steps", str(steps), "--seed", str(seed), "--init-state", init, "--out", str(out),
+           "--dither", str(dither)]
     for k, v in MISMATCHES[mismatch].items():
         cmd += ["--set", f"plant.{k}={v}"]
     t0 = time.monotonic()
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                         "needs --init upright); each on v1 and v2")
     p.add_argument("--flywheel-duration", type=float, default=30.0)
     p.add_argument("--flywheel-steps", type=int, default=300)
+    p.add_argument("--flywheel-dither", type=float, default=0.0, metavar="V",
+                   help="rigfm flywheel --dither V: input dither on the flywheel's balance runs (default 0)")
     p.add_argument("--stale-ms", type=float, default=200.0,
                    help="as the flywheel: tolerant on a loaded machine")
     p.add_argument("--realtime", action="store_true", help="SCHED_FIFO for the loop and the virtual rig "
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         for mm in a.mismatch:
             key = f"{rig} / {mm}"
             fw_dir = (out / f"fw-{rig}-{mm}").resolve()
-            fw = run_flywheel(rig, mm, fw_dir, a.flywheel_duration, a.flywheel_steps, 0, a.init)
+            fw = run_flywheel(rig, mm, fw_dir, a.flywheel_duration, a.flywheel_steps, 0, a.init,
+                              a.flywheel_dither)
             flywheels[key] = {k: fw.get(k) for k in ("error_before", "error_after", "factor", "error1_before",
                                                      "error1_after", "stages_s", "wall_s")}
             v1_for_ukf = {e: str(fw_dir / "v1.onnx") if e == "fm-ukf" else None for e in a.estimators}
