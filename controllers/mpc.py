@@ -237,7 +237,7 @@ class MPCController(LatestJobWorker):
         self.plans = 0
         self.plan_time_s = float("nan")
         self._used_plan: tuple[float, np.ndarray, np.ndarray] | None = None
-        self._land_age_s = float("nan")  # EWMA of (first use - state time) over plans
+        self.land_age_s = float("nan")  # how late plans land: EWMA of (first use - state time), s
         self.mode = "mpc"
 
     # -- worker ---------------------------------------------------------------------------------------
@@ -275,11 +275,6 @@ class MPCController(LatestJobWorker):
             self.fault_since = None
         self.plans += 1
 
-    @property
-    def land_age_s(self) -> float:
-        """How late plans land: EWMA of (a plan's first use - the time of the state it starts from), s."""
-        return self._land_age_s
-
     def delay_steps(self) -> int:
         """Plan steps applied before a new plan lands: ``MPCParams.delay_steps``, or for "auto" the whole
         model steps its measured landing age has passed (0 until a plan has been used, and when planning is
@@ -287,9 +282,9 @@ class MPCController(LatestJobWorker):
         d = self.planner.p.delay_steps
         if d != "auto":
             return int(d)
-        if not self.threaded or not np.isfinite(self._land_age_s):
+        if not self.threaded or not np.isfinite(self.land_age_s):
             return 0
-        return int(self._land_age_s / self.model_dt)  # the steps a plan's landing has fully passed
+        return int(self.land_age_s / self.model_dt)  # the steps a plan's landing has fully passed
 
     def _tracking(self, x: np.ndarray, path: np.ndarray, s: float) -> np.ndarray:
         """``-w K (x - path(s))`` with the fallback LQR's gain, ``w = clip(s - 1, 0, 1)`` at a plan age of
@@ -310,7 +305,7 @@ class MPCController(LatestJobWorker):
         self._uh.clear()
         self._plan = None
         self._used_plan = None
-        self._land_age_s = float("nan")
+        self.land_age_s = float("nan")
         self._next_sample_t = None
         self.planner.reset()
         self.fallback.reset()
@@ -340,8 +335,8 @@ class MPCController(LatestJobWorker):
             age = now - plan[0]
             if plan is not self._used_plan:  # a plan's first use: how late plans land
                 self._used_plan = plan
-                a = self._land_age_s
-                self._land_age_s = age if not np.isfinite(a) else 0.9 * a + 0.1 * age
+                a = self.land_age_s
+                self.land_age_s = age if not np.isfinite(a) else 0.9 * a + 0.1 * age
             idx = int(age / self.model_dt)
             if age <= self.max_plan_age_s and idx < len(plan[1]):
                 u = plan[1][idx] + self._tracking(x, plan[2], age / self.model_dt)

@@ -195,6 +195,12 @@ def _field_default(f: dataclasses.Field) -> object:
     return f.default
 
 
+def _flags(f: dataclasses.Field, spec: dict) -> tuple[str, ...]:
+    """An option field's flags (aliases first); the last is the one it is known by."""
+    flags = spec["flag"] or "--" + f.name.replace("_", "-")
+    return (flags,) if isinstance(flags, str) else tuple(flags)
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add a flag for every :func:`option` field of dataclass ``cls`` (its default is the flag's)."""
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
@@ -203,8 +209,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if spec is None:
             continue
         kw = dict(spec["kw"])
-        flags = spec["flag"] or "--" + f.name.replace("_", "-")
-        flags = (flags,) if isinstance(flags, str) else tuple(flags)
+        flags = _flags(f, spec)
         flag = flags[-1]
         if flag.startswith("-"):
             kw["dest"] = f.name
@@ -255,8 +260,7 @@ def option_argv(obj: object) -> list[str]:
         value = getattr(obj, f.name)
         if spec is None or value == _field_default(f):
             continue
-        flags = spec["flag"] or "--" + f.name.replace("_", "-")
-        flag = flags if isinstance(flags, str) else flags[-1]
+        flag = _flags(f, spec)[-1]
         if isinstance(value, bool):
             argv.append(flag)  # a bool option is a switch: store_true, or store_false with its own flag
         elif flag.startswith("-"):

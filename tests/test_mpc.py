@@ -170,7 +170,7 @@ def test_a_plan_keeps_the_inputs_applied_before_it_lands(cart):
     lqr = LQRController(model, 0.002, cfg=cfg)
     ctl = MPCController(planner, lqr, 0.01, threaded=True)
     assert ctl.delay_steps() == 0  # no plan has landed yet
-    ctl._land_age_s = 0.023
+    ctl.land_age_s = 0.023
     assert ctl.delay_steps() == 2  # two whole model steps pass before a plan lands
     ctl.threaded = False
     assert ctl.delay_steps() == 0  # inline planning: nothing is late
