@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"label": label, "model": model, "fraction": f, "seed": seed, "overrides": over,
                        "checkpoint": ck_path, "one_step_mse": sc["one_step_mse"],
                        "rollout_mse": sc["multi_step_mse"], "steps": info.get("steps_run"),
-                       "best_step": info.get("best_step"), "wall_s": round(time.time() - t0, 1), "info": info}
+                       "best_step": info.get("best_step"), "wall_s": round(time.time() - t0, 1), "info": info,
+                       "val_curve": pred.info.get("history") or []}
                 rows.append(row)
                 print(f"{label:24s} f={f:<5g} seed={seed} one-step {row['one_step_mse']:.5f} "
                       f"rollout {row['rollout_mse']:.4f} steps {row['steps']} (best {row['best_step']}) "

@@ -27,13 +27,17 @@ class ModelConfig:
     """Architecture hyper-parameters of :class:`DynamicsFM`."""
 
     n_max: int = 6
+    """Widest state the model accepts; narrower systems are zero-padded and masked."""
     m_max: int = 2
+    """Widest input, padded and masked the same way."""
     patch: int = 2
+    """Time steps per token."""
     d_model: int = 128
     n_layers: int = 6
     n_heads: int = 8
     d_ff: int = 512
     max_len: int = 256
+    """Longest sequence in time steps (context + horizon)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -154,7 +154,7 @@ class Budget:
     batch_size: int = 8  # windows per step
     seq_len: int = 80  # steps per training window (= context + horizon of the metric)
     val_every: int = 20  # validation period (steps)
-    patience: int = 10  # validations without improvement before stopping early
+    patience: int = 25  # validations without improvement before stopping early (500 steps; docs)
     lr_scratch: float = 1e-3  # Adam lr for models trained from scratch (FFN, small transformer, specialist)
     lr_finetune: float = 2e-3  # Adam lr when fine-tuning the pretrained model (picked on val, docs)
     window: int = 4  # history steps w of the window models (linreg, FFN)

@@ -249,7 +249,7 @@ def test_default_budget_is_the_recipe_chosen_on_val():
     from fm_core.baselines import Budget
 
     b = Budget()
-    assert (b.steps, b.patience, b.val_every) == (1500, 10, 20)
+    assert (b.steps, b.patience, b.val_every) == (1500, 25, 20)
     assert (b.rollout_mode, b.increment_scale, b.noise_std, b.mask_prob) == ("ar", True, 0.03, 0.0)
     assert b.ft_mode == "auto" and b.pushforward == 0 and b.loss_scale == "state"
     assert (b.l2sp, b.ema, b.synthetic_mix) == (0.0, 0.0, 0.0)
