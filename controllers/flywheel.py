@@ -15,6 +15,7 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,25 @@ def _window(duration_s: float, dt: float, requested: int | None) -> int:
     return int(max(16, min(256, 0.05 * steps)))  # the 10 % val/test blocks must hold windows
 
 
+def _split_counts(report: dict[str, Any]) -> dict[str, int] | Any:
+    w = report.get("windows")
+    return {k: int(v) for k, v in w.items()} if isinstance(w, dict) else w
+
+
+def build_fit_dataset(build: Callable[..., dict[str, Any]], logs: list[Path], data: Path, window: int,
+                      explicit: bool, seed: int) -> tuple[int, dict[str, Any]]:
+    """``build(logs, data, window=, seed=)`` -> (window used, report). When the default window leaves the
+    train or val split empty (a short run whose val block a state gap cuts up), halve it, down to 16 steps;
+    an explicit ``--window`` is used as given."""
+    while True:
+        report = build(logs, data, window=window, seed=seed)
+        counts = _split_counts(report)
+        ok = not isinstance(counts, dict) or (counts.get("train") and counts.get("val"))
+        if ok or explicit or window // 2 < 16:
+            return window, report
+        window //= 2
+
+
 def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
     """Run the whole experiment; writes ``flywheel.json`` and ``flywheel.md`` into ``cfg.out``; returns the
     result dict (``error_before``/``error_after``/``factor`` = 10-step windowed errors, plus 1-step)."""
@@ -179,11 +199,11 @@ def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
             if not before.log_files:
                 raise FlywheelError("flywheel stage 'run_before' wrote no log files")
             data = out / "data.npz"
-            window = _window(cfg.duration_s, rcfg.model_dt, cfg.window)
-            report = build_dataset(before.log_files, data, window=window, seed=cfg.seed)
+            window, report = build_fit_dataset(build_dataset, before.log_files, data,
+                                               _window(cfg.duration_s, rcfg.model_dt, cfg.window),
+                                               bool(cfg.window), cfg.seed)
             t = mark("dataset", t)
-            n_windows = {k: int(v) for k, v in report.get("windows", {}).items()} \
-                if isinstance(report.get("windows"), dict) else report.get("windows")
+            n_windows = _split_counts(report)
             say(f"dataset {data.name}: window {window}, windows {n_windows}")
             if isinstance(n_windows, dict) and not (n_windows.get("train") and n_windows.get("val")):
                 raise FlywheelError(

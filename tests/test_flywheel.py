@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from controllers.flywheel import FlywheelConfig, FlywheelError, resolve_init, run_flywheel
+from controllers.flywheel import FlywheelConfig, FlywheelError, build_fit_dataset, resolve_init, run_flywheel
 
 
 def _pid_alive(pid: int) -> bool:
@@ -81,6 +81,30 @@ def test_too_short_a_run_is_named_before_fine_tuning(tmp_path):
     cfg = FlywheelConfig(out=str(tmp_path / "fw"), duration_s=0.4, init_state="upright")
     with pytest.raises(FlywheelError, match="too little data"):
         run_flywheel(cfg)
+
+
+def test_default_window_is_halved_until_val_has_a_window(tmp_path):
+    """A 30 s run whose 10 % val block a state gap cut into pieces shorter than the default window (measured:
+    150 steps gave train 30 / val 0 / test 2) is rebuilt with half the window; an explicit window is kept,
+    and the halving stops at 16 steps."""
+    calls = []
+
+    def build(logs, data, window, seed):
+        calls.append(window)
+        return {"windows": {"train": 3000 // window, "val": 1 if window <= 75 else 0, "test": 2}}
+
+    assert build_fit_dataset(build, [], tmp_path / "d.npz", 150, False, 0)[0] == 75 and calls == [150, 75]
+    calls.clear()
+    window, report = build_fit_dataset(build, [], tmp_path / "d.npz", 150, True, 0)
+    assert (window, report["windows"]["val"], calls) == (150, 0, [150])
+    calls.clear()
+
+    def never(logs, data, window, seed):
+        calls.append(window)
+        return {"windows": {"train": 1, "val": 0}}
+
+    assert build_fit_dataset(never, [], tmp_path / "d.npz", 150, False, 0)[0] == 18
+    assert calls == [150, 75, 37, 18]
 
 
 @pytest.mark.slow
