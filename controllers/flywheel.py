@@ -150,6 +150,11 @@ def _split_counts(report: dict[str, Any]) -> dict[str, int] | Any:
     return {k: int(v) for k, v in w.items()} if isinstance(w, dict) else w
 
 
+def _can_fine_tune(counts: dict[str, int] | Any) -> bool:
+    """The window counts hold a train and a val window (counts not given per split: assumed so)."""
+    return not isinstance(counts, dict) or bool(counts.get("train") and counts.get("val"))
+
+
 def build_fit_dataset(build: Callable[..., dict[str, Any]], logs: list[Path], data: Path, window: int,
                       explicit: bool, seed: int) -> tuple[int, dict[str, Any]]:
     """``build(logs, data, window=, seed=)`` -> (window used, report). When the default window leaves the
@@ -157,9 +162,7 @@ def build_fit_dataset(build: Callable[..., dict[str, Any]], logs: list[Path], da
     an explicit ``--window`` is used as given."""
     while True:
         report = build(logs, data, window=window, seed=seed)
-        counts = _split_counts(report)
-        ok = not isinstance(counts, dict) or (counts.get("train") and counts.get("val"))
-        if ok or explicit or window // 2 < 16:
+        if _can_fine_tune(_split_counts(report)) or explicit or window // 2 < 16:
             return window, report
         window //= 2
 
@@ -205,7 +208,7 @@ def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
             t = mark("dataset", t)
             n_windows = _split_counts(report)
             say(f"dataset {data.name}: window {window}, windows {n_windows}")
-            if isinstance(n_windows, dict) and not (n_windows.get("train") and n_windows.get("val")):
+            if not _can_fine_tune(n_windows):
                 raise FlywheelError(
                     f"flywheel stage 'dataset': run 1 gave too little data to fine-tune on (windows "
                     f"{n_windows}; a train and a val window are needed): it ended after "
