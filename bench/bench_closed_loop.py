@@ -5,8 +5,9 @@ For each rig (cartpole, furuta) and plant mismatch (``mass_friction``: pole mass
 ``gain_delay``: motor gain x0.8, 4 ms extra actuation delay):
 
 1. ``rigfm flywheel --rig R --set plant.KEY=V ...`` (the real command: a logged swing-up run on the mismatched
-   rig -> dataset -> fine-tune -> export -> hot reload -> run again) gives ``v1.onnx`` (the rig's model as
-   shipped) and ``v2.onnx`` (after one update).
+   rig -> dataset -> fine-tune -> export -> gate -> hot reload -> run again) gives ``v1.onnx`` (the rig's
+   model as shipped) and the model it served after one update: ``v2.onnx``, or ``v1.onnx`` again where its
+   gate kept v1 (``controllers/flywheel_gate.py``); the ``*-v2`` rows run what it served.
 2. Runs (``controllers.session.run_session``, virtual rig on a pty, 500 Hz, swing-up from hanging, seeds
    0..N-1, T s each) of: ``nominal`` (LQR on the physics, per estimator of ``--estimators``), ``learned-v1``
    and ``learned-v2`` (``--lqr-design learned`` on v1 / v2, predictor process serving it) and, with
@@ -64,6 +65,14 @@ def run_flywheel(rig: str, mismatch: str, out: Path, duration: float, steps: int
         raise SystemExit(f"flywheel failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
     print(f"  flywheel {rig}/{mismatch}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     return json.loads(res.read_text())
+
+
+def deployed_v2(fw_dir: Path) -> Path:
+    """The model the flywheel served after its update: v2.onnx, or v1.onnx where its gate kept v1
+    (``deployed_onnx`` in flywheel.json; older results without it: v2.onnx)."""
+    res = fw_dir / "flywheel.json"
+    deployed = json.loads(res.read_text()).get("deployed_onnx") if res.is_file() else None
+    return Path(deployed) if deployed else fw_dir / "v2.onnx"
 
 
 def metrics(result: Any, cfg: Any, q: np.ndarray, r: np.ndarray, pend: int, base: int) -> dict[str, Any]:
@@ -214,14 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             fw = run_flywheel(rig, mm, fw_dir, a.flywheel_duration, a.flywheel_steps, 0, a.init,
                               a.flywheel_dither)
             flywheels[key] = {k: fw.get(k) for k in ("error_before", "error_after", "factor", "error1_before",
-                                                     "error1_after", "stages_s", "wall_s")}
+                                                     "error1_after", "stages_s", "wall_s", "deployed",
+                                                     "gate")}
             v1_for_ukf = {e: str(fw_dir / "v1.onnx") if e == "fm-ukf" else None for e in a.estimators}
             ctrls: list[tuple[str, str | None, str, str, str]] = [
                 (f"nominal ({e})", v1_for_ukf[e], "nominal", e, "swingup") for e in a.estimators]
             for kind in a.learned:
                 for v in ("v1", "v2"):
                     name = f"learned-{v}" if kind == "lqr" else f"mpc-{v}"
-                    ctrls.append((name, str(fw_dir / f"{v}.onnx"), "learned" if kind == "lqr" else "nominal",
+                    onnx = fw_dir / "v1.onnx" if v == "v1" else deployed_v2(fw_dir)
+                    ctrls.append((name, str(onnx), "learned" if kind == "lqr" else "nominal",
                                   a.estimators[0], "swingup" if kind == "lqr" else "mpc"))
             runs[key] = {}
             for name, model, design, est, controller in ctrls:

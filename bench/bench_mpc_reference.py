@@ -9,7 +9,8 @@ Controllers (``--controllers``):
   controllers.
 * ``mpc-v1`` / ``mpc-v2``: the shipped MPC on a learned model, ``--flywheels DIR`` (with ``{rig}`` and
   ``{mismatch}``, e.g. ``runs/bench_cl/fw-{rig}-{mismatch}``, written by ``bench/bench_closed_loop.py``)
-  ``/v1.onnx`` (before) or ``/v2.onnx`` (after one flywheel update) in-process (``OnnxPredictor``): the
+  ``/v1.onnx`` (before) or what the flywheel served after its update (``v2.onnx``, or ``v1.onnx`` where its
+  gate kept v1) in-process (``OnnxPredictor``): the
   learned model's rollouts without the predictor process's timing.
 
 Separates what limits MPC on the learned model (``bench/bench_closed_loop.py --learned mpc``): if the same
@@ -47,7 +48,7 @@ from fm_core.cli_types import parse_kv  # noqa: E402
 from rigs.sim import split_sim_overrides  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_closed_loop import MISMATCHES  # noqa: E402  (the closed-loop benchmark's plants)
+from bench_closed_loop import MISMATCHES, deployed_v2  # noqa: E402  (the closed-loop benchmark's plants)
 
 CONTROLLERS = ("lqr", "mpc-physics", "lqr-true", "mpc-true", "mpc-v1", "mpc-v2")
 
@@ -103,7 +104,7 @@ def one_run(rig: str, plant: dict, controller: str, seed: int, duration: float, 
         if controller in ("mpc-v1", "mpc-v2"):
             from export.onnx_runtime import OnnxPredictor
 
-            onnx = learned / f"{controller[4:]}.onnx"
+            onnx = learned / "v1.onnx" if controller == "mpc-v1" else deployed_v2(learned)
             rollout = OnnxPredictor(onnx, self_test=False, find_step=True).rollout
         age = None if max_plan_age_ms is None else max_plan_age_ms / 1e3
         ctl = make_mpc(model, cfg, rollout, lqr, cfg.model_dt, params=MPCParams(**sec), threaded=False,

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rigs  # noqa: E402
 from controllers.base import pendulum_index, wrap_angle  # noqa: E402
+from controllers.flywheel_gate import input_response, onnx_rollout  # noqa: E402
 from controllers.mpc import PhysicsRollout  # noqa: E402
 from export.onnx_runtime import OnnxPredictor  # noqa: E402
 from fm_core.cli_types import parse_kv  # noqa: E402
@@ -43,14 +44,6 @@ def physics_rollout(model: object, dt: float, x: np.ndarray, u: np.ndarray, cont
     roll = PhysicsRollout(model, dt, substeps=4)
     return np.stack([roll(x[w, :context], u[w, :context], u[None, w, context - 1 : -1])[0]
                      for w in range(x.shape[0])])
-
-
-def onnx_rollout(pred: OnnxPredictor, x: np.ndarray, u: np.ndarray, context: int) -> np.ndarray:
-    """(W, H, n) open-loop rollouts of an exported model (its own rollout mode) under the logged inputs."""
-    xf, uf, b = x.astype(np.float32), u.astype(np.float32), pred.meta.max_batch
-    out = [pred.rollout_windows(xf[i : i + b, :context], uf[i : i + b, : context - 1],
-                                uf[i : i + b, context - 1 : -1]) for i in range(0, len(x), b)]
-    return np.concatenate(out)
 
 
 def print_table(title: str, names: list[str], rows: dict[str, np.ndarray], fmt: str) -> None:
@@ -95,12 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"balance motion (x - upright)": rms(future - upright),
             "persistence": rms(future - x[:, a.context - 1 : a.context])}
     response = {}
-    stepped = u.copy()
-    stepped[:, a.context - 1 :] += a.input_step
     for name, roll in models.items():
-        base = roll(x, u)
-        rows[name] = rms(future - base)
-        response[name] = np.mean(roll(x, stepped)[:, -1] - base[:, -1], axis=0)
+        rows[name] = rms(future - roll(x, u))
+        response[name] = input_response(roll, x, u, a.context, a.input_step)
     print_table(f"{ts.rig}, {x.shape[0]} windows, context {a.context}, horizon {a.horizon} x {ts.dt} s; RMS "
                 "over windows and horizon steps (SI units)", ts.state_names, rows, "{:.2e}")
     print_table(f"\ninput response: mean state change at the horizon's end for +{a.input_step} V on every "

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from controllers.flywheel_gate import DEFAULT_MIN_RATIO, check_update
 from fm_core.cli_types import (
     SEED,
     add_options,
@@ -75,6 +76,11 @@ class FlywheelConfig:
     dither_v: float = option(0.0, flag="--dither", metavar="V", type=finite_float(0, 100, unit="V"),
                              help="random +-V telegraph added to the balance commands of both runs (rigfm "
                                   "run --dither): data that shows the model what the input does (default 0)")
+
+    gate: float = option(DEFAULT_MIN_RATIO, type=finite_float(0, 1e6),
+                         help="deploy v2 only when its pendulum-angle input response is at least this share "
+                              f"of v1's, else keep v1 serving (controllers/flywheel_gate.py; 0 = deploy "
+                              f"always; default {DEFAULT_MIN_RATIO})")
 
     def __post_init__(self) -> None:
         if self.angle_features not in ("auto", "raw", "sincos"):
@@ -224,14 +230,21 @@ def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
             v2 = out / "v2.onnx"
             v2_step = export_onnx(ft / "finetuned.pt", v2, cfg.context, out / "export_v2.log", dims=False)
             t = mark("export_v2", t)
+            gate = check_update(v1, v2, data, min_ratio=cfg.gate) if cfg.gate > 0 else None
+            t = mark("gate", t)
             reloads0 = int(client.health().get("reloads", 0))
-            rel = client.reload(str(v2), streaming=str(v2_step))
+            if gate is None or gate.passed:
+                rel = client.reload(str(v2), streaming=str(v2_step))
+            else:
+                rel = {"skipped": gate.reason}
+                say(f"gate: kept v1 serving: {gate.reason}")
             info2 = client.info()
             health = client.health()
             t = mark("reload", t)
             if proc.pid != pid0 or proc.proc is None or proc.proc.poll() is not None:
                 raise FlywheelError(f"flywheel stage 'reload': predictor pid {pid0} did not survive")
-            say(f"reloaded v2 in pid {proc.pid}: sha {str(info2.get('model_sha256'))[:12]}")
+            if "skipped" not in rel:
+                say(f"reloaded v2 in pid {proc.pid}: sha {str(info2.get('model_sha256'))[:12]}")
             after = _run(cfg, proc.endpoint, out / "logs_after")
             t = mark("run_after", t)
         finally:
@@ -247,6 +260,9 @@ def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
         "rig": cfg.rig, "config": asdict(cfg), "init_checkpoint": str(init), "init_is_rig_finetuned": tuned,
         "predictor_pid": pid0, "pid_after_reload": proc.pid,
         "sha_v1": info1.get("model_sha256"), "sha_v2": info2.get("model_sha256"), "reload_reply": rel,
+        "deployed": "v2" if "skipped" not in rel else "v1", "deployed_onnx": str(v2 if "skipped" not in rel
+                                                                               else v1),
+        "gate": asdict(gate) if gate is not None else None,
         "angle_channels_v2": info2.get("angle_channels", []),
         "reloads": int(health.get("reloads", 0)) - reloads0, "dataset": {"path": str(data), "window": window,
                                                                        "windows": n_windows},
@@ -279,14 +295,20 @@ def summary_markdown(r: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
     params = " ".join(f"{k}={v}" for k, v in c["virtual_params"].items())
+    gate = r.get("gate")
+    deployed = r.get("deployed", "v2")
+    gate_line = (f"Gate (v2's input response vs v1's, at least {gate['min_ratio']}x): "
+                 f"{'passed' if gate['passed'] else 'failed'}: {gate['reason']}; run 2 served {deployed}.\n"
+                 if gate else "Gate: off.\n")
     return (
         f"# Flywheel: {r['rig']} ({c['controller']}), virtual rig {params}\n\n"
         f"v1 = `{Path(r['init_checkpoint']).name}` (rig-fine-tuned: {r['init_is_rig_finetuned']}), "
         f"{c['duration_s']:.0f} s runs, {c['finetune_steps']} fine-tune steps, dataset windows "
         f"{r['dataset']['windows']}.\n"
         f"Predictor pid {r['predictor_pid']} before and {r['pid_after_reload']} after the reload "
-        f"({r['reloads']} reload), sha {str(r['sha_v1'])[:12]} -> {str(r['sha_v2'])[:12]}.\n\n"
-        "| error (monitor, windowed mean) | before (v1) | after (v2) | factor |\n|---|---|---|---|\n"
+        f"({r['reloads']} reload), sha {str(r['sha_v1'])[:12]} -> {str(r['sha_v2'])[:12]}.\n"
+        f"{gate_line}\n"
+        f"| error (monitor, windowed mean) | before (v1) | after ({deployed}) | factor |\n|---|---|---|---|\n"
         f"| 10-step | {f(r['error_before'])} | {f(r['error_after'])} | {r['factor']:.2f}x |\n"
         f"| 1-step | {f(r['error1_before'])} | {f(r['error1_after'])} | {r['factor1']:.2f}x |\n\n"
         f"Faults: before {r['before']['fault']}, after {r['after']['fault']}. "

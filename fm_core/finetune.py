@@ -68,6 +68,23 @@ def _masks(model: DynamicsFM, n: int, m: int, b: int) -> tuple[np.ndarray, np.nd
     return sm, im
 
 
+def _replay(model: DynamicsFM, replay_set: Any, cfg: FinetuneConfig, batch: int, n: int, m: int,
+            length: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(rows per batch, normalised x, u) of the replay trajectories; (0, empty, empty) when replay is off."""
+    rows = int(round(cfg.replay_mix * batch)) if replay_set is not None else 0
+    if cfg.replay_mix > 0 and replay_set is None:
+        raise ValueError("FinetuneConfig.replay_mix > 0 needs replay trajectories (rigfm finetune --replay)")
+    if rows == 0:
+        return 0, np.zeros(0, np.float32), np.zeros(0, np.float32)
+    rp = as_trajdata(replay_set, "replay_set")
+    if rp.x.shape[-1] != n or rp.u.shape[-1] != m:
+        raise ValueError(f"replay_set has n={rp.x.shape[-1]}, m={rp.u.shape[-1]}; train_set has n={n}, m={m}")
+    if rp.x.shape[1] < length:
+        raise ValueError(f"replay_set trajectories have T={rp.x.shape[1]} steps; training windows need "
+                         f"{length}")
+    return min(rows, batch - 1), *_normalised_padded(model, rp)
+
+
 def _mix_synthetic(
     rng: np.random.Generator, b: dict[str, torch.Tensor], model: DynamicsFM, spec: BatchSpec, k: int,
 ) -> dict[str, torch.Tensor]:
@@ -138,16 +155,32 @@ def _init_model(init: Any, cfg: FinetuneConfig) -> tuple[DynamicsFM, dict[str, A
     if isinstance(init, DynamicsFM):
         return copy.deepcopy(init), {"init": "<model>"}
     model, meta = load_checkpoint(init)
-    return model, {"init": str(init), "init_train": meta.get("train", {})}
+    return model, {"init": str(init), "init_train": meta.get("train", {}), "init_n": meta.get("n"),
+                   "init_m": meta.get("m")}
+
+
+def keeps_normalisation(cfg: FinetuneConfig, info: dict[str, Any], n: int, m: int) -> bool:
+    """Whether fine-tuning keeps the init model's normalisation and increment scale (``cfg.normalisation``:
+    ``keep``; ``auto`` and an init checkpoint that was itself fine-tuned on a system of the same n and m)
+    instead of refitting them to the training data."""
+    if cfg.normalisation == "keep":
+        if info.get("init") is None:
+            raise ValueError("FinetuneConfig.normalisation='keep' needs an init model (none given: training "
+                             "from scratch)")
+        return True
+    return (cfg.normalisation == "auto" and (info.get("init_train") or {}).get("kind") == "finetune"
+            and info.get("init_n") == n and info.get("init_m") == m)
 
 
 def finetune(
     init: str | Path | DynamicsFM | None, train_set: Any, val_set: Any | None,
-    cfg: FinetuneConfig | None = None, progress: bool = False,
+    cfg: FinetuneConfig | None = None, progress: bool = False, replay_set: Any | None = None,
 ) -> tuple[DynamicsFM, list[dict[str, Any]]]:
     """Fine-tune ``init`` (checkpoint path / model) or train from scratch (``None``) on trajectories.
 
-    Normalisation buffers are set from the (subsampled) training trajectories. Early stopping on the
+    Normalisation buffers are set from the (subsampled) training trajectories, unless ``cfg.normalisation``
+    keeps the init's (:func:`keeps_normalisation`). With ``replay_set`` and ``cfg.replay_mix`` > 0, that
+    share of every batch is drawn from the replay trajectories (same state layout). Early stopping on the
     validation loss (fixed seeded windows); the best model (by val loss) is returned in eval mode.
     Returns (model, history) where history rows are {"step", "train_loss", "val_loss", "elapsed_s"}.
     """
@@ -156,21 +189,24 @@ def finetune(
         torch.set_num_threads(cfg.threads)
     tr = subsample(as_trajdata(train_set, "train_set"), cfg.fraction, cfg.seed)
     va = as_trajdata(val_set, "val_set") if val_set is not None else None
-    model, _ = _init_model(init, cfg)
+    model, info = _init_model(init, cfg)
     c = model.cfg
     n, m = tr.x.shape[-1], tr.u.shape[-1]
     if n > c.n_max or m > c.m_max:
         raise ValueError(f"train_set has n={n}, m={m}; the model allows n_max={c.n_max}, m_max={c.m_max}")
     if va is not None and (va.x.shape[-1] != n or va.u.shape[-1] != m):
         raise ValueError(f"val_set has n={va.x.shape[-1]}, m={va.u.shape[-1]}; train_set has n={n}, m={m}")
-    model.set_normalization(**normalisation_stats(tr))
-    if cfg.increment_scale:
-        model.set_increment_scale(increment_scale(tr, model))
+    if not keeps_normalisation(cfg, info, n, m):
+        model.set_normalization(**normalisation_stats(tr))
+        if cfg.increment_scale:
+            model.set_increment_scale(increment_scale(tr, model))
     p = c.patch
     t_len = tr.x.shape[1]
     if t_len < p + 2:
         raise ValueError(f"train_set trajectories have T={t_len} steps; need at least {p + 2}")
     seq = max(1, min(cfg.seq_len, t_len - p, c.max_len))
+    if replay_set is not None and cfg.replay_mix > 0:  # replay windows are as long as the training ones
+        seq = max(1, min(seq, as_trajdata(replay_set, "replay_set").x.shape[1] - p))
     spec = BatchSpec(batch_size=cfg.batch_size, seq_len=seq, patch=p, n_max=c.n_max, m_max=c.m_max,
                      noise_std=cfg.noise_std, mask_prob=cfg.mask_prob, min_context=1, context_mask=True)
     n_syn = int(round(cfg.synthetic_mix * cfg.batch_size))
@@ -180,6 +216,7 @@ def finetune(
         spec = replace(spec, batch_size=cfg.batch_size - n_syn)
     xtr, utr = _normalised_padded(model, tr)
     sm, im = _masks(model, n, m, spec.batch_size)
+    n_rep, xrp, urp = _replay(model, replay_set, cfg, spec.batch_size, n, m, seq + p)
 
     val_batches = []
     val_roll: tuple[np.ndarray, np.ndarray] | None = None
@@ -254,7 +291,10 @@ def finetune(
         pbar = tqdm(total=cfg.steps, desc=f"finetune[{cfg.mode}]", dynamic_ncols=True)
     try:
         for step in range(1, cfg.steps + 1):
-            wx, wu = _sample_windows(rng, xtr, utr, spec.batch_size, seq + p)
+            wx, wu = _sample_windows(rng, xtr, utr, spec.batch_size - n_rep, seq + p)
+            if n_rep:
+                rx, ru = _sample_windows(rng, xrp, urp, n_rep, seq + p)
+                wx, wu = np.concatenate([wx, rx]), np.concatenate([wu, ru])
             b = windows_to_batch(rng, wx, wu, sm, im, spec)
             if lo_hi is not None:
                 _mask_horizon(rng, b, cfg.mask_prob, lo_hi, p - 1)
@@ -307,7 +347,8 @@ def finetune(
     model.finetune_info = {  # type: ignore[attr-defined]
         "best_step": stopper.best_step if has_val else history[-1]["step"],
         "best_val_loss": stopper.best if has_val else None, "steps_run": history[-1]["step"],
-        "n_train_trajectories": int(tr.x.shape[0]), "stop_reason": stopper.stop_reason,
+        "n_train_trajectories": int(tr.x.shape[0]), "replay_rows_per_batch": n_rep,
+        "stop_reason": stopper.stop_reason,
         "train_s": round(time.time() - t0, 3), "n": n, "m": m,
     }
     return model, history

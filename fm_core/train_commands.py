@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from fm_core.cli_types import (
     SEED,
@@ -37,6 +38,10 @@ def register(subparsers) -> None:
                    help="initial checkpoint (default: the shipped fm_core/weights/default.pt), or 'none' to "
                         "train a specialist from scratch")
     f.add_argument("--data", required=True, help="trajectory .npz (fm_core.trajfile; splits train/val)")
+    f.add_argument("--replay", default=None, metavar="DATA",
+                   help="trajectory .npz whose train split is mixed into every batch (--replay-mix): the "
+                        "data the --init model was fitted on, so an update on a short run keeps what that "
+                        "run cannot show")
     add_options(f, FinetuneConfig)
     add_set_option(f, "FinetuneConfig field override, e.g. --set batch_size=16", parse=False)
     f.add_argument("--out", default="runs/ft", help="output dir (finetuned.pt, history.json)")
@@ -118,6 +123,22 @@ def resolve_angle_features(choice: str, init: str | None) -> str:
     return choice
 
 
+DEFAULT_REPLAY_MIX = 0.5
+
+
+def _replay_set(path: str, train: Any) -> Any:
+    """The train split of the replay file, checked against the fine-tuning data's layout."""
+    from fm_core.trajfile import load_trajectories, split_trajectories
+
+    rp = split_trajectories(load_trajectories(path), "train")
+    if list(rp.state_names) != list(train.state_names) or list(rp.input_names) != list(train.input_names):
+        raise ValueError(f"--replay {path}: states {rp.state_names} / inputs {rp.input_names} differ from "
+                         f"--data's {train.state_names} / {train.input_names}")
+    if rp.dt and train.dt and abs(rp.dt - train.dt) > 1e-9:
+        raise ValueError(f"--replay {path}: dt {rp.dt} differs from --data's {train.dt}")
+    return rp
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from fm_core.checkpoint import CheckpointError
     from fm_core.finetune import evaluate_mse, finetune, save_finetuned
@@ -132,10 +153,13 @@ def _finetune(args: argparse.Namespace) -> int:
             print("note: continuing the --init checkpoint's fine-tuning recipe ("
                   + ", ".join(f"{k}={v}" for k, v in inherited.items()) + "; --set KEY=VALUE to change)",
                   file=sys.stderr)
+        if args.replay and "replay_mix" not in kv:
+            kv["replay_mix"] = DEFAULT_REPLAY_MIX
         cfg = FinetuneConfig.from_dict({**inherited, **kv})
         ts = load_trajectories(args.data)
         train = split_trajectories(ts, "train")
         val = split_trajectories(ts, "val")
+        replay = _replay_set(args.replay, train) if args.replay else None
         raw_names = list(train.state_names)
         angles = resolve_angle_features(args.angle_features, init)
         codec = None
@@ -144,14 +168,15 @@ def _finetune(args: argparse.Namespace) -> int:
 
             codec = rig_angle_codec(train.rig, train)
             train, val = codec.encode_data(train), codec.encode_data(val)
-        model, history = finetune(init, train, val, cfg, progress=not args.no_progress)
+            replay = codec.encode_data(replay) if replay is not None else None
+        model, history = finetune(init, train, val, cfg, progress=not args.no_progress, replay_set=replay)
     except (ValueError, TrajectoryFileError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = save_finetuned(out / "finetuned.pt", model, train, history, cfg,
-                          extra={"init": str(init), "data": str(args.data),
+                          extra={"init": str(init), "data": str(args.data), "replay": args.replay,
                                  "angle_features": angles},
                           angle_channels=list(codec.channels) if codec else None, raw_state_names=raw_names)
     (out / "history.json").write_text(json.dumps(history, indent=1))

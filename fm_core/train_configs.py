@@ -45,6 +45,7 @@ def known_keys(cls: type, d: dict[str, Any], error: type[Exception] = ValueError
 
 
 FINETUNE_MODES = ("full", "head", "lora")
+NORMALISATIONS = ("auto", "data", "keep")
 
 
 @dataclass
@@ -96,10 +97,22 @@ class FinetuneConfig:
     # exponential moving average of the weights (decay per step, 0 = off): validated and returned instead of
     # the raw weights
     ema: float = 0.0
+    # the model's state/input normalisation and increment scale: "data" = from the training trajectories,
+    # "keep" = the init checkpoint's, "auto" = keep a rig-fine-tuned init's (the flywheel: a short run that
+    # only balances must not rescale a model fitted on the whole rig's range), else from the data
+    normalisation: str = "auto"
+    # share of every training batch drawn from the replay trajectories given to finetune() (the data the init
+    # model was fitted on): keeps what a short closed-loop run cannot show, e.g. the input response (0 = off)
+    replay_mix: float = option(0.0, type=finite_float(0, 1, hi_open=True),
+                               help="share of each batch from the --replay trajectories (default 0.5 with "
+                                    "--replay, else 0)")
 
     def __post_init__(self) -> None:
         if self.mode not in FINETUNE_MODES:
             raise ValueError(f"FinetuneConfig.mode must be one of {FINETUNE_MODES}, got {self.mode!r}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"FinetuneConfig.normalisation must be one of {NORMALISATIONS}, "
+                             f"got {self.normalisation!r}")
         if self.lora_rank < 1:
             raise ValueError(f"FinetuneConfig.lora_rank must be >= 1, got {self.lora_rank}")
         if not (math.isfinite(self.l2sp) and self.l2sp >= 0):
@@ -108,6 +121,8 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.ema must be in [0, 1), got {self.ema}")
         if not 0.0 <= self.synthetic_mix < 1.0:
             raise ValueError(f"FinetuneConfig.synthetic_mix must be in [0, 1), got {self.synthetic_mix}")
+        if not 0.0 <= self.replay_mix < 1.0:
+            raise ValueError(f"FinetuneConfig.replay_mix must be in [0, 1), got {self.replay_mix}")
         if not (0.0 < self.fraction <= 1.0):
             raise ValueError(f"FinetuneConfig.fraction must be in (0, 1], got {self.fraction}")
         for name in ("steps", "batch_size", "seq_len", "val_every", "patience", "val_windows"):

@@ -273,3 +273,64 @@ def test_l2sp_keeps_the_weights_near_the_pretrained_ones_and_ema_returns_the_ave
         FinetuneConfig(ema=1.0)
     with pytest.raises(ValueError, match="l2sp"):
         FinetuneConfig(l2sp=-1.0)
+
+
+def test_refinetuning_a_rig_model_keeps_its_normalisation(data_file, pretrained, tmp_path):
+    """A flywheel update fits a rig model on a short run that covers a narrow slice of the state space: the
+    model keeps the scales it was fitted with (auto, for a fine-tuned init), unless told to refit ("data");
+    a pretrained init always gets the data's; "keep" without an init is a clear error."""
+    from fm_core.finetune import save_finetuned
+
+    ts = load_trajectories(data_file)
+    train, val = split_trajectories(ts, "train"), split_trajectories(ts, "val")
+    v1, hist = finetune(pretrained, train, val, _cfg(steps=10, val_every=5, increment_scale=True))
+    ckpt = save_finetuned(tmp_path / "v1.pt", v1, train, hist, _cfg(increment_scale=True))
+    narrow = split_trajectories(ts, "train")
+    narrow.x = narrow.x[:, :, :] * 0.05 + np.array([0.0, np.pi, 0.0, 0.0], np.float32)  # a balance-like slice
+    kept, _ = finetune(ckpt, narrow, val, _cfg(steps=4, val_every=2, increment_scale=True))
+    for buf in ("x_mean", "x_std", "u_mean", "u_std", "dx_scale"):
+        torch.testing.assert_close(getattr(kept, buf), getattr(v1, buf), msg=f"{buf} must be kept")
+    refit, _ = finetune(ckpt, narrow, val, _cfg(steps=4, val_every=2, increment_scale=True,
+                                                 normalisation="data"))
+    np.testing.assert_allclose(refit.x_std[:4].numpy(), narrow.x.reshape(-1, 4).std(0), rtol=1e-4)
+    fresh, _ = finetune(pretrained, narrow, val, _cfg(steps=4, val_every=2))
+    np.testing.assert_allclose(fresh.x_std[:4].numpy(), narrow.x.reshape(-1, 4).std(0), rtol=1e-4)
+    with pytest.raises(ValueError, match="normalisation='keep' needs an init model"):
+        finetune(None, narrow, val, _cfg(steps=2, normalisation="keep"))
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        _cfg(normalisation="fresh")
+
+
+def test_replay_keeps_the_fit_on_the_data_the_model_was_fitted_on(data_file, pretrained, tmp_path, capsys):
+    """An update on a short run that shows little (here: the system held still) forgets the dynamics unless
+    the original data is replayed in every batch; the CLI's --replay takes the replay file's train split
+    (mix 0.5 by default) and refuses a file of another layout."""
+    ts = load_trajectories(data_file)
+    train, val, test = (split_trajectories(ts, s) for s in ("train", "val", "test"))
+    v1, _ = finetune(pretrained, train, val, _cfg(steps=40, lr=1e-3))
+    quiet = split_trajectories(ts, "train")
+    quiet.x = np.repeat(quiet.x[:, :1], quiet.x.shape[1], axis=1)
+    cfg = _cfg(steps=40, lr=3e-3, normalisation="keep")
+    forgot, _ = finetune(v1, quiet, None, cfg)
+    kept, _ = finetune(v1, quiet, None, _cfg(steps=40, lr=3e-3, normalisation="keep", replay_mix=0.5),
+                       replay_set=train)
+    assert kept.finetune_info["replay_rows_per_batch"] == 4
+    err_forgot = evaluate_mse(forgot, test, context=16, horizon=16)["multi_step_mse"]
+    err_kept = evaluate_mse(kept, test, context=16, horizon=16)["multi_step_mse"]
+    assert err_kept < 0.8 * err_forgot, (err_kept, err_forgot)
+    with pytest.raises(ValueError, match="replay_mix > 0 needs replay trajectories"):
+        finetune(v1, quiet, None, _cfg(steps=2, replay_mix=0.5))
+
+    common = ["--init", str(pretrained), "--data", str(data_file), "--steps", "4", "--set", "val_every=2",
+              "--set", "seq_len=24", "--set", "batch_size=4", "--context", "8", "--horizon", "8",
+              "--no-progress"]
+    assert _cli(["finetune", *common, "--replay", str(data_file), "--out", str(tmp_path / "r")]) == 0
+    meta = torch.load(tmp_path / "r" / "finetuned.pt", weights_only=True)["meta"]["train"]
+    assert meta["replay"] == str(data_file) and meta["config"]["replay_mix"] == 0.5
+    other = tmp_path / "other.npz"
+    x, u = _simulate(6, 80, 1)
+    save_trajectories(other, x[..., :3], u, 0.02, ["p", "theta", "p_dot"], ["voltage"], ["train"] * 6,
+                      [f"r{i}" for i in range(6)], "cartpole")
+    capsys.readouterr()
+    assert _cli(["finetune", *common, "--replay", str(other), "--out", str(tmp_path / "bad")]) == 2
+    assert "--replay" in capsys.readouterr().err

@@ -49,11 +49,30 @@ def _check_mechanics(res: dict, out) -> None:
 @pytest.mark.parametrize("angles", ["raw", "sincos"])
 def test_flywheel_pipeline_reloads_the_running_predictor(tmp_path, angles):
     out = tmp_path / "fw"
-    cfg = FlywheelConfig(out=str(out), duration_s=5.0, finetune_steps=10, angle_features=angles)
+    cfg = FlywheelConfig(out=str(out), duration_s=5.0, finetune_steps=10, angle_features=angles, gate=0.0)
     res = run_flywheel(cfg)
     _check_mechanics(res, out)
+    assert res["deployed"] == "v2" and res["gate"] is None
     # a (sin, cos) v2 is served in raw states: the same loop and monitor ran on it without a fault
     assert res["angle_channels_v2"] == ([1] if angles == "sincos" else [])
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_gate_keeps_v1_serving(tmp_path):
+    """The gate measures both models and, failing (here: a bar no update can reach), keeps v1 in the running
+    predictor: no reload, run 2 on v1, and the result and summary say why."""
+    out = tmp_path / "fw"
+    res = run_flywheel(FlywheelConfig(out=str(out), duration_s=4.0, finetune_steps=5, gate=1e6))
+    gate = res["gate"]
+    assert gate["passed"] is False and gate["min_ratio"] == 1e6 and gate["windows"] > 0
+    assert len(gate["v1_response"]) == 4 and all(math.isfinite(v) for v in gate["v2_response"])
+    assert gate["channel"] == "theta" and "(below 1000000.0)" in gate["reason"]
+    assert res["deployed"] == "v1" and res["deployed_onnx"].endswith("v1.onnx")
+    assert res["reloads"] == 0 and res["sha_v2"] == res["sha_v1"] and "skipped" in res["reload_reply"]
+    assert res["after"]["fault"] is None and res["after"]["err10_count"] > 0
+    assert not _pid_alive(res["predictor_pid"])
+    md = (out / "flywheel.md").read_text()
+    assert "failed" in md and "run 2 served v1" in md and "after (v1)" in md
 
 
 def test_bad_angle_features_is_named(tmp_path):
