@@ -21,7 +21,8 @@ For each rig (cartpole, furuta) and plant mismatch (``mass_friction``: pole mass
 Prints a markdown table (means over seeds) and writes JSON.  ``--quick``: 2 seeds x 12 s, 20 s flywheel runs
 with at most 150 fine-tune steps.  ``python bench/bench_closed_loop.py [--quick] [--rigs cartpole furuta]
 [--mismatch mass_friction gain_delay] [--seeds 5] [--duration 30] [--estimators diff kf fm-ukf]
-[--learned lqr mpc] [--init upright] [--realtime] [--flywheel-dither V] [--out DIR]``.
+[--learned lqr mpc] [--mpc-planner predictor|local] [--init upright] [--realtime] [--flywheel-dither V]
+[--out DIR]``.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def metrics(result: Any, cfg: Any, q: np.ndarray, r: np.ndarray, pend: int, base
 
 def one_run(rig: str, mismatch: str, seed: int, duration: float, model: str | None, design: str,
             estimator: str, stale_ms: float, realtime: bool, init: str = "hanging",
-            controller: str = "swingup") -> dict[str, Any]:
+            controller: str = "swingup", mpc_planner: str = "predictor") -> dict[str, Any]:
     import rigs
     from controllers.base import base_index, pendulum_index
     from controllers.lqr import lqr_weights
@@ -122,7 +123,7 @@ def one_run(rig: str, mismatch: str, seed: int, duration: float, model: str | No
     q, r = lqr_weights(cfg)
     opts = RunOptions(rig=rig, controller=controller, virtual=True, duration_s=duration, seed=seed, init=init,
                       virtual_params=dict(MISMATCHES[mismatch]), model=model, lqr_design=design, status=False,
-                      stale_ms=stale_ms, realtime=realtime, estimator=estimator)
+                      stale_ms=stale_ms, realtime=realtime, estimator=estimator, mpc_planner=mpc_planner)
     res = run_session(opts)
     out = metrics(res, cfg, q, r, pendulum_index(m), base_index(m))
     if controller == "mpc":
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", choices=("hanging", "upright"), default="hanging",
                    help="virtual rig start: hanging (swing-up, then balance; default) or upright (balance "
                         "only: the balance figures even where the swing-up fails)")
+    p.add_argument("--mpc-planner", choices=("predictor", "local"), default="predictor",
+                   help="MPC rollouts in the predictor process (default) or in the control process")
     p.add_argument("--quick", action="store_true", help="2 seeds x 12 s, 20 s flywheel runs, 150 steps")
     p.add_argument("--out", default="runs/bench_closed_loop")
     p.add_argument("--json", default=None, help="results JSON (default OUT/closed_loop.json)")
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows = []
                 for seed in range(a.seeds):
                     row = one_run(rig, mm, seed, a.duration, model, design, est, a.stale_ms, a.realtime,
-                                  a.init, controller)
+                                  a.init, controller, a.mpc_planner)
                     rows.append({"seed": seed, **row})
                     print(f"  {key} {name} seed {seed}: cost {fmt(row.get('cost'))} fault {row['fault']} "
                           f"design {row['lqr_design']}", file=sys.stderr, flush=True)

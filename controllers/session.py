@@ -25,6 +25,7 @@ from export.shipped import file_sha256
 from fm_core.cli_types import SEED, finite_float, int_range, option
 
 CONTROLLERS = ("lqr", "swingup", "mpc")
+MPC_PLANNERS = ("predictor", "local")
 
 
 @dataclass
@@ -79,6 +80,10 @@ class RunOptions:
     predictor_timeout_ms: float | None = option(
         None, type=finite_float(0, MAX_TIMEOUT_MS, lo_open=True, unit="ms"),
         help="deadline of one-step predictions (default: 0.8 model steps)")
+    mpc_planner: str = option("predictor", choices=MPC_PLANNERS,
+                              help="where MPC's rollouts run: in the predictor process (default) or in this "
+                                   "process's planning thread (local: onnxruntime on --model, one thread; "
+                                   "does not follow a predictor reload)")
     mpc_timeout_ms: float = 100.0
     mpc_max_plan_age_s: float = 0.1
     stale_ms: float = option(50.0, type=finite_float(0, MAX_TIMEOUT_MS, lo_open=True, unit="ms"),
@@ -143,6 +148,12 @@ def check_run_options(opts: RunOptions, cfg: Any) -> None:
     model at least one tick per model step; ``--stale-ms``: longer than two control periods and two STATE
     periods; ``--watchdog-ms`` in [5, 1000]; ``--latency-comp-ms`` in [0, 50]; ``--predictor-timeout-ms``
     in (0, 10000]; ``--duration`` finite and > 0."""
+    if opts.mpc_planner not in MPC_PLANNERS:
+        raise RunSetupError(f"--mpc-planner must be one of {', '.join(MPC_PLANNERS)}, got "
+                            f"{opts.mpc_planner!r}")
+    if opts.controller == "mpc" and opts.mpc_planner == "local" and not opts.model:
+        raise RunSetupError("--mpc-planner local needs --model (the planner loads the model itself; an "
+                            "--endpoint predictor's model is not on this machine's disk)")
     if opts.duration_s is not None and not (_finite(opts.duration_s) and opts.duration_s > 0):
         raise RunSetupError(f"--duration must be a finite number of seconds > 0, got {opts.duration_s!r}")
     wd = cfg.watchdog_ms if opts.watchdog_ms is None else opts.watchdog_ms
@@ -307,7 +318,8 @@ def _controller_params(controller: Any, tuning: dict, opts: RunOptions, cfg: Any
         "tuning_file": opts.tuning or "built-in",
         "tuning": tuning, "latency_ms": opts.latency_ms, "latency_source": opts.latency_source,
         "predictor_timeout_ms": opts.predictor_timeout_ms, "mpc_timeout_ms": opts.mpc_timeout_ms,
-        "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "lqr_design": opts.lqr_design,
+        "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "mpc_planner": opts.mpc_planner,
+        "lqr_design": opts.lqr_design,
         "stale_ms": opts.stale_ms, "dry_run": opts.dry_run,
         "model_params": dict(opts.model_params), "on_log_error": opts.on_log_error,
         "watchdog_ms": cfg.watchdog_ms if opts.watchdog_ms is None else int(opts.watchdog_ms),
@@ -371,6 +383,28 @@ def _design_summary(ctl: Any, refresher: Any) -> dict[str, Any]:
     return {**ctl.design.summary(), "designs": [d.summary() for d in ctl.designs],
             "refreshes": refresher.refreshes if refresher is not None else 0,
             "refresh_errors": list(refresher.errors) if refresher is not None else []}
+
+
+def local_rollout(model_path: str) -> tuple[Any, tuple[type[BaseException], ...]]:
+    """``--mpc-planner local``: (rollout function, its error types) on the ONNX model itself, in this
+    process (one onnxruntime thread; the KV-cache step graph beside it when there is one)."""
+    from export.onnx_runtime import InputError, OnnxPredictor
+
+    pred = OnnxPredictor(str(model_path), threads=1, self_test=False, find_step=True)
+
+    def rollout(x_hist: np.ndarray, u_hist: np.ndarray, u_plan: np.ndarray) -> np.ndarray:
+        try:
+            return pred.rollout(x_hist, u_hist, u_plan)
+        except InputError:
+            raise
+        except Exception as exc:  # onnxruntime's own errors: a planner fault (LQR fallback), named
+            raise LocalPlannerError(f"local MPC rollout failed: {type(exc).__name__}: {exc}") from exc
+
+    return rollout, (LocalPlannerError,)
+
+
+class LocalPlannerError(RuntimeError):
+    """A local (in-process) MPC rollout failed in onnxruntime; the MPC falls back to LQR."""
 
 
 SHIPPED = "shipped"  # --model shipped: the rig's ONNX pair in fm_core/weights (export/shipped.py)
@@ -521,7 +555,10 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                                errors=errors, stream_step=tap_client.stream_step,
                                stream_reset=reset_stream)
             stack.callback(tap.close)
-            if opts.controller == "mpc":
+            if opts.controller == "mpc" and opts.mpc_planner == "local":
+                mpc_rollout, local_errors = local_rollout(opts.model)
+                errors = (*errors, *local_errors)
+            elif opts.controller == "mpc":
                 mpc_client = PredictorClient(endpoint, timeout_ms=opts.mpc_timeout_ms)
                 stack.callback(mpc_client.close)
                 mpc_rollout = PredictorRollout(mpc_client)

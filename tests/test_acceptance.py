@@ -128,6 +128,19 @@ def test_killing_the_predictor_falls_back_within_one_period(onnx_model):
     assert res.stats["ticks"] > 0.8 * 4.0 * 500  # the loop kept running
 
 
+def test_local_mpc_planner_plans_in_process(onnx_model):
+    """--mpc-planner local: the plans come from onnxruntime in the control process (the predictor process
+    still serves the monitor), the MPC is in charge and the rig stays within its limits."""
+    res = run_session(RunOptions(rig="cartpole", controller="mpc", virtual=True, init="upright",
+                                 duration_s=3.0, model=onnx_model, status=False, stale_ms=200.0,
+                                 mpc_planner="local"))
+    report("local mpc", res)
+    assert res.fault is None
+    assert res.predictor["mpc_plans"] > 100 and "mpc" in set(res.modes)
+    assert res.predictor["mpc_land_age_ms"] < 100
+    hold_check(res, 0.5)
+
+
 def test_run_cli_dry_run_on_virtual_rig(tmp_path):
     """``rigfm run`` end to end in a subprocess: dry run computes, never actuates, exits cleanly."""
     out = tmp_path / "summary.json"
@@ -266,6 +279,9 @@ def test_run_cli_ctrl_c_zeroes_motor_and_reports(tmp_path):
     (dict(virtual=True, controller="pid"), "unknown controller 'pid'"),
     (dict(virtual=True, model="/nonexistent/model.onnx"), "no such file"),
     (dict(virtual=True, controller="mpc"), "needs the learned model"),
+    (dict(virtual=True, controller="mpc", mpc_planner="local", endpoint="ipc:///tmp/rigfm-none.sock"),
+     "--mpc-planner local needs --model"),
+    (dict(virtual=True, controller="lqr", mpc_planner="gpu"), "--mpc-planner must be one of"),
     (dict(virtual=True, latency_ms=2.0, latency_source="oracle"), "unknown latency source 'oracle'"),
     (dict(virtual=True, latency_ms=2.0, latency_source="predictor"), "latency source 'predictor' needs"),
 ])
