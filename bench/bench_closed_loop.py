@@ -263,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             bar[key][name] = {"cost_reduction": red, "plan_tick_frac": v2["plan_tick_frac"], "met": met}
             plans = (f", plan on {100 * (v2['plan_tick_frac'] or 0):.1f} % of ticks"
                      if name == "mpc-v2" else "")
-            print(f"{key}: {name} balance cost {fmt(None if red is None else 100 * red, '.1f')} % below "
-                  f"nominal; faults {v2['faults']}, overruns {v2['overrun_pct']:.3f} %{plans} -> bar "
+            vs = "n/a" if red is None else f"{abs(100 * red):.1f} % {'below' if red >= 0 else 'above'}"
+            print(f"{key}: {name} balance cost {vs} nominal's; faults {v2['faults']}, overruns "
+                  f"{v2['overrun_pct']:.3f} %{plans} -> bar "
                   f"{'met' if met else 'missed'}")
     res = {"args": vars(a), "wall_s": round(time.monotonic() - t0, 1), "summary": summary, "bar": bar,
            "flywheel": flywheels, "runs": runs, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}

@@ -36,6 +36,12 @@ class LatestJobWorker:
             self._thread = threading.Thread(target=self._worker, name=self._worker_name, daemon=True)
             self._thread.start()
 
+    @property
+    def worker_tid(self) -> int | None:
+        """The worker thread's native (kernel) id while it runs, else None."""
+        t = self._thread
+        return t.native_id if t is not None and t.is_alive() else None
+
     def stop_worker(self) -> None:
         """Stop the thread; waits (at most 2 s) for the job in flight."""
         self._stop.set()

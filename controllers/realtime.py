@@ -8,8 +8,11 @@ inversion); keep ``sys.setswitchinterval`` short while running.  Without the pri
 root) it returns None and the run goes on at normal priority.  The loop sleeps most of each period, so
 FIFO threads leave the CPU to others between ticks.
 
-Every thread of the control process shares the GIL, so every one of them must run at the loop's priority
-(a lower-priority worker preempted while holding the GIL blocks the loop: priority inversion).  The
+Every thread of the control process shares the GIL, so every one of them runs at FIFO (a SCHED_OTHER worker
+preempted while holding the GIL blocks the loop: priority inversion). The one exception in rank is the MPC's
+planning thread (``PLANNER_PRIORITY``): still FIFO, but below the virtual rig's, so its model bursts (the
+``--mpc-planner local`` rollouts) cannot starve the plant; the inversion it allows is bounded by the rig's
+short bursts.  The
 predictor process, by contrast, stays at normal priority: at FIFO its long inference bursts starve the
 control process's threads.
 """
@@ -19,6 +22,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+LOOP_PRIORITY = 50      # every thread of the control process
+RIG_PRIORITY = 49       # the virtual rig process the run spawned
+PLANNER_PRIORITY = 48   # the MPC planning thread
+
 
 def _tids() -> list[int]:
     try:
@@ -27,7 +34,7 @@ def _tids() -> list[int]:
         return [0]
 
 
-def enable_realtime(priority: int = 50, all_threads: bool = True) -> Callable[[], None] | None:
+def enable_realtime(priority: int = LOOP_PRIORITY, all_threads: bool = True) -> Callable[[], None] | None:
     """SCHED_FIFO at ``priority`` (all threads, or only the calling one); a restore function, or None."""
     if not hasattr(os, "SCHED_FIFO"):
         return None
@@ -41,6 +48,16 @@ def enable_realtime(priority: int = 50, all_threads: bool = True) -> Callable[[]
         _restore(done)
         return None
     return lambda: _restore(_tids())
+
+
+def thread_fifo(tid: int, priority: int) -> bool:
+    """SCHED_FIFO at ``priority`` for one thread of this process (its native id); False if denied."""
+    try:
+        os.sched_setscheduler(int(tid), os.SCHED_FIFO | getattr(os, "SCHED_RESET_ON_FORK", 0),
+                              os.sched_param(int(priority)))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def realtime_process(pid: int, priority: int = 40) -> bool:

@@ -512,9 +512,9 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                 stack.enter_context(vr)
                 port = vr.port
                 if opts.realtime and vr.proc is not None:
-                    from controllers.realtime import realtime_process
+                    from controllers.realtime import RIG_PRIORITY, realtime_process
 
-                    realtime_process(vr.proc.pid, priority=49)  # the plant outranks everything but the loop
+                    realtime_process(vr.proc.pid, priority=RIG_PRIORITY)  # outranks all but the loop
             # a new run clears the e-stop latch that the previous run's clean exit left (once, at first
             # connect; never on a reconnect mid-run); the firmware still enforces its limits and watchdog
             conn = stack.enter_context(RigConnection(port=port, rig_config=cfg, clear_estop_on_connect=True,
@@ -695,6 +695,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         if hasattr(controller, "start"):
             controller.start()
         restore = None
+        planner_priority = None
         if opts.realtime:
             from controllers.realtime import enable_realtime
 
@@ -702,6 +703,11 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             if restore is None:
                 print("rigfm run: real-time scheduling not permitted; running at normal priority",
                       file=sys.stderr)
+            elif getattr(controller, "worker_tid", None):
+                from controllers.realtime import PLANNER_PRIORITY, thread_fifo
+
+                if thread_fifo(controller.worker_tid, PLANNER_PRIORITY):  # below the plant: realtime.py
+                    planner_priority = PLANNER_PRIORITY
         switch = sys.getswitchinterval()
         sys.setswitchinterval(0.0002)  # other threads hold the GIL at most ~0.2 ms at a time
         gc.collect()
@@ -731,6 +737,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         if hasattr(controller, "fallbacks"):
             pred["mpc_fallback_ticks"] = controller.fallbacks
             pred["mpc_plans"] = controller.plans
+            pred["mpc_planner_priority"] = planner_priority
             pred["mpc_plan_time_ms"] = controller.plan_time_s * 1e3
             pred["mpc_land_age_ms"] = controller.land_age_s * 1e3
             pred["mpc_fallback_delays_ms"] = [d * 1e3 for d in controller.fallback_delays]
