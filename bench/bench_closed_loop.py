@@ -21,7 +21,7 @@ For each rig (cartpole, furuta) and plant mismatch (``mass_friction``: pole mass
 Prints a markdown table (means over seeds) and writes JSON.  ``--quick``: 2 seeds x 12 s, 20 s flywheel runs
 with at most 150 fine-tune steps.  ``python bench/bench_closed_loop.py [--quick] [--rigs cartpole furuta]
 [--mismatch mass_friction gain_delay] [--seeds 5] [--duration 30] [--estimators diff kf fm-ukf]
-[--learned lqr mpc] [--mpc-planner predictor|local] [--init upright] [--realtime] [--flywheel-dither V]
+[--learned lqr mpc] [--mpc-planner auto|predictor|local] [--init upright] [--realtime] [--flywheel-dither V]
 [--out DIR]``.
 """
 
@@ -112,7 +112,7 @@ def metrics(result: Any, cfg: Any, q: np.ndarray, r: np.ndarray, pend: int, base
 
 def one_run(rig: str, mismatch: str, seed: int, duration: float, model: str | None, design: str,
             estimator: str, stale_ms: float, realtime: bool, init: str = "hanging",
-            controller: str = "swingup", mpc_planner: str = "predictor") -> dict[str, Any]:
+            controller: str = "swingup", mpc_planner: str = "auto") -> dict[str, Any]:
     import rigs
     from controllers.base import base_index, pendulum_index
     from controllers.lqr import lqr_weights
@@ -202,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", choices=("hanging", "upright"), default="hanging",
                    help="virtual rig start: hanging (swing-up, then balance; default) or upright (balance "
                         "only: the balance figures even where the swing-up fails)")
-    p.add_argument("--mpc-planner", choices=("predictor", "local"), default="predictor",
-                   help="MPC rollouts in the predictor process (default) or in the control process")
+    p.add_argument("--mpc-planner", choices=("auto", "predictor", "local"), default="auto",
+                   help="MPC rollouts in the control process (local; auto, the default, as rigfm run: "
+                        "local, the runs have the model file) or in the predictor process")
     p.add_argument("--quick", action="store_true", help="2 seeds x 12 s, 20 s flywheel runs, 150 steps")
     p.add_argument("--out", default="runs/bench_closed_loop")
     p.add_argument("--json", default=None, help="results JSON (default OUT/closed_loop.json)")

@@ -25,7 +25,7 @@ from export.shipped import file_sha256
 from fm_core.cli_types import SEED, finite_float, int_range, option
 
 CONTROLLERS = ("lqr", "swingup", "mpc")
-MPC_PLANNERS = ("predictor", "local")
+MPC_PLANNERS = ("auto", "predictor", "local")
 
 
 @dataclass
@@ -80,10 +80,11 @@ class RunOptions:
     predictor_timeout_ms: float | None = option(
         None, type=finite_float(0, MAX_TIMEOUT_MS, lo_open=True, unit="ms"),
         help="deadline of one-step predictions (default: 0.8 model steps)")
-    mpc_planner: str = option("predictor", choices=MPC_PLANNERS,
-                              help="where MPC's rollouts run: in the predictor process (default) or in this "
-                                   "process's planning thread (local: onnxruntime on --model, one thread; "
-                                   "does not follow a predictor reload)")
+    mpc_planner: str = option("auto", choices=MPC_PLANNERS,
+                              help="where MPC's rollouts run: in this process's planning thread (local: "
+                                   "onnxruntime on --model, one thread; does not follow a predictor reload) "
+                                   "or in the predictor process; auto (default): local with --model, the "
+                                   "predictor with --endpoint")
     mpc_timeout_ms: float = 100.0
     mpc_max_plan_age_s: float = 0.1
     stale_ms: float = option(50.0, type=finite_float(0, MAX_TIMEOUT_MS, lo_open=True, unit="ms"),
@@ -318,7 +319,7 @@ def _controller_params(controller: Any, tuning: dict, opts: RunOptions, cfg: Any
         "tuning_file": opts.tuning or "built-in",
         "tuning": tuning, "latency_ms": opts.latency_ms, "latency_source": opts.latency_source,
         "predictor_timeout_ms": opts.predictor_timeout_ms, "mpc_timeout_ms": opts.mpc_timeout_ms,
-        "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "mpc_planner": opts.mpc_planner,
+        "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "mpc_planner": mpc_planner(opts),
         "lqr_design": opts.lqr_design,
         "stale_ms": opts.stale_ms, "dry_run": opts.dry_run,
         "model_params": dict(opts.model_params), "on_log_error": opts.on_log_error,
@@ -383,6 +384,14 @@ def _design_summary(ctl: Any, refresher: Any) -> dict[str, Any]:
     return {**ctl.design.summary(), "designs": [d.summary() for d in ctl.designs],
             "refreshes": refresher.refreshes if refresher is not None else 0,
             "refresh_errors": list(refresher.errors) if refresher is not None else []}
+
+
+def mpc_planner(opts: RunOptions) -> str:
+    """Where MPC's rollouts run: ``--mpc-planner``, with ``auto`` = ``local`` when the run has the model file
+    (``--model``) and ``predictor`` when it only reaches one (``--endpoint``)."""
+    if opts.mpc_planner != "auto":
+        return opts.mpc_planner
+    return "local" if opts.model else "predictor"
 
 
 def local_rollout(model_path: str) -> tuple[Any, tuple[type[BaseException], ...]]:
@@ -555,7 +564,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                                errors=errors, stream_step=tap_client.stream_step,
                                stream_reset=reset_stream)
             stack.callback(tap.close)
-            if opts.controller == "mpc" and opts.mpc_planner == "local":
+            if opts.controller == "mpc" and mpc_planner(opts) == "local":
                 mpc_rollout, local_errors = local_rollout(opts.model)
                 errors = (*errors, *local_errors)
             elif opts.controller == "mpc":

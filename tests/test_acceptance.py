@@ -115,7 +115,7 @@ def test_lqr_balances_with_50_percent_mass_mismatch(rig):
 def test_killing_the_predictor_falls_back_within_one_period(onnx_model):
     res = run_session(RunOptions(rig="cartpole", controller="mpc", virtual=True, init="upright",
                                  duration_s=4.0, model=onnx_model, status=False, realtime=True,
-                                 stale_ms=200.0, kill_predictor_after_s=1.5))
+                                 stale_ms=200.0, kill_predictor_after_s=1.5, mpc_planner="predictor"))
     report("kill predictor", res)
     assert res.fault is None  # the rig stayed within its limits, no e-stop needed
     ticks = res.predictor["mpc_fallback_delay_ticks"]
@@ -129,13 +129,16 @@ def test_killing_the_predictor_falls_back_within_one_period(onnx_model):
 
 
 def test_local_mpc_planner_plans_in_process(onnx_model):
-    """--mpc-planner local: the plans come from onnxruntime in the control process (the predictor process
-    still serves the monitor), the MPC is in charge and the rig stays within its limits."""
+    """With --model the MPC plans in the control process (--mpc-planner auto -> local: onnxruntime in the
+    planning thread), so a predictor crash (it still serves the monitor) leaves the MPC in charge, and the
+    rig within its limits."""
     res = run_session(RunOptions(rig="cartpole", controller="mpc", virtual=True, init="upright",
                                  duration_s=3.0, model=onnx_model, status=False, stale_ms=200.0,
-                                 mpc_planner="local", realtime=True))
+                                 realtime=True, kill_predictor_after_s=1.0))
     report("local mpc", res)
-    assert res.fault is None
+    assert res.fault is None and res.predictor["pred_fault"]  # the monitor saw the predictor go
+    after_kill = [m for t, m in zip(res.trajectory[:, 0], res.modes, strict=True) if t > 1.2]
+    assert after_kill.count("mpc") > 0.9 * len(after_kill)
     # under SCHED_FIFO (permitted as root) the planning thread runs below the virtual rig (realtime.py)
     assert res.predictor["mpc_planner_priority"] == (48 if os.geteuid() == 0 else None)
     assert res.predictor["mpc_plans"] > 100 and "mpc" in set(res.modes)
