@@ -130,6 +130,7 @@ def one_run(rig: str, mismatch: str, seed: int, duration: float, model: str | No
         pred = res.predictor or {}
         plans, fb = pred.get("mpc_plans"), pred.get("mpc_fallback_ticks")
         out.update(mpc_plans=plans, mpc_fallback_ticks=fb, mpc_land_age_ms=pred.get("mpc_land_age_ms"),
+                   mpc_takeover_ticks=pred.get("mpc_takeover_ticks"),
                    plan_tick_frac=None if fb is None else 1.0 - fb / max(1, out["ticks"]))
     return out
 

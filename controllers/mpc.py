@@ -88,6 +88,9 @@ class MPCParams:
     # gain, w ramping from 0 to 1 as the plan's age goes from 1 to 2 model steps, so a plan that lands late
     # or is used for several steps still feeds back on the state (a fresh one acts at the model step only)
     tracking: bool = True
+    # LQR takes over while the pendulum angle is more than this far from upright (rad; None = never), and
+    # hands back below half of it: a plan from a wrong or late model must not keep the pendulum swaying
+    takeover_angle: float | None = None
 
 
 class SamplingMPC:
@@ -109,6 +112,9 @@ class SamplingMPC:
                                                  and 0 <= self.p.delay_steps < self.p.horizon)):
             raise ValueError(f"MPC delay_steps must be 'auto' or an integer in [0, horizon), "
                              f"got {self.p.delay_steps!r}")
+        if self.p.takeover_angle is not None and not (self.p.takeover_angle > 0
+                                                       and np.isfinite(self.p.takeover_angle)):
+            raise ValueError(f"MPC takeover_angle must be > 0 rad (or None), got {self.p.takeover_angle!r}")
         if self.p.trust_frac is not None and not (self.p.trust_frac >= 0 and np.isfinite(self.p.trust_frac)):
             raise ValueError(f"MPC trust_frac must be >= 0 (fraction of u_max), got {self.p.trust_frac!r}")
         self.rollout = rollout
@@ -234,6 +240,8 @@ class MPCController(LatestJobWorker):
         self._fault_tick = 0
         self._fault_handled = True
         self.fallbacks = 0
+        self.takeovers = 0          # ticks on LQR because the pendulum left MPCParams.takeover_angle
+        self._taken_over = False
         self.plans = 0
         self.plan_time_s = float("nan")
         self._used_plan: tuple[float, np.ndarray, np.ndarray] | None = None
@@ -286,6 +294,16 @@ class MPCController(LatestJobWorker):
             return 0
         return int(self.land_age_s / self.model_dt)  # the steps a plan's landing has fully passed
 
+    def _takeover(self, x: np.ndarray) -> bool:
+        """Whether LQR has the pendulum: its angle error above ``takeover_angle``, until below half of it."""
+        lim = self.planner.p.takeover_angle
+        if lim is None:
+            return False
+        ang = self.planner.angle
+        err = float(np.max(np.abs(wrap_angle(x[ang] - self.planner.x_ref[ang])))) if ang.any() else 0.0
+        self._taken_over = err > (0.5 * lim if self._taken_over else lim)
+        return self._taken_over
+
     def _tracking(self, x: np.ndarray, path: np.ndarray, s: float) -> np.ndarray:
         """``-w K (x - path(s))`` with the fallback LQR's gain, ``w = clip(s - 1, 0, 1)`` at a plan age of
         ``s`` model steps (zero without tracking, or for a path with NaNs)."""
@@ -305,6 +323,7 @@ class MPCController(LatestJobWorker):
         self._uh.clear()
         self._plan = None
         self._used_plan = None
+        self._taken_over = False
         self.land_age_s = float("nan")
         self._next_sample_t = None
         self.planner.reset()
@@ -331,7 +350,8 @@ class MPCController(LatestJobWorker):
         with self._lock:
             plan = self._plan
         u = None
-        if plan is not None and self.fault is None:
+        taken_over = self._takeover(x)
+        if plan is not None and self.fault is None and not taken_over:
             age = now - plan[0]
             if plan is not self._used_plan:  # a plan's first use: how late plans land
                 self._used_plan = plan
@@ -350,6 +370,9 @@ class MPCController(LatestJobWorker):
             self.mode = "fallback"
             out.mode = "fallback"
             out.info["mpc_fault"] = 1.0 if self.fault else 0.0
+            if taken_over:
+                self.takeovers += 1
+                out.info["mpc_takeover"] = 1.0
         else:
             self.mode = "mpc"
             u = np.asarray(u, dtype=float).copy()

@@ -747,6 +747,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             pred["mpc_fallback_ticks"] = controller.fallbacks
             pred["mpc_plans"] = controller.plans
             pred["mpc_planner_priority"] = planner_priority
+            pred["mpc_takeover_ticks"] = controller.takeovers
             pred["mpc_plan_time_ms"] = controller.plan_time_s * 1e3
             pred["mpc_land_age_ms"] = controller.land_age_s * 1e3
             pred["mpc_fallback_delays_ms"] = [d * 1e3 for d in controller.fallback_delays]

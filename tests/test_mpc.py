@@ -176,3 +176,32 @@ def test_a_plan_keeps_the_inputs_applied_before_it_lands(cart):
     assert ctl.delay_steps() == 0  # inline planning: nothing is late
     with pytest.raises(ValueError, match="delay_steps"):
         SamplingMPC(PhysicsRollout(model, 0.01), 4, 1, 10.0, model.upright(), MPCParams(delay_steps=10))
+
+
+def test_lqr_takes_over_while_the_pendulum_is_far_from_upright(cart):
+    """takeover_angle: beyond it the tick uses LQR (counted, flagged), below half of it MPC is back; the
+    band has hysteresis; a non-positive angle is refused."""
+    cfg, model = cart
+    lqr = LQRController(model, 0.002, cfg=cfg)
+    planner = SamplingMPC(PhysicsRollout(model, 0.01), 4, 1, 10.0, model.upright(),
+                          MPCParams(samples=8, takeover_angle=0.02), angle_channels=(1,))
+    ctl = MPCController(planner, lqr, 0.01, threaded=False)
+    up = np.asarray(model.upright(), float)
+
+    def tick(angle: float, t: float):
+        x = up.copy()
+        x[1] += angle
+        return ctl.compute(x, t)
+
+    assert tick(0.005, 0.0).mode == "mpc"
+    out = tick(0.03, 0.01)
+    assert out.mode == "fallback" and out.info["mpc_takeover"] == 1.0
+    x = up.copy()
+    x[1] += 0.03
+    np.testing.assert_allclose(out.u, lqr.compute(x).u)
+    assert tick(0.015, 0.02).mode == "fallback"        # inside the band but above half of it: LQR keeps it
+    assert tick(-0.009, 0.03).mode == "mpc"            # below half: MPC again
+    assert tick(2 * np.pi + 0.005, 0.04).mode == "mpc"  # angles wrap
+    assert ctl.takeovers == 2
+    with pytest.raises(ValueError, match="takeover_angle must be > 0"):
+        SamplingMPC(PhysicsRollout(model, 0.01), 4, 1, 10.0, model.upright(), MPCParams(takeover_angle=0.0))
