@@ -672,8 +672,11 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         if tap is not None:
             from controllers.predictor_watch import PredictorWatch
 
-            fallback = ("MPC falls back to LQR" if opts.controller == "mpc"
-                        else f"{opts.controller} goes on without predictions")
+            if opts.controller == "mpc":
+                local = mpc_planner(opts) == "local"
+                fallback = "MPC plans on in this process (monitor off)" if local else "MPC falls back to LQR"
+            else:
+                fallback = f"{opts.controller} goes on without predictions"
             if isinstance(forecaster, PredictorForecaster):
                 fallback += ", latency forecast from physics only"
             watch = PredictorWatch(tap, proc, t0=t_start, fallback=fallback, clear_line=opts.status)

@@ -137,8 +137,12 @@ def test_local_mpc_planner_plans_in_process(onnx_model):
                                  realtime=True, kill_predictor_after_s=1.0))
     report("local mpc", res)
     assert res.fault is None and res.predictor["pred_fault"]  # the monitor saw the predictor go
+    pred = res.predictor
+    assert pred["mpc_fallback_delays_ms"] == []  # no planner fault, before or after the kill
+    # every LQR tick is a takeover (the test model lets the pendulum sway) or from before the first plan
+    assert pred["mpc_fallback_ticks"] - pred["mpc_takeover_ticks"] < 50
     after_kill = [m for t, m in zip(res.trajectory[:, 0], res.modes, strict=True) if t > 1.2]
-    assert after_kill.count("mpc") > 0.9 * len(after_kill)
+    assert after_kill.count("mpc") > 0.3 * len(after_kill)
     # under SCHED_FIFO (permitted as root) the planning thread runs below the virtual rig (realtime.py)
     assert res.predictor["mpc_planner_priority"] == (48 if os.geteuid() == 0 else None)
     assert res.predictor["mpc_plans"] > 100 and "mpc" in set(res.modes)
