@@ -232,8 +232,9 @@ def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
             t = mark("export_v2", t)
             gate = check_update(v1, v2, data, min_ratio=cfg.gate) if cfg.gate > 0 else None
             t = mark("gate", t)
+            deploy = gate is None or gate.passed
             reloads0 = int(client.health().get("reloads", 0))
-            if gate is None or gate.passed:
+            if deploy:
                 rel = client.reload(str(v2), streaming=str(v2_step))
             else:
                 rel = {"skipped": gate.reason}
@@ -243,7 +244,7 @@ def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
             t = mark("reload", t)
             if proc.pid != pid0 or proc.proc is None or proc.proc.poll() is not None:
                 raise FlywheelError(f"flywheel stage 'reload': predictor pid {pid0} did not survive")
-            if "skipped" not in rel:
+            if deploy:
                 say(f"reloaded v2 in pid {proc.pid}: sha {str(info2.get('model_sha256'))[:12]}")
             after = _run(cfg, proc.endpoint, out / "logs_after")
             t = mark("run_after", t)
@@ -260,8 +261,7 @@ def run_flywheel(cfg: FlywheelConfig, progress: Any = None) -> dict[str, Any]:
         "rig": cfg.rig, "config": asdict(cfg), "init_checkpoint": str(init), "init_is_rig_finetuned": tuned,
         "predictor_pid": pid0, "pid_after_reload": proc.pid,
         "sha_v1": info1.get("model_sha256"), "sha_v2": info2.get("model_sha256"), "reload_reply": rel,
-        "deployed": "v2" if "skipped" not in rel else "v1", "deployed_onnx": str(v2 if "skipped" not in rel
-                                                                               else v1),
+        "deployed": "v2" if deploy else "v1", "deployed_onnx": str(v2 if deploy else v1),
         "gate": asdict(gate) if gate is not None else None,
         "angle_channels_v2": info2.get("angle_channels", []),
         "reloads": int(health.get("reloads", 0)) - reloads0, "dataset": {"path": str(data), "window": window,

@@ -68,21 +68,16 @@ def _masks(model: DynamicsFM, n: int, m: int, b: int) -> tuple[np.ndarray, np.nd
     return sm, im
 
 
-def _replay(model: DynamicsFM, replay_set: Any, cfg: FinetuneConfig, batch: int, n: int, m: int,
-            length: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """(rows per batch, normalised x, u) of the replay trajectories; (0, empty, empty) when replay is off."""
-    rows = int(round(cfg.replay_mix * batch)) if replay_set is not None else 0
-    if cfg.replay_mix > 0 and replay_set is None:
+def _replay_data(replay_set: Any, cfg: FinetuneConfig, n: int, m: int) -> TrajData | None:
+    """Replay trajectories, checked against the training layout, when ``cfg.replay_mix`` > 0; else None."""
+    if cfg.replay_mix <= 0:
+        return None
+    if replay_set is None:
         raise ValueError("FinetuneConfig.replay_mix > 0 needs replay trajectories (rigfm finetune --replay)")
-    if rows == 0:
-        return 0, np.zeros(0, np.float32), np.zeros(0, np.float32)
     rp = as_trajdata(replay_set, "replay_set")
     if rp.x.shape[-1] != n or rp.u.shape[-1] != m:
         raise ValueError(f"replay_set has n={rp.x.shape[-1]}, m={rp.u.shape[-1]}; train_set has n={n}, m={m}")
-    if rp.x.shape[1] < length:
-        raise ValueError(f"replay_set trajectories have T={rp.x.shape[1]} steps; training windows need "
-                         f"{length}")
-    return min(rows, batch - 1), *_normalised_padded(model, rp)
+    return rp
 
 
 def _mix_synthetic(
@@ -196,6 +191,7 @@ def finetune(
         raise ValueError(f"train_set has n={n}, m={m}; the model allows n_max={c.n_max}, m_max={c.m_max}")
     if va is not None and (va.x.shape[-1] != n or va.u.shape[-1] != m):
         raise ValueError(f"val_set has n={va.x.shape[-1]}, m={va.u.shape[-1]}; train_set has n={n}, m={m}")
+    rp = _replay_data(replay_set, cfg, n, m)
     if not keeps_normalisation(cfg, info, n, m):
         model.set_normalization(**normalisation_stats(tr))
         if cfg.increment_scale:
@@ -205,8 +201,8 @@ def finetune(
     if t_len < p + 2:
         raise ValueError(f"train_set trajectories have T={t_len} steps; need at least {p + 2}")
     seq = max(1, min(cfg.seq_len, t_len - p, c.max_len))
-    if replay_set is not None and cfg.replay_mix > 0:  # replay windows are as long as the training ones
-        seq = max(1, min(seq, as_trajdata(replay_set, "replay_set").x.shape[1] - p))
+    if rp is not None:  # replay windows are as long as the training ones
+        seq = max(1, min(seq, rp.x.shape[1] - p))
     spec = BatchSpec(batch_size=cfg.batch_size, seq_len=seq, patch=p, n_max=c.n_max, m_max=c.m_max,
                      noise_std=cfg.noise_std, mask_prob=cfg.mask_prob, min_context=1, context_mask=True)
     n_syn = int(round(cfg.synthetic_mix * cfg.batch_size))
@@ -216,7 +212,8 @@ def finetune(
         spec = replace(spec, batch_size=cfg.batch_size - n_syn)
     xtr, utr = _normalised_padded(model, tr)
     sm, im = _masks(model, n, m, spec.batch_size)
-    n_rep, xrp, urp = _replay(model, replay_set, cfg, spec.batch_size, n, m, seq + p)
+    n_rep = min(int(round(cfg.replay_mix * spec.batch_size)), spec.batch_size - 1) if rp is not None else 0
+    xrp, urp = _normalised_padded(model, rp) if n_rep else (None, None)
 
     val_batches = []
     val_roll: tuple[np.ndarray, np.ndarray] | None = None
