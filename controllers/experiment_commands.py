@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     from controllers.collect import CollectOptions
 
     add_options(p, CollectOptions)
-    add_set_option(p, "simulator physics override, e.g. --set pole_mass_scale=1.4", number=True)
+    add_set_option(p, "simulator physics override, e.g. --set pole_mass_scale=1.4", number=True,
+                   drop_section="plant")
     p.set_defaults(func=_collect)
 
     e = subparsers.add_parser("evaluate", help="foundation model vs baselines at several data fractions")

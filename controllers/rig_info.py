@@ -29,7 +29,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("rig", help='"cartpole", "furuta" or a path to a rig .toml file')
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    add_set_option(p, "parameter override for make_model, e.g. --set pole_mass_scale=1.5", number=True)
+    add_set_option(p, "parameter override for make_model, e.g. --set pole_mass_scale=1.5", number=True,
+                   drop_section="plant")
     p.add_argument("--rate", type=finite_float(0, 10_000, lo_open=True, unit="Hz"), default=None,
                    metavar="HZ",
                    help="control rate the LQR is designed for (default: the rig's control_rate_hz)")

@@ -126,16 +126,20 @@ def parse_kv(items: list[str], option: str = "--set", number: bool = False) -> d
     return dict(split_kv(item, option, number) for item in items)
 
 
-def key_value(option: str = "--set", number: bool = False,
-              sections: tuple[str, ...] = ()) -> Callable[[str], tuple[str, object]]:
+def key_value(option: str = "--set", number: bool = False, sections: tuple[str, ...] = (),
+              drop_section: str = "") -> Callable[[str], tuple[str, object]]:
     """An argparse type for ``KEY=VALUE`` -> ``(key, value)`` (:func:`split_kv`); with ``sections`` the key
-    must be ``SECTION.NAME`` with one of those sections."""
+    must be ``SECTION.NAME`` with one of those sections; with ``drop_section`` a key spelled
+    ``drop_section.NAME`` is read as ``NAME`` (so ``plant.pole_mass_scale``, as ``rigfm run`` spells it, works
+    where the keys are bare)."""
 
     def parse(text: str) -> tuple[str, object]:
         try:
             key, value = split_kv(text, option, number)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+        if drop_section and key.startswith(drop_section + "."):
+            key = key[len(drop_section) + 1:]
         head, _, name = key.partition(".")
         if sections and (head not in sections or not name):
             raise argparse.ArgumentTypeError(
@@ -147,12 +151,12 @@ def key_value(option: str = "--set", number: bool = False,
 
 
 def add_set_option(p: argparse.ArgumentParser, help: str, *, number: bool = False,
-                   sections: tuple[str, ...] = (), parse: bool = True) -> None:
+                   sections: tuple[str, ...] = (), drop_section: str = "", parse: bool = True) -> None:
     """The one ``KEY=VALUE`` override option of every ``rigfm`` command: ``--set`` (repeatable), into
     ``args.overrides``: ``(key, value)`` pairs (``parse=False``: the raw strings, for commands that hand them
-    on to a config loader or a child process)."""
+    on to a config loader or a child process; ``drop_section``: see :func:`key_value`)."""
     metavar = "SECTION.KEY=VALUE" if sections else "KEY=VALUE"
-    kind = key_value("--set", number, sections) if parse else str
+    kind = key_value("--set", number, sections, drop_section) if parse else str
     p.add_argument("--set", dest="overrides", type=kind, action="append", default=[], metavar=metavar,
                    help=f"{help} (repeatable)")
 

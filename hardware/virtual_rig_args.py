@@ -13,7 +13,7 @@ def add_virtual_rig_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=0, help="seed of the plant noise and of the fault injection")
     p.add_argument("--init", choices=("hanging", "upright"), default="hanging", help="initial pendulum state")
     add_set_option(p, "physics override passed to rigs.RigSimulator, e.g. --set pole_mass_scale=1.4",
-                   number=True)
+                   number=True, drop_section="plant")
     p.add_argument(
         "--link",
         default=None,

@@ -432,3 +432,13 @@ def test_pretrain_options_are_handed_to_the_trainer_unchanged():
     opts = options_from_args(PretrainOptions, args)
     assert opts == PretrainOptions(config="c.toml", out="o", resume=True, progress=False)
     assert options_from_args(PretrainOptions, build_arg_parser().parse_args(option_argv(opts))) == opts
+
+
+@pytest.mark.parametrize("command", [["virtual-rig", "cartpole"], ["rig-info", "cartpole"],
+                                     ["collect", "cartpole", "-o", "d.npz"]])
+def test_bare_physics_keys_also_take_run_s_plant_spelling(command):
+    """`rigfm run` spells a physics override plant.NAME; the commands whose keys are bare read that spelling
+    as NAME instead of rejecting a key that their own list of valid keys names."""
+    for key in ("pole_mass_scale", "plant.pole_mass_scale"):
+        args = build_parser().parse_args([*command, "--set", f"{key}=1.4"])
+        assert args.overrides == [("pole_mass_scale", 1.4)]

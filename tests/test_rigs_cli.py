@@ -39,6 +39,9 @@ def test_rig_info_overrides_and_errors(capsys):
     assert main(["rig-info", "cartpole", "--json", "--set", "pole_mass_scale=2"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["physics"]["pendulum_mass"] == pytest.approx(0.46)
+    # `rigfm run` spells plant keys plant.NAME; the bare-key commands take that spelling too
+    assert main(["rig-info", "cartpole", "--json", "--set", "plant.pole_mass_scale=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["physics"]["pendulum_mass"] == pytest.approx(0.46)
     assert main(["rig-info", "segway"]) == 2
     assert "unknown rig 'segway'" in capsys.readouterr().err
     assert main(["rig-info", "cartpole", "--set", "bogus=1"]) == 2
