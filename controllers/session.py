@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import sys
 import threading
 import time
@@ -438,6 +439,18 @@ def resolve_model(opts: RunOptions) -> RunOptions:
     return replace(opts, model=str(path))
 
 
+def _check_log_dir(log_dir: str) -> None:
+    """Create ``--log DIR`` if needed and check that this process can write there (RunSetupError if not)."""
+    path = Path(log_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunSetupError(f"--log {log_dir}: cannot create the log directory "
+                            f"({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunSetupError(f"--log {log_dir}: the log directory is not writable by this user")
+
+
 def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunResult:
     """Run one session (see module docstring); returns its result.  Raises on setup errors."""
     import rigs
@@ -487,6 +500,8 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
         from hardware.live_view import parse_address
 
         parse_address(opts.foxglove)  # a bad address fails before anything starts
+    if opts.log_dir:
+        _check_log_dir(opts.log_dir)  # before the rig or the predictor is touched
     cfg = rigs.load_config(opts.rig)
     check_run_options(opts, cfg)
     model = rigs.make_model(cfg, opts.model_params or None)

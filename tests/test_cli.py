@@ -100,6 +100,8 @@ BAD = [
     (RUN + ["--seed", "-1"], "argument --seed: must be an integer in [0, 4294967295], got '-1'"),
     (RUN + ["--set", "plant.pole_mass_scale=nan"], "--set 'plant.pole_mass_scale=nan': value 'nan' is not"),
     (RUN + ["--set", "oops"], "--set 'oops': expected KEY=VALUE"),
+    (RUN + ["--log", "/dev/null/runs"], "--log /dev/null/runs: cannot create the log "
+                                        "directory (Not a directory)"),
     (RUN + ["--set", "pole_mass_scale=1"], "--set 'pole_mass_scale=1': the key must be SECTION.NAME"),
     (["demo", "--duration", "0"], "argument --duration: must be a finite number in (0, 1e+07] s"),
     (["latency", "m.onnx", "--rate-hz", "-5"], "argument --rate-hz: must be a finite number in [0, 10000] H"),
