@@ -154,6 +154,13 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
         load_checkpoint(tmp_path / "nan.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX file passed as checkpoint
+    with pytest.raises(CheckpointError, match=r"model\.onnx: not a torch checkpoint"):
+        load_checkpoint(tmp_path / "model.onnx")
+    truncated = (tmp_path / "bad.pt").read_bytes()[:100]  # a zip header, then nothing: an interrupted copy
+    (tmp_path / "cut.pt").write_bytes(truncated)
+    with pytest.raises(CheckpointError, match=r"cut\.pt: cannot load checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
