@@ -320,7 +320,7 @@ def _controller_params(controller: Any, tuning: dict, opts: RunOptions, cfg: Any
         "tuning_file": opts.tuning or "built-in",
         "tuning": tuning, "latency_ms": opts.latency_ms, "latency_source": opts.latency_source,
         "predictor_timeout_ms": opts.predictor_timeout_ms, "mpc_timeout_ms": opts.mpc_timeout_ms,
-        "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "mpc_planner": mpc_planner(opts),
+        "mpc_max_plan_age_s": opts.mpc_max_plan_age_s, "mpc_planner": opts.mpc_planner,
         "lqr_design": opts.lqr_design,
         "stale_ms": opts.stale_ms, "dry_run": opts.dry_run,
         "model_params": dict(opts.model_params), "on_log_error": opts.on_log_error,
@@ -463,6 +463,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
     from controllers.tuning import load_tuning
 
     opts = resolve_model(opts)
+    opts = replace(opts, mpc_planner=mpc_planner(opts))  # "auto" resolved once, here
     if opts.controller not in CONTROLLERS:
         raise ValueError(f"unknown controller {opts.controller!r}; choose one of {', '.join(CONTROLLERS)}")
     if (opts.port is None) == (not opts.virtual):
@@ -579,7 +580,7 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
                                errors=errors, stream_step=tap_client.stream_step,
                                stream_reset=reset_stream)
             stack.callback(tap.close)
-            if opts.controller == "mpc" and mpc_planner(opts) == "local":
+            if opts.controller == "mpc" and opts.mpc_planner == "local":
                 mpc_rollout, local_errors = local_rollout(opts.model)
                 errors = (*errors, *local_errors)
             elif opts.controller == "mpc":
@@ -688,8 +689,8 @@ def run_session(opts: RunOptions, stop: threading.Event | None = None) -> RunRes
             from controllers.predictor_watch import PredictorWatch
 
             if opts.controller == "mpc":
-                local = mpc_planner(opts) == "local"
-                fallback = "MPC plans on in this process (monitor off)" if local else "MPC falls back to LQR"
+                fallback = ("MPC plans on in this process (monitor off)" if opts.mpc_planner == "local"
+                            else "MPC falls back to LQR")
             else:
                 fallback = f"{opts.controller} goes on without predictions"
             if isinstance(forecaster, PredictorForecaster):

@@ -85,7 +85,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     with path.open("rb") as f:
         head = f.read(4)
-    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save: a zip archive (or a legacy pickle)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save: a zip archive (or a legacy pickle)
         raise CheckpointError(f"{path}: not a torch checkpoint (expected a .pt file written by "
                               f"`rigfm pretrain` or `rigfm finetune`)")
     try:
