@@ -2,10 +2,12 @@
 
 ``write()`` never blocks: it appends to a bounded in-memory queue (a deque; on overflow it counts a drop and
 returns False). A writer thread drains the queue, turns each record into its file shape
-(``hardware.log_schema.to_file``), JSON-encodes it, and closes an MCAP chunk at least every ``chunk_ms / 2``
-(``mcap.writer.Writer.flush()`` finalises the chunk and writes it), so after a SIGKILL the file is readable up
-to the last closed chunk and at most ``chunk_ms`` of data is lost. ``rigfm logs check --recover`` rebuilds a
-valid file from a truncated one. Files rotate by size and by age; every part carries the run metadata.
+(``hardware.log_schema.to_file``), JSON-encodes it, and closes an MCAP chunk once its oldest record has been
+queued for ``chunk_ms / 2`` (``mcap.writer.Writer.flush()`` finalises the chunk and writes it; the age counts
+from ``write()``, so a writer that fell behind flushes as soon as it catches up), so after a SIGKILL the file
+is readable up to the last closed chunk and at most ``chunk_ms`` of data is lost while the writer keeps up.
+``rigfm logs check --recover`` rebuilds a valid file from a truncated one. Files rotate by size and by age;
+every part carries the run metadata.
 Besides the JSON topics the logger writes ``/log`` (Foxglove's well-known ``foxglove.Log``, protobuf): one
 line per mode change, fault and event, for Foxglove's Log panel.
 
@@ -300,7 +302,7 @@ class RunLogger:
             return False
         if log_time_ns is None:
             log_time_ns = record["host_time_ns"] if "host_time_ns" in record else log_clock.now_ns()
-        self._dq.append((topic, record, int(log_time_ns)))
+        self._dq.append((topic, record, int(log_time_ns), time.monotonic_ns()))
         return True
 
     @property
@@ -393,7 +395,7 @@ class RunLogger:
         with self._drop_lock:
             self._dropped_by_topic[topic] = self._dropped_by_topic.get(topic, 0) + n
 
-    def _add(self, topic: str, record: dict[str, Any], log_time_ns: int) -> None:
+    def _add(self, topic: str, record: dict[str, Any], log_time_ns: int, queued_ns: int) -> None:
         try:
             data = encode_record(record, topic)
         except Exception as exc:  # noqa: BLE001 - never kill the writer thread
@@ -417,8 +419,8 @@ class RunLogger:
         except Exception as exc:  # noqa: BLE001
             self._fail(f"writing {topic}", exc, lost_topic=None if added else topic)
             return
-        if self._chunk_first_ns is None:
-            self._chunk_first_ns = time.monotonic_ns()
+        if self._chunk_first_ns is None:  # the chunk's age counts from when its oldest record was queued,
+            self._chunk_first_ns = queued_ns  # so a writer running behind flushes as soon as it catches up
 
     def _add_log_line(self, topic: str, record: dict[str, Any], log_time_ns: int) -> None:
         """The foxglove.Log line of a /mode, /fault or /event record."""

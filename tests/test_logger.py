@@ -185,6 +185,35 @@ def test_stalled_writer_drops_without_blocking(tmp_path):
     assert log.stats()["dropped"] == 1901
 
 
+def test_chunk_age_counts_from_write_so_a_late_writer_flushes_at_once(tmp_path):
+    """Records queued while the writer was stalled are flushed as soon as it catches up, not a full chunk
+    period later: the SIGKILL loss bound (chunk_ms) holds from the caller's write(), not from the encode."""
+    log = RunLogger(tmp_path, META, run_name="late", chunk_ms=4000)  # flush once a record is 2 s old
+    release, entered = threading.Event(), threading.Event()
+    original = log._add
+
+    def stalled_add(*args):
+        entered.set()
+        release.wait()
+        original(*args)
+
+    log._add = stalled_add
+    try:
+        assert log.write("/state", state(0))
+        assert entered.wait(30)
+        for i in range(1, 50):
+            assert log.write("/state", state(i))
+        time.sleep(2.2)  # record 0 is now older than chunk_ms / 2
+        release.set()
+        deadline = time.monotonic() + 1.0  # well inside the 2 s a timer started at encode time would need
+        while log.stats()["written"] < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert log.stats()["written"] == 50, log.stats()
+    finally:
+        release.set()
+        log.close()
+
+
 def _seqs_across(files: list[Path]) -> list[int]:
     seqs: list[int] = []
     for f in files:
