@@ -148,8 +148,8 @@ def test_write_rejects_unknown_topic_and_missing_fields(tmp_path):
         RunLogger(tmp_path, {"rig": "x", 7: "seven"}, run_name="bad2")
 
 
-def test_stalled_writer_drops_without_blocking(tmp_path):
-    log = RunLogger(tmp_path, META, run_name="stall", queue_size=100)
+def _stall_writer(log: RunLogger) -> tuple[threading.Event, threading.Event]:
+    """Make the writer thread block on its next record, like a stuck disk: (release, entered) events."""
     release, entered = threading.Event(), threading.Event()
     original = log._add
 
@@ -158,7 +158,13 @@ def test_stalled_writer_drops_without_blocking(tmp_path):
         release.wait()
         original(*args)
 
-    log._add = stalled_add  # the writer thread now blocks on its next record, like a stuck disk
+    log._add = stalled_add
+    return release, entered
+
+
+def test_stalled_writer_drops_without_blocking(tmp_path):
+    log = RunLogger(tmp_path, META, run_name="stall", queue_size=100)
+    release, entered = _stall_writer(log)
     results: list[bool] = []
 
     def producer() -> None:
@@ -189,15 +195,7 @@ def test_chunk_age_counts_from_write_so_a_late_writer_flushes_at_once(tmp_path):
     """Records queued while the writer was stalled are flushed as soon as it catches up, not a full chunk
     period later: the SIGKILL loss bound (chunk_ms) holds from the caller's write(), not from the encode."""
     log = RunLogger(tmp_path, META, run_name="late", chunk_ms=4000)  # flush once a record is 2 s old
-    release, entered = threading.Event(), threading.Event()
-    original = log._add
-
-    def stalled_add(*args):
-        entered.set()
-        release.wait()
-        original(*args)
-
-    log._add = stalled_add
+    release, entered = _stall_writer(log)
     try:
         assert log.write("/state", state(0))
         assert entered.wait(30)
