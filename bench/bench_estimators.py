@@ -124,6 +124,12 @@ def lockstep(args: argparse.Namespace) -> None:
     from controllers.lqr import LQRController
     from controllers.tuning import load_tuning
 
+    models = {}
+    for spec in args.model:
+        rig, sep, path = spec.partition("=")
+        if not sep or not Path(path).is_file():
+            raise SystemExit(f"--model {spec!r}: expected RIG=PATH of an existing .onnx file")
+        models[rig] = path
     print("| rig | plant | estimator | vel RMS err q0 / q1 | angle RMS (mrad) | base RMS (mm) | u RMS (V) | "
           "chatter RMS (V) | NEES mean | fault |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -134,7 +140,7 @@ def lockstep(args: argparse.Namespace) -> None:
             tun = load_tuning(cfg.kind, None)
             ctl = LQRController(model, 0.002, cfg=cfg, tuning=tun)
             for name in args.estimators:
-                onnx = str(ROOT / f"fm_core/weights/{rig}.int8.onnx")
+                onnx = models.get(rig, str(ROOT / f"fm_core/weights/{rig}.int8.onnx"))
                 if name.startswith("kf:d="):  # kf with the voltage-offset state of this noise density
                     dtun = {**tun, "estimation": {**tun.get("estimation", {}),
                                                   "kf_disturbance_noise": float(name[5:])}}
@@ -170,6 +176,8 @@ def main() -> None:
     ls.add_argument("--estimators", nargs="+", default=["diff", "kf", "fm-ukf"],
                     help="also kf:d=Q: kf with a voltage-offset state, random walk of density Q (V^2/s)")
     ls.add_argument("--kick", type=float, default=0.5)
+    ls.add_argument("--model", action="append", default=[], metavar="RIG=PATH",
+                    help="fm-ukf's model for RIG (default: the shipped fm_core/weights/RIG.int8.onnx)")
     args = ap.parse_args()
     if args.what == "cost":
         cost()
