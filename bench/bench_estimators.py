@@ -145,9 +145,12 @@ def lockstep(args: argparse.Namespace) -> None:
                     dtun = {**tun, "estimation": {**tun.get("estimation", {}),
                                                   "kf_disturbance_noise": float(name[5:])}}
                     est = make_estimator("kf", model, cfg, dtun)
+                elif name.startswith("fm-ukf:"):  # fm-ukf with the sigma windows' history rule fixed|shift
+                    htun = {**tun, "estimation": {**tun.get("estimation", {}), "fm_ukf_history": name[7:]}}
+                    est = make_estimator("fm-ukf", model, cfg, htun, fm_model=onnx)
                 else:
                     est = make_estimator(name, model, cfg, tun, fm_model=onnx)
-                if name == "fm-ukf":
+                if name.startswith("fm-ukf"):
                     est.close()
                     est.worker = None  # synchronous
                 r = simulate_balance(cfg, est, ctl, args.duration, seed=0, overrides=ov, rng_kick=args.kick)
@@ -174,7 +177,8 @@ def main() -> None:
     ls.add_argument("--duration", type=float, default=30.0)
     ls.add_argument("--rigs", nargs="+", default=["cartpole", "furuta"])
     ls.add_argument("--estimators", nargs="+", default=["diff", "kf", "fm-ukf"],
-                    help="also kf:d=Q: kf with a voltage-offset state, random walk of density Q (V^2/s)")
+                    help="also kf:d=Q: kf with a voltage-offset state, random walk of density Q (V^2/s); "
+                         "fm-ukf:fixed|shift: fm-ukf with that sigma-window history rule")
     ls.add_argument("--kick", type=float, default=0.5)
     ls.add_argument("--model", action="append", default=[], metavar="RIG=PATH",
                     help="fm-ukf's model for RIG (default: the shipped fm_core/weights/RIG.int8.onnx)")

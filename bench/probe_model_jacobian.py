@@ -4,8 +4,10 @@ For windows of logged data (``rigfm dataset build`` output), each state channel 
 context rows is nudged by 2 % of the channel's std; the table gives the median finite-difference derivative
 of the predicted next state (selected output channels) with respect to it. A state-transition model (what a
 UKF needs as its process model) depends on the current row only: d angle'/d angle[k] = 1, d angle'/d rate[k]
-= dt, d rate'/d rate[k] ~ 1, and ~0 on older rows. A model that predicts the next *measurement* of a noisy,
-quantised signal spreads its weight over the history instead (a smoother).
+= dt, d rate'/d rate[k] ~ 1, and ~0 on older rows. A model fitted on windows whose rows all lie on one smooth
+trajectory is only pinned down along that trajectory; nudging one row leaves it, and the model's weight is
+spread over the history (docs/controllers.md, fm-ukf). A second table therefore shifts the whole
+window along one consistent trajectory (the only direction the data pins down).
 
     python bench/probe_model_jacobian.py fm_core/weights/cartpole.int8.onnx runs/eval_work/cartpole.npz
 """
@@ -60,6 +62,23 @@ def main() -> None:
                 vals.append(float(np.median((pred.predict(xp, u)[:, -1, out] - base[:, out]) / eps)))
             cells = " | ".join(f"{v:+.3f}" for v in vals)
             print(f"| d {names[out]}' / d {names[ch]} | {cells} | {sum(vals):+.3f} |")
+    if n % 2:
+        return
+    # the same nudges carried along the whole window as one consistent trajectory (what the data shows the
+    # model): a position moves every row, a velocity dv moves every row's velocity by dv and its position by
+    # -lag * dt * dv
+    q = n // 2
+    lag = np.arange(args.rows - 1, -1, -1, dtype=float)[None, :]
+    print(f"\nconsistent shift of the whole window: d next / d state\n\n| shifted | "
+          f"{' | '.join(names[o] + chr(39) for o in range(n))} |\n|---|" + "---:|" * n)
+    for ch in range(n):
+        eps = 0.02 * float(sd[ch])
+        xp = x.astype(float)
+        xp[:, :, ch] += eps
+        if ch >= q:
+            xp[:, :, ch - q] -= lag * ts.dt * eps
+        d = (pred.predict(xp.astype(np.float32), u)[:, -1] - base) / eps
+        print(f"| {names[ch]} | " + " | ".join(f"{np.median(d[:, o]):+.3f}" for o in range(n)) + " |")
 
 
 if __name__ == "__main__":

@@ -94,9 +94,12 @@ class FMUKF:
                  between: str = "kf", asynchronous: bool = True,
                  kf_accel_noise: Sequence[float] = (1e-2, 1e-1),
                  init_velocity_std: Sequence[float] = (0.5, 5.0), angle_channels: Sequence[int] = (1,),
-                 max_gap_s: float = 0.1, warmup_s: float = 0.2) -> None:
+                 max_gap_s: float = 0.1, warmup_s: float = 0.2, history: str = "fixed") -> None:
         if between not in ("kf", "hold"):
             raise ValueError(f"fm-ukf: between must be 'kf' or 'hold', got {between!r}")
+        if history not in ("shift", "fixed"):
+            raise ValueError(f"fm-ukf: history must be 'shift' or 'fixed', got {history!r}")
+        self.history = history
         if not (model_dt > 0 and context >= 1):
             raise ValueError(f"fm-ukf: model_dt must be > 0 and context >= 1, got {model_dt}, {context}")
         self.predict_fn = predict
@@ -127,6 +130,7 @@ class FMUKF:
         dt = float(pred.meta.dt or cfg.model_dt)
         opts = {"process_std": t.get("fm_ukf_process_std", (2e-4, 2e-3, 2e-2, 1e-1)),
                 "context": int(t.get("fm_ukf_context", 8)), "between": t.get("fm_ukf_between", "kf"),
+                "history": t.get("fm_ukf_history", "fixed"),
                 "kf_accel_noise": t.get("kf_accel_noise", (1e-2, 1e-1))}
         opts.update(kw)
         est = cls(pred.predict, model, cfg, dt, angle_channels=angle_channels, **opts)
@@ -180,6 +184,14 @@ class FMUKF:
             u[:, :-1, 0] = np.asarray(hu, np.float32)
         x[:, -1] = sig
         u[:, -1, 0] = u_step
+        if self.history == "shift" and hx:
+            # each sigma point's deviation carried back along the window as a consistent trajectory: the
+            # positions shifted by dp - lag * model_dt * dv, the velocities by dv (docs/controllers.md)
+            assert self.xg is not None
+            dev = sig - self.xg
+            lag = np.arange(t - 1, 0, -1, dtype=float)[None, :, None]
+            x[:, :-1, :2] += (dev[:, None, :2] - lag * self.model_dt * dev[:, None, 2:]).astype(np.float32)
+            x[:, :-1, 2:] += dev[:, None, 2:].astype(np.float32)
         return x, u
 
     def _run_model(self, x: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, float]:

@@ -116,6 +116,34 @@ def test_fm_ukf_on_a_model_equal_to_the_physics_balances_like_kf():
         assert f["vel_rms_q1"] < 2.0 * k["vel_rms_q1"] + 0.01, (between, f, k)
 
 
+def test_fm_ukf_shift_history_carries_each_sigma_deviation_back_along_the_window():
+    """history="shift": every sigma point's window is the filter's history moved by the point's deviation as
+    a constant-velocity trajectory (positions dp - lag*dt*dv, velocities dv); "fixed" keeps the history."""
+    cfg, model, _, _ = _setup("cartpole")
+    hist = [np.array([0.01 * i, 0.02 * i, 0.1, -0.2 * i]) for i in range(3)]
+    windows = {}
+    for rule in ("fixed", "shift"):
+        est = FMUKF(_physics_predict(model, cfg.model_dt), model, cfg, cfg.model_dt, asynchronous=False,
+                    history=rule)
+        est._init(np.array([0.03, 0.05]), 0.0, 0.0)
+        for h in hist:
+            est._hist_x.append(h.astype(np.float32))
+            est._hist_u.append(0.0)
+        sig = est.sigma_points()
+        x, u = est._windows(sig, 0.5)
+        assert x.shape == (8, 4, 4) and u.shape == (8, 4, 1)
+        np.testing.assert_allclose(x[:, -1], sig, rtol=1e-6, atol=1e-7)
+        windows[rule] = (x, sig - est.xg)
+    x, _ = windows["fixed"]
+    np.testing.assert_allclose(x[:, :-1], np.broadcast_to(np.asarray(hist, np.float32), (8, 3, 4)))
+    x, dev = windows["shift"]
+    for lag in (1, 2, 3):
+        want = hist[-lag] + np.concatenate([dev[:, :2] - lag * cfg.model_dt * dev[:, 2:], dev[:, 2:]], axis=1)
+        np.testing.assert_allclose(x[:, -1 - lag], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="history must be"):
+        FMUKF(_physics_predict(model, cfg.model_dt), model, cfg, cfg.model_dt, history="smooth")
+
+
 def test_fm_ukf_runs_the_shipped_onnx_model_asynchronously():
     """The real int8 graph in onnxruntime on a worker thread: grid updates land and the estimate stays
     finite. (Its accuracy with the shipped model is poor -- docs/controllers.md "State estimation" -- so
