@@ -239,7 +239,9 @@ def finetune(
         add_lora(model, cfg.lora_rank)
     params = [q for q in model.parameters() if q.requires_grad]
     anchor = [q.detach().clone() for q in params] if cfg.l2sp > 0 else []
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay > 0
+           else torch.optim.Adam(params, lr=cfg.lr))
+    model.set_dropout(cfg.dropout)
     ema = None
     if cfg.ema > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -340,6 +342,7 @@ def finetune(
     for prm in model.parameters():
         prm.requires_grad = True
     model.eval()
+    model.set_dropout(0.0)
     model.rollout_mode = cfg.rollout_mode  # type: ignore[attr-defined]
     model.finetune_info = {  # type: ignore[attr-defined]
         "best_step": stopper.best_step if has_val else history[-1]["step"],

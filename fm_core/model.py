@@ -150,11 +150,12 @@ class DecoderBlock(nn.Module):
         self.attn = CausalSelfAttention(d_model, n_heads)
         self.ln2 = nn.LayerNorm(d_model)
         self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+        self.drop = nn.Dropout(0.0)  # residual dropout, a training-time setting (DynamicsFM.set_dropout)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a, k, v = self.attn(self.ln1(h))
-        h = h + a
-        return h + self.ff(self.ln2(h)), k, v
+        h = h + self.drop(a)
+        return h + self.drop(self.ff(self.ln2(h))), k, v
 
     def step(self, h: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a, k, v = self.attn.step(self.ln1(h), k_cache, v_cache)
@@ -352,6 +353,13 @@ class DynamicsFM(nn.Module):
         return pred, StreamCache(k, v)
 
     # ------------------------------------------------------------------ physical units
+    def set_dropout(self, p: float) -> None:
+        """Residual dropout of every decoder block while training (0 = off; eval mode never drops)."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        for block in self.blocks:
+            block.drop.p = float(p)
+
     def set_normalization(self, x_mean: Any, x_std: Any, u_mean: Any, u_std: Any) -> None:
         """Set normalisation buffers (length n / m; the rest stays identity). std must be > 0 and finite."""
         for name, val, size in (("x_mean", x_mean, self.cfg.n_max), ("x_std", x_std, self.cfg.n_max),

@@ -97,6 +97,10 @@ class FinetuneConfig:
     # exponential moving average of the weights (decay per step, 0 = off): validated and returned instead of
     # the raw weights
     ema: float = 0.0
+    # residual dropout in every decoder block while training (0 = off) and AdamW's decoupled weight decay
+    # (0 = plain Adam): regularisers for fits on a few trajectories
+    dropout: float = 0.0
+    weight_decay: float = 0.0
     # the model's state/input normalisation and increment scale: "data" = from the training trajectories,
     # "keep" = the init checkpoint's, "auto" = keep a rig-fine-tuned init's (the flywheel: a short run that
     # only balances must not rescale a model fitted on the whole rig's range), else from the data
@@ -119,6 +123,11 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.l2sp must be a finite number >= 0, got {self.l2sp}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"FinetuneConfig.ema must be in [0, 1), got {self.ema}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"FinetuneConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"FinetuneConfig.weight_decay must be a finite number >= 0, "
+                             f"got {self.weight_decay}")
         if not 0.0 <= self.synthetic_mix < 1.0:
             raise ValueError(f"FinetuneConfig.synthetic_mix must be in [0, 1), got {self.synthetic_mix}")
         if not 0.0 <= self.replay_mix < 1.0:
@@ -195,6 +204,8 @@ class Budget:
     synthetic_mix: float = 0.0  # the FM: share of synthetic windows in every fine-tuning batch
     l2sp: float = 0.0  # the FM: pull of the weights towards the pretrained ones (FinetuneConfig.l2sp)
     ema: float = 0.0  # transformers: weight averaging (FinetuneConfig.ema)
+    dropout: float = 0.0  # transformers: residual dropout while training (FinetuneConfig.dropout)
+    weight_decay: float = 0.0  # transformers: AdamW weight decay (FinetuneConfig.weight_decay)
 
     def validate(self) -> Budget:
         """Raise ``ValueError`` naming the first field out of range (the fine-tuning config's own checks)."""
@@ -220,6 +231,8 @@ def finetune_config(
         synthetic_mix=budget.synthetic_mix if pretrained else 0.0,
         l2sp=budget.l2sp if pretrained else 0.0,
         ema=budget.ema,
+        dropout=budget.dropout,
+        weight_decay=budget.weight_decay,
         steps=budget.steps,
         lr=lr,
         warmup_steps=min(50, budget.steps // 5 + 1),

@@ -275,6 +275,38 @@ def test_l2sp_keeps_the_weights_near_the_pretrained_ones_and_ema_returns_the_ave
         FinetuneConfig(l2sp=-1.0)
 
 
+def test_dropout_acts_only_while_training_and_weight_decay_shrinks_the_weights(data_file, pretrained):
+    ts = load_trajectories(data_file)
+    train = split_trajectories(ts, "train")
+    model, _ = load_checkpoint(pretrained)
+    fixed = model.for_system(4, 1)
+    x, u = torch.as_tensor(train.x[:2, :20]), torch.as_tensor(train.u[:2, :20])
+    obs = torch.ones(2, 20)
+    model.set_dropout(0.5)
+    model.train()
+    assert not torch.allclose(fixed(x, u, obs), fixed(x, u, obs))  # two different dropout masks
+    model.eval()
+    torch.testing.assert_close(fixed(x, u, obs), fixed(x, u, obs))
+    model.set_dropout(0.0)
+    model.train()
+    torch.testing.assert_close(fixed(x, u, obs), fixed(x, u, obs))
+
+    def norm(m) -> float:
+        return float(sum((q.detach() ** 2).sum() for q in m.parameters()))
+
+    plain, _ = finetune(pretrained, train, None, _cfg(steps=20, lr=3e-3))
+    decayed, _ = finetune(pretrained, train, None, _cfg(steps=20, lr=3e-3, weight_decay=50.0))
+    assert norm(decayed) < 0.8 * norm(plain)
+    dropped, _ = finetune(pretrained, train, None, _cfg(steps=3, lr=3e-3, dropout=0.3))
+    assert all(b.drop.p == 0.0 for b in dropped.blocks)  # the returned model carries no training setting
+    with pytest.raises(ValueError, match="dropout"):
+        FinetuneConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        FinetuneConfig(weight_decay=float("nan"))
+    with pytest.raises(ValueError, match="dropout must be in"):
+        model.set_dropout(-0.1)
+
+
 def test_refinetuning_a_rig_model_keeps_its_normalisation(data_file, pretrained, tmp_path):
     """A flywheel update fits a rig model on a short run that covers a narrow slice of the state space: the
     model keeps the scales it was fitted with (auto, for a fine-tuned init), unless told to refit ("data");
