@@ -62,6 +62,17 @@ def main() -> None:
                 vals.append(float(np.median((pred.predict(xp, u)[:, -1, out] - base[:, out]) / eps)))
             cells = " | ".join(f"{v:+.3f}" for v in vals)
             print(f"| d {names[out]}' / d {names[ch]} | {cells} | {sum(vals):+.3f} |")
+    usd = ts.u.reshape(-1, ts.u.shape[2]).std(0)
+    for j, uname in enumerate(ts.input_names):
+        for out in outs:
+            eps = 0.02 * float(usd[j])
+            vals = []
+            for back in range(args.rows):
+                up = u.copy()
+                up[:, args.rows - 1 - back, j] += eps
+                vals.append(float(np.median((pred.predict(x, up)[:, -1, out] - base[:, out]) / eps)))
+            cells = " | ".join(f"{v:+.4f}" for v in vals)
+            print(f"| d {names[out]}' / d {uname} | {cells} | {sum(vals):+.4f} |")
     if n % 2:
         return
     # the same nudges carried along the whole window as one consistent trajectory (what the data shows the

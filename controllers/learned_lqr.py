@@ -45,6 +45,7 @@ DEFAULT_CONTEXT = 16            # steps of steady context (capped to the model's
 DEFAULT_REL_STEP = 0.1          # finite-difference step: this fraction of gain_scale(cfg) per state
 DEFAULT_U_STEP_FRAC = 0.05      # ... and of voltage_max for the input
 DEFAULT_MAX_GAIN_CHANGE = 1.0   # trust band on the gain (see module docstring)
+JACOBIAN_HISTORIES = ("present", "trajectory")  # how a state perturbation enters the window
 
 PredictFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -58,16 +59,34 @@ def gain_scale(cfg: Any) -> np.ndarray:
 
 
 def jacobian_windows(x_star: np.ndarray, u_star: np.ndarray, hx: np.ndarray, hu: np.ndarray,
-                     context: int) -> tuple[np.ndarray, np.ndarray]:
+                     context: int, history: str = "present",
+                     dt: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The ``2 (n + m)`` windows of one central-difference request: steady context of ``context`` steps at
-    ``(x*, u*)``, the newest step perturbed by ``+h`` then ``-h`` along each state, then each input."""
+    ``(x*, u*)``, perturbed by ``+h`` then ``-h`` along each state, then each input (newest step only).
+
+    ``history="present"``: a state perturbation moves the newest step only. ``"trajectory"``: it moves the
+    whole window as one kinematically consistent path through the newest step (the state is ``[positions,
+    velocities]``): a position offset shifts every step, a velocity offset ``h`` adds ``h`` to every step's
+    velocity and ``-lag * dt * h`` to its position (``lag`` steps before the newest)."""
+    if history not in JACOBIAN_HISTORIES:
+        raise ValueError(f"history must be one of {JACOBIAN_HISTORIES}, got {history!r}")
     n, m = len(x_star), len(u_star)
+    if history == "trajectory" and (n % 2 or not dt > 0):
+        raise ValueError(f"history='trajectory' needs [positions, velocities] states and dt > 0 "
+                         f"(n = {n}, dt = {dt})")
     b = 2 * (n + m)
     x = np.broadcast_to(np.asarray(x_star, np.float64), (b, context, n)).copy()
     u = np.broadcast_to(np.asarray(u_star, np.float64), (b, context, m)).copy()
+    lag = np.arange(context - 1, -1, -1, dtype=np.float64)
     for i in range(n):
-        x[2 * i, -1, i] += hx[i]
-        x[2 * i + 1, -1, i] -= hx[i]
+        for row, sign in ((2 * i, 1.0), (2 * i + 1, -1.0)):
+            if history == "present":
+                x[row, -1, i] += sign * hx[i]
+            elif i < n // 2:
+                x[row, :, i] += sign * hx[i]
+            else:
+                x[row, :, i] += sign * hx[i]
+                x[row, :, i - n // 2] -= sign * hx[i] * lag * dt
     for j in range(m):
         u[2 * (n + j), -1, j] += hu[j]
         u[2 * (n + j) + 1, -1, j] -= hu[j]
@@ -75,7 +94,8 @@ def jacobian_windows(x_star: np.ndarray, u_star: np.ndarray, hx: np.ndarray, hu:
 
 
 def model_jacobians(predict: PredictFn, x_star: Any, u_star: Any, hx: Any, hu: Any,
-                    context: int = DEFAULT_CONTEXT) -> tuple[np.ndarray, np.ndarray]:
+                    context: int = DEFAULT_CONTEXT, history: str = "present",
+                    dt: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """``(Ad, Bd)`` of the one-step map at ``(x*, u*)`` by central differences (one batched predict call).
 
     ``hx``/``hu`` are the steps, exactly representable in float32 (the I/O precision of the predictor) so
@@ -83,7 +103,8 @@ def model_jacobians(predict: PredictFn, x_star: Any, u_star: Any, hx: Any, hu: A
     x_star = np.asarray(x_star, np.float64)
     u_star = np.asarray(u_star, np.float64)
     n, m = len(x_star), len(u_star)
-    x, u = jacobian_windows(x_star, u_star, np.asarray(hx, float), np.asarray(hu, float), int(context))
+    x, u = jacobian_windows(x_star, u_star, np.asarray(hx, float), np.asarray(hu, float), int(context),
+                            history, dt)
     x32, u32 = x.astype(np.float32), u.astype(np.float32)
     pred = np.asarray(predict(x32, u32), np.float64)
     if pred.shape != (2 * (n + m), context, n):
@@ -231,6 +252,7 @@ class LearnedDesignParams:
     max_gain_change: float = DEFAULT_MAX_GAIN_CHANGE
     trust_frac: float | None = None
     refresh_poll_s: float = 1.0
+    history: str = "present"  # jacobian_windows: "present" (newest step) | "trajectory" (the whole window)
 
     @classmethod
     def from_tuning(cls, tuning: Any) -> LearnedDesignParams:
@@ -259,7 +281,7 @@ def design_from_client(client: Any, controller: LearnedLQRController, model: Any
     hx = _f32_exact(params.rel_step * gain_scale(cfg))
     hu = _f32_exact(np.full(model.m, params.u_step_frac * float(cfg_get(cfg, "limits", "voltage_max"))))
     t0 = time.perf_counter()
-    ad_m, bd_m = model_jacobians(client.predict, x_star, u_star, hx, hu, context)
+    ad_m, bd_m = model_jacobians(client.predict, x_star, u_star, hx, hu, context, params.history, model_dt)
     ms = (time.perf_counter() - t0) * 1e3
     d = design_learned(controller.nominal, ad_m, bd_m, model_dt, gain_scale(cfg),
                        params.max_gain_change, model_sha256=str(info.get("model_sha256") or ""))

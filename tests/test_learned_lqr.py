@@ -29,6 +29,7 @@ from controllers.learned_lqr import (
     design_from_client,
     design_learned,
     gain_scale,
+    jacobian_windows,
 )
 from controllers.lqr import LQRController, discretize_zoh, linearize_upright
 from export.client import PredictorProcess
@@ -44,8 +45,10 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("rig", ["cartpole", "furuta"])
-def test_gains_through_the_predictor_match_dlqr_on_the_physics(rig, tmp_path):
+@pytest.mark.parametrize(("rig", "history"), [("cartpole", "present"), ("furuta", "present"),
+                                              ("furuta", "trajectory")])
+def test_gains_through_the_predictor_match_dlqr_on_the_physics(rig, history, tmp_path):
+    """A Markov model reads the newest step only, so both ways of perturbing the window give its Jacobian."""
     path, ad, bd = physics_standin(tmp_path / "lin.onnx", rig)
     cfg = rigs.load_config(rig)
     model = rigs.make_model(cfg)
@@ -53,7 +56,7 @@ def test_gains_through_the_predictor_match_dlqr_on_the_physics(rig, tmp_path):
     with PredictorProcess(path) as proc:
         client = proc.client(timeout_ms=5000)
         try:
-            d = design_from_client(client, ctl, model, cfg, LearnedDesignParams())
+            d = design_from_client(client, ctl, model, cfg, LearnedDesignParams(history=history))
             requests = client.health()["requests"]
         finally:
             client.close()
@@ -69,6 +72,25 @@ def test_gains_through_the_predictor_match_dlqr_on_the_physics(rig, tmp_path):
     k2_ref, _, _ = control.dlqr(ad2, bd2, ctl.q, ctl.r)
     assert _rel(d.k, k2_ref) < 1e-5
     assert d.gain_change < 1e-5
+
+
+def test_trajectory_windows_move_the_whole_window_along_one_consistent_path():
+    x_star, u_star = np.array([0.0, np.pi, 0.0, 0.0]), np.zeros(1)
+    hx, hu, dt, ctx = np.array([0.01, 0.02, 0.3, 0.4]), np.array([0.5]), 0.01, 6
+    x, u = jacobian_windows(x_star, u_star, hx, hu, ctx, "trajectory", dt)
+    xp, up = jacobian_windows(x_star, u_star, hx, hu, ctx, "present", dt)
+    np.testing.assert_allclose(x[:, -1], xp[:, -1])  # the newest step is perturbed the same way
+    np.testing.assert_allclose(u, up)  # inputs: newest step only, in both
+    lag = np.arange(ctx - 1, -1, -1)
+    np.testing.assert_allclose(x[3, :, 1], np.pi - hx[1])  # state 1 at -h (row 3): every step moves
+    np.testing.assert_allclose(x[6, :, 3], hx[3])  # a velocity offset: every step's velocity ...
+    np.testing.assert_allclose(x[6, :, 1], np.pi - lag * dt * hx[3])  # ... and positions along its path
+    np.testing.assert_allclose(np.diff(x[6, :, 1]) / dt, hx[3])
+    np.testing.assert_allclose(xp[6, :-1], np.broadcast_to(x_star, (ctx - 1, 4)))  # present: past untouched
+    with pytest.raises(ValueError, match="history must be one of"):
+        jacobian_windows(x_star, u_star, hx, hu, ctx, "smooth", dt)
+    with pytest.raises(ValueError, match="needs .positions, velocities. states and dt > 0"):
+        jacobian_windows(x_star, u_star, hx, hu, ctx, "trajectory", 0.0)
 
 
 def test_zoh_inverse_recovers_the_continuous_model():
