@@ -254,6 +254,18 @@ class LearnedDesignParams:
     refresh_poll_s: float = 1.0
     history: str = "present"  # jacobian_windows: "present" (newest step) | "trajectory" (the whole window)
 
+    def __post_init__(self) -> None:
+        if self.history not in JACOBIAN_HISTORIES:
+            raise ValueError(f"[learned_lqr] history must be one of {', '.join(JACOBIAN_HISTORIES)}, "
+                             f"got {self.history!r}")
+        for name in ("context", "rel_step", "u_step_frac", "max_gain_change", "refresh_poll_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and np.isfinite(v) and v > 0):
+                raise ValueError(f"[learned_lqr] {name} must be a number > 0, got {v!r}")
+        if self.trust_frac is not None and not (isinstance(self.trust_frac, int | float)
+                                                and 0 < self.trust_frac <= 1):
+            raise ValueError(f"[learned_lqr] trust_frac must be in (0, 1], got {self.trust_frac!r}")
+
     @classmethod
     def from_tuning(cls, tuning: Any) -> LearnedDesignParams:
         sec = dict((tuning or {}).get("learned_lqr", {}))

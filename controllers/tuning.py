@@ -1,7 +1,8 @@
 """Controller tuning (LQR weights, swing-up gains, estimator cut-off) per rig kind, from a TOML file.
 
 The shipped defaults live in ``controllers/tuning.toml`` (tables ``[<kind>.lqr]``, ``[<kind>.swingup]``,
-``[<kind>.mpc]``, ``[<kind>.estimation]``); a user file passed to ``load_tuning`` overrides them key by key.
+``[<kind>.mpc]``, ``[<kind>.estimation]``, ``[<kind>.learned_lqr]``); a user file passed to ``load_tuning``
+overrides them key by key.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-SECTIONS = ("lqr", "swingup", "mpc", "estimation")
+SECTIONS = ("lqr", "swingup", "mpc", "estimation", "learned_lqr")
 
 
 class TuningError(ValueError):

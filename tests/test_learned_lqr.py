@@ -93,6 +93,20 @@ def test_trajectory_windows_move_the_whole_window_along_one_consistent_path():
         jacobian_windows(x_star, u_star, hx, hu, ctx, "trajectory", 0.0)
 
 
+def test_learned_lqr_tuning_section_is_read_and_checked(tmp_path):
+    from controllers.tuning import load_tuning
+
+    good = tmp_path / "good.toml"
+    good.write_text('[furuta.learned_lqr]\nhistory = "trajectory"\ncontext = 8\n')
+    params = LearnedDesignParams.from_tuning(load_tuning("furuta", good))
+    assert (params.history, params.context) == ("trajectory", 8)
+    assert LearnedDesignParams.from_tuning(load_tuning("furuta")).history == "present"
+    for bad, match in (({"history": "smooth"}, "history must be one of"), ({"context": 0}, "context must be"),
+                       ({"trust_frac": 2.0}, "trust_frac must be"), ({"bogus": 1}, "unknown .learned_lqr.")):
+        with pytest.raises(ValueError, match=match):
+            LearnedDesignParams.from_tuning({"learned_lqr": bad})
+
+
 def test_zoh_inverse_recovers_the_continuous_model():
     cfg = rigs.load_config("cartpole")
     model = rigs.make_model(cfg)
