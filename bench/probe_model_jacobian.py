@@ -52,27 +52,25 @@ def main() -> None:
     print(f"{args.model} on {args.data} (dt {ts.dt} s): median d next / d state over {len(idx)} windows\n")
     print(f"| derivative | {' | '.join(rows.split(', '))} | sum |")
     print("|---|" + "---:|" * (args.rows + 1))
-    for ch in range(n):
-        for out in outs:
-            eps = 0.02 * float(sd[ch])
-            vals = []
-            for back in range(args.rows):
-                xp = x.copy()
-                xp[:, args.rows - 1 - back, ch] += eps
-                vals.append(float(np.median((pred.predict(xp, u)[:, -1, out] - base[:, out]) / eps)))
-            cells = " | ".join(f"{v:+.3f}" for v in vals)
-            print(f"| d {names[out]}' / d {names[ch]} | {cells} | {sum(vals):+.3f} |")
     usd = ts.u.reshape(-1, ts.u.shape[2]).std(0)
-    for j, uname in enumerate(ts.input_names):
+
+    def row_derivatives(on_input: bool, ch: int, out: int) -> list[float]:
+        """d next[out] / d (state or input channel ch) at each context row, newest first."""
+        eps = 0.02 * float((usd if on_input else sd)[ch])
+        vals = []
+        for back in range(args.rows):
+            xp, up = x.copy(), u.copy()
+            (up if on_input else xp)[:, args.rows - 1 - back, ch] += eps
+            vals.append(float(np.median((pred.predict(xp, up)[:, -1, out] - base[:, out]) / eps)))
+        return vals
+
+    channels = [(False, ch, names[ch], 3) for ch in range(n)]
+    channels += [(True, j, uname, 4) for j, uname in enumerate(ts.input_names)]
+    for on_input, ch, label, digits in channels:
         for out in outs:
-            eps = 0.02 * float(usd[j])
-            vals = []
-            for back in range(args.rows):
-                up = u.copy()
-                up[:, args.rows - 1 - back, j] += eps
-                vals.append(float(np.median((pred.predict(x, up)[:, -1, out] - base[:, out]) / eps)))
-            cells = " | ".join(f"{v:+.4f}" for v in vals)
-            print(f"| d {names[out]}' / d {uname} | {cells} | {sum(vals):+.4f} |")
+            vals = row_derivatives(on_input, ch, out)
+            cells = " | ".join(f"{v:+.{digits}f}" for v in vals)
+            print(f"| d {names[out]}' / d {label} | {cells} | {sum(vals):+.{digits}f} |")
     if n % 2:
         return
     # the same nudges carried along the whole window as one consistent trajectory (what the data shows the
