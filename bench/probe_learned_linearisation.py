@@ -70,7 +70,7 @@ def main() -> None:
 
     cfg = rigs.load_config(args.rig)
     model = rigs.make_model(cfg)
-    ctl = LearnedLQRController(model, 1 / cfg.sample_rate_hz, cfg=cfg, tuning=load_tuning(cfg.kind, None))
+    ctl = LearnedLQRController(model, 1 / cfg.control_rate_hz, cfg=cfg, tuning=load_tuning(cfg.kind, None))
     pred = OnnxPredictor(args.model, threads=1)
     params = LearnedDesignParams()
     dt = float(cfg.model_dt)
