@@ -71,6 +71,7 @@ def score_model(pred: OnnxPredictor, x: np.ndarray, u: np.ndarray, scale: np.nda
         "angle_channels": list(me.angle_channels), "checkpoint_sha256": me.checkpoint_sha256,
         "one_step_mse": res["one_step_mse"], "multi_step_mse": res["multi_step_mse"],
         "final_step_mse": res["final_step_mse"], "per_step_mse": res["per_step_mse"],
+        "per_channel_one_step": res["per_channel_one_step"], "per_channel_multi": res["per_channel_multi"],
     }
 
 
@@ -128,6 +129,13 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| `{_shown(r['model'])}` | {ang} | {r['one_step_mse']:.4g} | "
                      f"{r['multi_step_mse']:.4g} | {r['final_step_mse']:.4g} | "
                      f"{_ratio(base['multi_step_mse'], r['multi_step_mse'])} |")
+    names = res.get("state_names") or [f"x{i}" for i in range(len(base["per_channel_multi"]))]
+    lines += ["", "Per state (one-step MSE / rollout MSE, same units):", "",
+              "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in res["models"]:
+        pairs = zip(r["per_channel_one_step"], r["per_channel_multi"], strict=True)
+        cells = " | ".join(f"{a:.4g} / {b:.4g}" for a, b in pairs)
+        lines.append(f"| `{_shown(r['model'])}` | {cells} |")
     return "\n".join(lines) + "\n"
 
 

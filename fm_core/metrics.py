@@ -69,7 +69,8 @@ def prediction_errors(
     ``one_step (W,L-1,n)``: teacher-forced predictions of ``x[:, 1:]`` (None: not scored);
     ``rollout (W,L-context,n)``: open-loop predictions of ``x[:, context:]``; ``scale (n,)``:
     :func:`channel_scale` of the train split. Returns ``one_step_mse``, ``multi_step_mse``,
-    ``per_step_mse (H,)``, ``final_step_mse``, ``per_channel_multi (n,)``, ``windows``.
+    ``per_step_mse (H,)``, ``final_step_mse``, ``per_channel_multi (n,)``, ``windows`` and, with
+    ``one_step``, ``per_channel_one_step (n,)``.
     """
     x = np.asarray(x, dtype=np.float64)
     w, length, n = x.shape
@@ -100,5 +101,7 @@ def prediction_errors(
             if p1.shape != (w, length - 1, n):
                 raise ValueError(f"prediction_errors: one_step must be {(w, length - 1, n)}, got {p1.shape}")
             e1 = ((p1 - x[:, 1:]) / sc)[:, one_step_skip:] ** 2
-            out["one_step_mse"] = _finite_or_inf(float(np.where(np.isnan(e1), np.inf, e1).mean()))
+            e1 = np.where(np.isnan(e1), np.inf, e1)
+            out["one_step_mse"] = _finite_or_inf(float(e1.mean()))
+            out["per_channel_one_step"] = [_finite_or_inf(float(v)) for v in e1.mean(axis=(0, 1))]
     return out

@@ -49,6 +49,7 @@ def test_prediction_errors_by_hand():
     assert r["multi_step_mse"] == pytest.approx(9 / 8)
     assert r["per_step_mse"] == pytest.approx([0.0, 9 / 4]) and r["final_step_mse"] == pytest.approx(9 / 4)
     assert r["per_channel_multi"] == pytest.approx([9 / 4, 0.0]) and r["windows"] == 2
+    assert r["per_channel_one_step"] == pytest.approx([0.0, 4 / 6])  # per state: 2 windows x 3 targets
     assert prediction_errors(one, roll, x, scale, 4, one_step_skip=0)["one_step_mse"] > 1000
     roll[0, 0, 0] = np.nan  # a diverged rollout is inf, never NaN
     roll[0, 1, 0] = np.inf

@@ -58,6 +58,8 @@ def test_scores_equal_the_predictors_own_rollout(setup):
         assert row["one_step_mse"] == pytest.approx(float(np.mean(one)), rel=1e-4)
         assert len(row["per_step_mse"]) == 20
         assert row["final_step_mse"] == pytest.approx(row["per_step_mse"][-1])
+        for key, total in (("per_channel_one_step", "one_step_mse"), ("per_channel_multi", "multi_step_mse")):
+            assert len(row[key]) == 4 and float(np.mean(row[key])) == pytest.approx(row[total], rel=1e-9)
     assert res["models"][1]["angle_channels"] == [1] and res["models"][0]["angle_channels"] == []
 
 
@@ -96,6 +98,7 @@ def test_cli_is_torch_free_and_prints_the_table(setup, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"| `{setup['sincos']}` | sin/cos |" in r.stdout and f"| `{setup['raw']}` | raw |" in r.stdout
+    assert "Per state (one-step MSE / rollout MSE" in r.stdout
     assert len(json.loads(out.read_text())["models"]) == 2
     r = subprocess.run([sys.executable, "-c", code, "score", str(tmp_path / "nope.onnx"), "--data",
                         str(setup["data"])], capture_output=True, text=True, timeout=120)
