@@ -26,15 +26,14 @@ import numpy as np
 
 def _data_jacobians(predict, x_win: np.ndarray, u_win: np.ndarray, hx: np.ndarray, hu: np.ndarray,
                     dt: float) -> tuple[np.ndarray, np.ndarray]:
+    from controllers.base import window_path_offsets
+
     n, m = x_win.shape[2], u_win.shape[2]
-    lag = np.arange(x_win.shape[1] - 1, -1, -1, dtype=float)
 
     def moved(i: int, sign: float) -> np.ndarray:
         x, u = x_win.copy(), u_win.copy()
         if i < n:
-            x[:, :, i] += sign * hx[i]
-            if i >= n // 2:
-                x[:, :, i - n // 2] -= sign * hx[i] * lag * dt
+            x += window_path_offsets(sign * hx[i] * np.eye(n)[i], x_win.shape[1], dt)
         else:
             u[:, -1, i - n] += sign * hu[i - n]
         return np.asarray(predict(x.astype(np.float32), u.astype(np.float32)), float)[:, -1]

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
+    from controllers.base import window_path_offsets
     from export.onnx_runtime import OnnxPredictor
     from fm_core.trajfile import load_trajectories
 
@@ -75,17 +76,12 @@ def main() -> None:
         return
     # the same nudges carried along the whole window as one consistent trajectory (what the data shows the
     # model): a position moves every row, a velocity dv moves every row's velocity by dv and its position by
-    # -lag * dt * dv
-    q = n // 2
-    lag = np.arange(args.rows - 1, -1, -1, dtype=float)[None, :]
+    # -lag * dt * dv (controllers.base.window_path_offsets)
     print(f"\nconsistent shift of the whole window: d next / d state\n\n| shifted | "
           f"{' | '.join(names[o] + chr(39) for o in range(n))} |\n|---|" + "---:|" * n)
     for ch in range(n):
         eps = 0.02 * float(sd[ch])
-        xp = x.astype(float)
-        xp[:, :, ch] += eps
-        if ch >= q:
-            xp[:, :, ch - q] -= lag * ts.dt * eps
+        xp = x + window_path_offsets(eps * np.eye(n)[ch], args.rows, ts.dt)
         d = (pred.predict(xp.astype(np.float32), u)[:, -1] - base) / eps
         print(f"| {names[ch]} | " + " | ".join(f"{np.median(d[:, o]):+.3f}" for o in range(n)) + " |")
 

@@ -1,4 +1,5 @@
-"""Small shared pieces of the controllers: the controller output record, angle helpers, config access."""
+"""Small shared pieces of the controllers: the controller output record, angle helpers, config access, the
+consistent-path offsets of a state deviation along a model window."""
 
 from __future__ import annotations
 
@@ -98,3 +99,18 @@ def voltage_limit(cfg: Any) -> float:
     if v is None:
         raise ValueError(f"rig config {cfg_get(cfg, 'name', default='?')!r} has no limits.voltage_max")
     return float(v)
+
+
+def window_path_offsets(dev: np.ndarray, rows: int, dt: float) -> np.ndarray:
+    """Offsets ``(..., rows, n)`` that carry a state deviation ``dev (..., n)`` back along a window of
+    ``rows`` steps (oldest first; the newest row gets ``dev`` itself) as one constant-velocity path. The state
+    is ``[positions, velocities]``: every row's velocities move by ``dv``, its positions by
+    ``dp - lag * dt * dv`` (``lag`` steps before the newest). What a learned window model needs to see a
+    deviation of the present state as a trajectory it could have observed (``controllers.fm_ukf``,
+    ``controllers.learned_lqr``)."""
+    dev = np.asarray(dev, dtype=np.float64)
+    q = dev.shape[-1] // 2
+    lag = np.arange(rows - 1, -1, -1, dtype=np.float64)[:, None]
+    out = np.repeat(dev[..., None, :], rows, axis=-2)
+    out[..., :q] -= lag * dt * dev[..., None, q:]
+    return out

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from controllers.base import window_path_offsets
 from controllers.estimators import PhysicsEKF, measurement_variance
 
 
@@ -185,13 +186,10 @@ class FMUKF:
         x[:, -1] = sig
         u[:, -1, 0] = u_step
         if self.history == "shift" and hx:
-            # each sigma point's deviation carried back along the window as a consistent trajectory: the
-            # positions shifted by dp - lag * model_dt * dv, the velocities by dv (docs/controllers.md)
+            # each sigma point's deviation carried back along the window as a consistent trajectory
+            # (docs/controllers.md)
             assert self.xg is not None
-            dev = sig - self.xg
-            lag = np.arange(t - 1, 0, -1, dtype=float)[None, :, None]
-            x[:, :-1, :2] += (dev[:, None, :2] - lag * self.model_dt * dev[:, None, 2:]).astype(np.float32)
-            x[:, :-1, 2:] += dev[:, None, 2:].astype(np.float32)
+            x[:, :-1] += window_path_offsets(sig - self.xg, t, self.model_dt)[:, :-1].astype(np.float32)
         return x, u
 
     def _run_model(self, x: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, float]:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from controllers.base import ControlOutput, cfg_get
+from controllers.base import ControlOutput, cfg_get, window_path_offsets
 from controllers.lqr import LQRController, LQRDesignError, discretize_zoh, dlqr
 
 LQR_DESIGNS = ("nominal", "learned")
@@ -77,16 +77,14 @@ def jacobian_windows(x_star: np.ndarray, u_star: np.ndarray, hx: np.ndarray, hu:
     b = 2 * (n + m)
     x = np.broadcast_to(np.asarray(x_star, np.float64), (b, context, n)).copy()
     u = np.broadcast_to(np.asarray(u_star, np.float64), (b, context, m)).copy()
-    lag = np.arange(context - 1, -1, -1, dtype=np.float64)
     for i in range(n):
         for row, sign in ((2 * i, 1.0), (2 * i + 1, -1.0)):
+            dev = np.zeros(n)
+            dev[i] = sign * hx[i]
             if history == "present":
-                x[row, -1, i] += sign * hx[i]
-            elif i < n // 2:
-                x[row, :, i] += sign * hx[i]
+                x[row, -1] += dev
             else:
-                x[row, :, i] += sign * hx[i]
-                x[row, :, i - n // 2] -= sign * hx[i] * lag * dt
+                x[row] += window_path_offsets(dev, context, dt)
     for j in range(m):
         u[2 * (n + j), -1, j] += hu[j]
         u[2 * (n + j) + 1, -1, j] -= hu[j]

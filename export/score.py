@@ -129,7 +129,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| `{_shown(r['model'])}` | {ang} | {r['one_step_mse']:.4g} | "
                      f"{r['multi_step_mse']:.4g} | {r['final_step_mse']:.4g} | "
                      f"{_ratio(base['multi_step_mse'], r['multi_step_mse'])} |")
-    names = res.get("state_names") or [f"x{i}" for i in range(len(base["per_channel_multi"]))]
+    names = res["state_names"]
     lines += ["", "Per state (one-step MSE / rollout MSE, same units):", "",
               "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for r in res["models"]:
